@@ -1,0 +1,1 @@
+"""Read patches from every format users have, and pack them into a fast store."""

@@ -1,0 +1,69 @@
+"""Image folders: split/label/*.{jpg,png,tif}, label/*, or a flat folder of unlabelled patches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .decode import IMAGE_SUFFIXES
+from .record import UNLABELLED, PatchSource
+
+LABEL_DIRS = ("0", "1")
+# Common spellings of the validation split, stored under one name.
+SPLIT_ALIASES = {"val": "valid", "validation": "valid", "dev": "valid"}
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _labelled(folder: Path, split: str) -> list[tuple[Path, int, str]]:
+    return [(path, int(label), split) for label in LABEL_DIRS if (folder / label).is_dir() for path in _images(folder / label)]
+
+
+def list_image_files(paths: list[Path]) -> PatchSource:
+    """Explicit image files, unlabelled: for `predict`."""
+    return _source(paths[0].parent, [(p, UNLABELLED, "test") for p in paths])
+
+
+def read_image_folder(root: Path) -> PatchSource:
+    """List an image folder in one of the three layouts; anything else is a UserError."""
+    subdirs = _subdirs(root)
+    names = {d.name for d in subdirs}
+    if names and names <= set(LABEL_DIRS):
+        items = _labelled(root, "train")
+    elif subdirs and all({d.name for d in _subdirs(s)} & set(LABEL_DIRS) for s in subdirs):
+        items = [item for split_dir in subdirs for item in _labelled(split_dir, SPLIT_ALIASES.get(split_dir.name, split_dir.name))]
+    else:
+        items = [(path, UNLABELLED, "test") for path in _images(root)]
+        if not items and subdirs:
+            raise UserError(
+                f"{root}: found folders {', '.join(sorted(names)[:5])} but expected split/label/*.png, "
+                "label/*.png (label 0 or 1) or a flat folder of images"
+            )
+    if not items:
+        raise UserError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found; is this the right folder?")
+    return _source(root, items)
+
+
+def _source(root: Path, items: list[tuple[Path, int, str]]) -> PatchSource:
+    stems = [path.stem for path, _, _ in items]
+    if len(set(stems)) == len(stems):
+        ids = stems
+    else:  # the same file name in two folders: the path relative to the root tells them apart
+        ids = [str(path.relative_to(root).with_suffix("")) if path.is_relative_to(root) else str(path.with_suffix("")) for path, _, _ in items]
+    return PatchSource(
+        root=root,
+        format="folder",
+        ids=ids,
+        labels=np.array([label for _, label, _ in items], dtype=np.int8),
+        splits=[split for _, _, split in items],
+        slides=[""] * len(items),
+        files=[path for path, _, _ in items],
+    )

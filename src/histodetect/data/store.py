@@ -1,0 +1,415 @@
+"""The packed store: patches decoded once into one memory-mappable uint8 array.
+
+A store is a folder:
+
+    patches.npy     (N, 96, 96, 3) uint8, memory-mapped by readers
+    index.csv       id, label (-1 = unlabelled), split, slide, sha1 (of the pixels)
+    manifest.json   format version, counts per split, source, content fingerprint
+    skipped.csv     path, reason of each file `--skip-bad` skipped (only if any)
+
+`prepare` writes it into a hidden sibling folder and renames that into place
+only when everything, manifest last, is written: an interrupted prepare never
+leaves a folder that looks like a store.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import __version__
+from ..errors import UserError
+from .decode import PATCH_SHAPE
+from .formats import open_source
+from .record import UNLABELLED, PatchSource, read_chunk
+from .splits import make_validation_split
+
+STORE_FORMAT_VERSION = 1
+PATCHES_FILE = "patches.npy"
+INDEX_FILE = "index.csv"
+MANIFEST_FILE = "manifest.json"
+SKIPPED_FILE = "skipped.csv"
+INDEX_COLUMNS = ("id", "label", "split", "slide", "sha1")
+# Below this many patches, worker processes cost more to start than they save.
+MIN_PATCHES_FOR_WORKERS = 2048
+
+
+class PrepareWarning(UserWarning):
+    """Something about the data the user should know, that does not stop prepare."""
+
+
+@dataclass
+class PrepareReport:
+    store: Path
+    n_patches: int
+    counts: dict[str, dict[str, int]]
+    seconds: float
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    converted_modes: dict[str, int] = field(default_factory=dict)  # e.g. {"RGBA": 3}
+    n_resized: int = 0
+    n_deduplicated: int = 0
+    made_validation_split: bool = False
+    kaggle_ids_checked: int = 0  # ids compared with their pixel SHA-1
+    kaggle_id_mismatches: list[str] = field(default_factory=list)
+
+
+def is_store(path: Path) -> bool:
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def _fingerprint(sha1s: list[str], labels: np.ndarray, splits: list[str]) -> str:
+    """SHA-1 over every patch's pixel hash, label and split, in store order."""
+    digest = hashlib.sha1()
+    for sha1, label, split in zip(sha1s, labels.tolist(), splits):
+        digest.update(f"{sha1},{label},{split}\n".encode())
+    return digest.hexdigest()
+
+
+def _check_out_folder(out: Path, overwrite: bool) -> None:
+    if out.is_file():
+        raise UserError(f"{out}: is a file; --out must name a folder for the store")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not is_store(out):
+        raise UserError(f"{out}: exists, is not empty and is not a store; choose a new --out")
+    if not overwrite:
+        raise UserError(f"{out}: already holds a store; pass --overwrite to replace it")
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Delete hidden partial stores left by prepares that were killed."""
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        pid = int(partial.name.rsplit("-", 1)[1]) if partial.name.rsplit("-", 1)[1].isdigit() else -1
+        try:
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _decode_all(source: PatchSource, patches_path: Path, *, resize: bool, skip_bad: bool,
+                workers: int, chunk_size: int, progress: bool):
+    """Decode every item into `patches_path`; returns (rows written, source rows, sha1s, report bits)."""
+    patches = np.lib.format.open_memmap(patches_path, mode="w+", dtype=np.uint8, shape=(len(source), *PATCH_SHAPE))
+    tasks = source.tasks(chunk_size, resize=resize)
+    source_rows: list[np.ndarray] = []
+    sha1s: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    converted: Counter[str] = Counter()
+    n_resized = 0
+    cursor = 0
+    pool = None
+    if workers > 1 and len(source) >= MIN_PATCHES_FOR_WORKERS:
+        # spawn, not fork: the caller may have torch (and its threads) loaded.
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+        results = pool.imap(read_chunk, tasks)
+    else:
+        results = map(read_chunk, tasks)
+    bar = tqdm(total=len(source), unit="patch", desc="prepare", disable=not progress, smoothing=0.05)
+    try:
+        for result in results:
+            if result.errors and not skip_bad:
+                path, reason = result.errors[0]
+                raise UserError(f"{path}: {reason} (fix or remove it, or pass --skip-bad to skip bad files)")
+            skipped += result.errors
+            n_good = len(result.patches)
+            patches[cursor : cursor + n_good] = result.patches
+            cursor += n_good
+            source_rows.append(result.start + result.good_rows)
+            sha1s += result.sha1s
+            converted.update(result.converted_from)
+            n_resized += result.n_resized
+            bar.update(n_good + len(result.errors))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    patches.flush()
+    del patches
+    rows = np.concatenate(source_rows) if source_rows else np.empty(0, np.int64)
+    return cursor, rows, sha1s, skipped, dict(converted), n_resized
+
+
+def _compact(patches_path: Path, keep: np.ndarray, chunk_rows: int = 4096) -> None:
+    """Rewrite patches.npy with only the rows where `keep` is true, in order."""
+    old = np.load(patches_path, mmap_mode="r")
+    new_path = patches_path.with_suffix(".compact.npy")
+    new = np.lib.format.open_memmap(new_path, mode="w+", dtype=np.uint8, shape=(int(keep.sum()), *PATCH_SHAPE))
+    cursor = 0
+    for begin in range(0, len(keep), chunk_rows):
+        end = min(begin + chunk_rows, len(keep))
+        chunk = old[begin:end][keep[begin:end]]
+        new[cursor : cursor + len(chunk)] = chunk
+        cursor += len(chunk)
+    new.flush()
+    del new, old
+    os.replace(new_path, patches_path)
+
+
+def split_counts(labels: np.ndarray, splits: np.ndarray) -> dict[str, dict[str, int]]:
+    counts = {}
+    for split in dict.fromkeys(splits.tolist()):
+        in_split = labels[splits == split]
+        counts[split] = {
+            "n": int(len(in_split)),
+            "positive": int((in_split == 1).sum()),
+            "negative": int((in_split == 0).sum()),
+            "unlabelled": int((in_split == UNLABELLED).sum()),
+        }
+    return counts
+
+
+def prepare(
+    src: Path,
+    out: Path,
+    *,
+    format: str | None = None,
+    overwrite: bool = False,
+    dedupe: bool = False,
+    resize: bool = False,
+    skip_bad: bool = False,
+    valid_fraction: float = 0.1,
+    seed: int = 0,
+    workers: int | None = None,
+    chunk_size: int = 256,
+    progress: bool = True,
+) -> PrepareReport:
+    """Decode a source (any of the readers' formats) once into a packed store at `out`.
+
+    Keeps the source's splits; where labelled patches have no validation split,
+    moves a stratified `valid_fraction` of 'train' (grouped by slide when slide ids
+    are known) to 'valid'. Non-RGB files are converted (one warning), other sizes
+    refused unless `resize`, bad files refused unless `skip_bad`.
+    """
+    started = time.perf_counter()
+    src, out = Path(src), Path(out)
+    if not 0 < valid_fraction < 1:
+        raise UserError(f"--valid-fraction {valid_fraction}: expected a fraction between 0 and 1")
+    _check_out_folder(out, overwrite)
+    source = open_source(src, format)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        n_written, rows, sha1s, skipped, converted, n_resized = _decode_all(
+            source, partial / PATCHES_FILE, resize=resize, skip_bad=skip_bad,
+            workers=workers or os.cpu_count() or 1, chunk_size=chunk_size, progress=progress,
+        )
+        if n_written == 0:
+            raise UserError(f"{src}: none of its {len(source)} patches could be decoded (see {SKIPPED_FILE} reasons: {skipped[0][1]})")
+        ids = [source.ids[r] for r in rows]
+        labels = source.labels[rows]
+        splits = np.array([source.splits[r] for r in rows], dtype=object)
+        slides = [source.slides[r] for r in rows]
+
+        report = PrepareReport(out, 0, {}, 0.0, skipped=skipped, converted_modes=converted, n_resized=n_resized)
+        if converted:
+            modes = ", ".join(f"{n} {mode}" for mode, n in converted.items())
+            warnings.warn(f"{src}: converted {modes} image(s) to RGB", PrepareWarning, stacklevel=2)
+        if source.format == "kaggle":
+            report.kaggle_ids_checked = len(ids)
+            report.kaggle_id_mismatches = [i for i, s in zip(ids, sha1s) if i != s]
+            if report.kaggle_id_mismatches:
+                warnings.warn(
+                    f"{src}: {len(report.kaggle_id_mismatches)} of {len(ids)} Kaggle ids differ from their pixel SHA-1"
+                    f" (first: {report.kaggle_id_mismatches[0]}); files renamed or re-encoded?",
+                    PrepareWarning, stacklevel=2,
+                )
+
+        keep = np.ones(n_written, dtype=bool)
+        if dedupe:
+            seen: set[str] = set()
+            for row, sha1 in enumerate(sha1s):
+                keep[row] = sha1 not in seen
+                seen.add(sha1)
+            report.n_deduplicated = int((~keep).sum())
+
+        labelled = labels != UNLABELLED
+        if labelled.any() and not (labelled & (splits == "valid")).any():
+            from_train = np.flatnonzero(labelled & (splits == "train") & keep)
+            if len(from_train) >= 2:
+                moved = make_validation_split(labels[from_train], [slides[r] for r in from_train], valid_fraction, seed)
+                splits[from_train[moved]] = "valid"
+                report.made_validation_split = True
+
+        if not keep.all() or n_written < len(source):
+            # Rows of bad files were never written; only duplicates need removing here.
+            _compact(partial / PATCHES_FILE, keep)
+        index = [
+            (ids[r], int(labels[r]), splits[r], slides[r], sha1s[r]) for r in np.flatnonzero(keep)
+        ]
+        labels_kept, splits_kept = labels[keep], splits[keep]
+        with (partial / INDEX_FILE).open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(INDEX_COLUMNS)
+            writer.writerows(index)
+        if skipped:
+            with (partial / SKIPPED_FILE).open("w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(("path", "reason"))
+                writer.writerows(skipped)
+        report.n_patches = len(index)
+        report.counts = split_counts(labels_kept, splits_kept)
+        manifest = {
+            "format_version": STORE_FORMAT_VERSION,
+            "histodetect_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "source": {"path": str(src.resolve()), "format": source.format},
+            "patch_shape": list(PATCH_SHAPE),
+            "n_patches": report.n_patches,
+            "splits": report.counts,
+            "fingerprint": _fingerprint([row[4] for row in index], labels_kept, splits_kept.tolist()),
+            "options": {"dedupe": dedupe, "resize": resize, "skip_bad": skip_bad,
+                        "valid_fraction": valid_fraction, "seed": seed},
+            "made_validation_split": report.made_validation_split,
+            "n_skipped": len(skipped),
+            "n_deduplicated": report.n_deduplicated,
+            "n_resized": n_resized,
+            "converted_modes": converted,
+            "kaggle_ids_checked": report.kaggle_ids_checked,
+            "kaggle_id_mismatches": len(report.kaggle_id_mismatches),
+        }
+        (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        _install(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _install(partial: Path, out: Path) -> None:
+    """Move a finished store into place; an old store is removed only after that."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(partial, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class PatchStore:
+    """A prepared store, memory-mapped: `patches[i]` reads one (96, 96, 3) uint8 patch."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise UserError(
+                f"{self.path}: not a histodetect store (no {MANIFEST_FILE}); make one with "
+                f"'histodetect prepare SRC --out {self.path}'"
+            )
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{manifest_path}: corrupt ({exc.msg}); prepare the store again") from None
+        version = self.manifest.get("format_version")
+        if version != STORE_FORMAT_VERSION:
+            raise UserError(
+                f"{manifest_path}: store format {version}, this histodetect reads {STORE_FORMAT_VERSION}; prepare it again"
+            )
+        try:
+            self.patches = np.load(self.path / PATCHES_FILE, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{self.path / PATCHES_FILE}: unreadable ({exc}); prepare the store again") from None
+        with (self.path / INDEX_FILE).open(newline="") as handle:
+            reader = csv.reader(handle)
+            next(reader)
+            columns = list(zip(*reader)) or [()] * len(INDEX_COLUMNS)
+        self.ids = np.asarray(columns[0], dtype=object)
+        self.labels = np.asarray(columns[1], dtype=np.int8)
+        self.splits = np.asarray(columns[2], dtype=object)
+        self.slides = np.asarray(columns[3], dtype=object)
+        self.sha1s = np.asarray(columns[4], dtype=object)
+        if not (len(self.patches) == len(self.ids) == self.manifest["n_patches"]):
+            raise UserError(
+                f"{self.path}: {len(self.patches)} patches but {len(self.ids)} index rows and a manifest of "
+                f"{self.manifest['n_patches']}; the store is damaged, prepare it again"
+            )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def split_names(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    def split_indices(self, split: str) -> np.ndarray:
+        """Rows of one split, in store order; an unknown split is a UserError listing the known ones."""
+        if split not in self.manifest["splits"]:
+            raise UserError(f"{self.path}: no split {split!r} (found {', '.join(self.split_names)})")
+        return np.flatnonzero(self.splits == split)
+
+    def read_batch(self, indices: np.ndarray) -> np.ndarray:
+        """Patches at `indices` (N, 96, 96, 3) uint8, in the order given."""
+        indices = np.asarray(indices)
+        order = np.argsort(indices, kind="stable")
+        # Reading in file order turns random access into a forward sweep of the page cache.
+        batch = np.empty((len(indices), *PATCH_SHAPE), dtype=np.uint8)
+        batch[order] = self.patches[indices[order]]
+        return batch
+
+
+def open_store(path: Path) -> PatchStore:
+    return PatchStore(path)
+
+
+def describe_store(store: PatchStore) -> dict:
+    """Counts, label balance per split, duplicates within splits and patches shared across splits."""
+    splits = {}
+    splits_by_sha1: dict[str, set[str]] = defaultdict(set)
+    for split, counts in split_counts(store.labels, store.splits).items():
+        rows = store.split_indices(split)
+        sha1s = store.sha1s[rows]
+        n_unique = len(set(sha1s.tolist()))
+        labelled = counts["positive"] + counts["negative"]
+        splits[split] = {
+            **counts,
+            "positive_fraction": round(counts["positive"] / labelled, 4) if labelled else None,
+            "duplicates": int(len(rows) - n_unique),
+        }
+        for sha1 in sha1s.tolist():
+            splits_by_sha1[sha1].add(split)
+    shared_pairs: Counter[str] = Counter()
+    n_shared = 0
+    for in_splits in splits_by_sha1.values():
+        if len(in_splits) > 1:
+            n_shared += 1
+            names = sorted(in_splits)
+            for i, a in enumerate(names):
+                for b in names[i + 1 :]:
+                    shared_pairs[f"{a}/{b}"] += 1
+    return {
+        "store": str(store.path),
+        "source": store.manifest["source"],
+        "n_patches": len(store),
+        "fingerprint": store.fingerprint,
+        "splits": splits,
+        "duplicates": sum(s["duplicates"] for s in splits.values()),
+        "shared_across_splits": n_shared,
+        "shared_pairs": dict(shared_pairs),
+        "n_skipped": store.manifest.get("n_skipped", 0),
+        "n_deduplicated": store.manifest.get("n_deduplicated", 0),
+        "made_validation_split": store.manifest.get("made_validation_split", False),
+        "kaggle_ids_checked": store.manifest.get("kaggle_ids_checked", 0),
+        "kaggle_id_mismatches": store.manifest.get("kaggle_id_mismatches", 0),
+    }

@@ -1,0 +1,387 @@
+"""Readers, prepare, info, dedupe and splits on the real shared samples, and every bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from histodetect.cli import main
+from histodetect.data.decode import decode_patch_file, patch_sha1
+from histodetect.data.formats import detect_format, open_source
+from histodetect.data.store import PrepareWarning, describe_store, is_store, open_store, prepare
+from histodetect.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def pcam_store(pcam_jpeg, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stores") / "pcam-jpeg"
+    prepare(pcam_jpeg, out, progress=False)
+    return out
+
+
+def copy_kaggle(kaggle_sample: Path, dest: Path) -> Path:
+    shutil.copytree(kaggle_sample, dest)
+    for path in dest.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    dest.chmod(0o755)
+    return dest
+
+
+def small_folder(pcam_jpeg: Path, dest: Path, n_per_label: int = 4) -> Path:
+    """split/label/*.jpg with a few real patches per label."""
+    for split in ("train", "valid"):
+        for label in ("0", "1"):
+            (dest / split / label).mkdir(parents=True)
+            for path in sorted((pcam_jpeg / split / label).glob("*.jpg"))[:n_per_label]:
+                shutil.copy(path, dest / split / label / path.name)
+    return dest
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --- the issue's acceptance checks -------------------------------------------------
+
+
+def test_pcam_jpeg_store_counts_duplicates_and_no_leak(pcam_store, capsys):
+    code, out, err = run_cli(capsys, "info", pcam_store, "--json")
+    info = json.loads(out)
+    assert code == 0
+    assert info["splits"]["train"]["n"] == 8000 and info["splits"]["valid"]["n"] == 2000
+    assert info["duplicates"] == 182
+    assert info["shared_across_splits"] == 0
+    assert "WARNING" not in err
+
+
+def test_pcam_jpeg_pixel_sha1_matches_the_shared_table(pcam_jpeg, pcam_store):
+    store = open_store(pcam_store)
+    with (pcam_jpeg / "labels.csv").open() as handle:
+        table = {Path(row["file"]).stem: row for row in csv.DictReader(handle)}
+    for row in range(0, len(store), 997):
+        expected = table[store.ids[row]]
+        assert store.sha1s[row] == expected["pixel_sha1"] == patch_sha1(store.patches[row])
+        assert int(store.labels[row]) == int(expected["label"])
+        assert store.splits[row] == expected["split"]
+
+
+def test_kaggle_sample_stores_15_labelled_29_unlabelled_with_ids_equal_to_sha1(kaggle_sample, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "prepare", kaggle_sample, "--out", tmp_path / "k", "--quiet")
+    assert code == 0
+    assert "Kaggle ids equal to their pixel SHA-1: 44 of 44" in out
+    store = open_store(tmp_path / "k")
+    labelled = store.labels >= 0
+    assert labelled.sum() == 15 and (~labelled).sum() == 29
+    assert set(store.splits[labelled]) == {"train", "valid"}, "Kaggle train gets a validation split"
+    assert set(store.splits[~labelled]) == {"test"}
+    assert all(store.ids[i] == patch_sha1(store.patches[i]) == store.sha1s[i] for i in range(len(store)))
+    assert store.manifest["kaggle_id_mismatches"] == 0
+
+
+# --- readers ---------------------------------------------------------------------------
+
+
+def test_formats_are_detected_from_the_folder(kaggle_sample, pcam_jpeg, tmp_path):
+    x = np.zeros((2, 96, 96, 3), np.uint8)
+    with h5py.File(tmp_path / "camelyonpatch_level_2_split_valid_x.h5", "w") as h5:
+        h5["x"] = x
+    assert detect_format(kaggle_sample) == "kaggle"
+    assert detect_format(pcam_jpeg) == "folder"
+    assert detect_format(tmp_path) == "pcam_h5"
+
+
+def test_every_reader_yields_the_same_record(kaggle_sample, pcam_jpeg, tmp_path):
+    folder = open_source(small_folder(pcam_jpeg, tmp_path / "f"))
+    kaggle = open_source(kaggle_sample)
+    patches = np.stack([decode_patch_file(p).patch for p in folder.files])
+    write_pcam_h5(tmp_path / "h5", {"valid": (patches, folder.labels)})
+    pcam = open_source(tmp_path / "h5")
+    for source in (folder, kaggle, pcam):
+        batches = list(source.iter_batches(chunk_size=5))
+        assert sum(len(b.ids) for b in batches) == len(source)
+        for batch in batches:
+            assert batch.patches.dtype == np.uint8 and batch.patches.shape[1:] == (96, 96, 3)
+            assert len(batch.labels) == len(batch.ids) == len(batch.splits) == len(batch.slides) == len(batch.patches)
+            assert set(batch.labels.tolist()) <= {-1, 0, 1}
+    h5_pixels = np.concatenate([b.patches for b in pcam.iter_batches()])
+    assert np.array_equal(h5_pixels, patches), "h5 pixels are stored losslessly"
+
+
+def write_pcam_h5(root: Path, splits: dict, meta: dict | None = None, prefix="camelyonpatch_level_2_split_") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for split, (x, y) in splits.items():
+        with h5py.File(root / f"{prefix}{split}_x.h5", "w") as h5:
+            h5.create_dataset("x", data=x, chunks=(min(len(x), 4), 96, 96, 3), compression="gzip")
+        with h5py.File(root / f"{prefix}{split}_y.h5", "w") as h5:
+            h5["y"] = np.asarray(y, np.uint8).reshape(-1, 1, 1, 1)
+        if meta and split in meta:
+            with (root / f"{prefix}{split}_meta.csv").open("w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["coord_y", "coord_x", "tumor_patch", "center_tumor_patch", "wsi"])
+                writer.writerows([[0, 0, bool(l), bool(l), wsi] for l, wsi in zip(y, meta[split])])
+    return root
+
+
+def test_pcam_h5_keeps_splits_and_reads_slide_ids(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (12, 96, 96, 3), dtype=np.uint8)
+    y = np.array([0, 1] * 6)
+    slides = [f"slide_{i // 3}" for i in range(12)]
+    root = write_pcam_h5(tmp_path / "pcam", {"train": (x, y), "valid": (x[:4], y[:4])}, {"train": slides})
+    source = open_source(root)
+    assert source.format == "pcam_h5"
+    assert source.splits == ["train"] * 12 + ["valid"] * 4
+    assert source.slides[:12] == slides and source.slides[12:] == [""] * 4
+    assert source.ids[0] == "train_0" and source.ids[12] == "valid_0"
+    report = prepare(root, tmp_path / "store", progress=False)
+    assert not report.made_validation_split
+    assert np.array_equal(open_store(tmp_path / "store").patches[:12], x)
+
+
+def test_folder_without_splits_gets_a_stratified_validation_split(pcam_jpeg, tmp_path):
+    src = tmp_path / "labels"
+    for label in ("0", "1"):
+        (src / label).mkdir(parents=True)
+        for path in sorted((pcam_jpeg / "train" / label).glob("*.jpg"))[:20]:
+            shutil.copy(path, src / label / path.name)
+    report = prepare(src, tmp_path / "s", valid_fraction=0.2, seed=3, progress=False)
+    assert report.made_validation_split
+    assert report.counts["valid"] == {"n": 8, "positive": 4, "negative": 4, "unlabelled": 0}
+    again = prepare(src, tmp_path / "s2", valid_fraction=0.2, seed=3, progress=False)
+    first, second = open_store(tmp_path / "s"), open_store(tmp_path / "s2")
+    assert list(first.splits) == list(second.splits), "the split is reproducible for a seed"
+
+
+def test_validation_split_is_grouped_by_slide_when_slides_are_known(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 60
+    x = rng.integers(0, 255, (n, 96, 96, 3), dtype=np.uint8)
+    y = np.array([0, 1] * (n // 2))
+    slides = [f"wsi_{i % 10}" for i in range(n)]
+    root = write_pcam_h5(tmp_path / "pcam", {"train": (x, y)}, {"train": slides})
+    prepare(root, tmp_path / "s", valid_fraction=0.2, progress=False)
+    store = open_store(tmp_path / "s")
+    train_slides = set(store.slides[store.splits == "train"])
+    valid_slides = set(store.slides[store.splits == "valid"])
+    assert valid_slides and train_slides and not train_slides & valid_slides
+
+
+def test_flat_folder_is_unlabelled(kaggle_sample):
+    source = open_source(kaggle_sample / "test")
+    assert len(source) == 29 and set(source.labels.tolist()) == {-1}
+
+
+# --- store -------------------------------------------------------------------------------
+
+
+def test_store_is_memory_mapped_and_reads_random_batches_in_order(pcam_store):
+    store = open_store(pcam_store)
+    assert isinstance(store.patches, np.memmap)
+    indices = np.array([9000, 3, 512, 3])
+    batch = store.read_batch(indices)
+    for row, index in enumerate(indices):
+        assert np.array_equal(batch[row], store.patches[index])
+    assert store.manifest["source"]["format"] == "folder"
+    assert len(store.fingerprint) == 40
+
+
+def test_dedupe_keeps_the_first_of_each_duplicate_group(pcam_jpeg, tmp_path):
+    src = tmp_path / "dups"
+    (src / "train" / "1").mkdir(parents=True)
+    (src / "train" / "0").mkdir(parents=True)
+    files = sorted((pcam_jpeg / "train" / "1").glob("*.jpg"))[:3]
+    for path in files:
+        shutil.copy(path, src / "train" / "1" / path.name)
+    shutil.copy(files[0], src / "train" / "1" / "copy_of_first.jpg")
+    shutil.copy(next((pcam_jpeg / "train" / "0").glob("*.jpg")), src / "train" / "0" / "neg.jpg")
+    shutil.copytree(src / "train", src / "valid")  # a leak: every valid patch is also in train
+    prepare(src, tmp_path / "plain", progress=False)
+    info = describe_store(open_store(tmp_path / "plain"))
+    assert info["duplicates"] == 2 and info["shared_across_splits"] == 4
+    report = prepare(src, tmp_path / "dedup", dedupe=True, progress=False)
+    store = open_store(tmp_path / "dedup")
+    assert report.n_deduplicated == 6 and len(store) == 4
+    assert "copy_of_first" not in set(store.ids)
+    assert len(set(store.sha1s)) == len(store)
+
+
+def test_info_warns_loudly_about_patches_shared_across_splits(pcam_jpeg, tmp_path, capsys):
+    src = small_folder(pcam_jpeg, tmp_path / "leak", n_per_label=2)
+    leaked = next((src / "train" / "0").iterdir())
+    shutil.copy(leaked, src / "valid" / "0" / ("leaked" + leaked.suffix))
+    prepare(src, tmp_path / "s", progress=False)
+    code, _, err = run_cli(capsys, "info", tmp_path / "s")
+    assert code == 0
+    assert "WARNING: 1 patches appear in more than one split (train/valid: 1)" in err
+    assert "--dedupe" in err
+
+
+def test_prepare_refuses_an_existing_store_unless_overwrite(pcam_jpeg, tmp_path, capsys):
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=1)
+    prepare(src, tmp_path / "s", progress=False)
+    code, _, err = run_cli(capsys, "prepare", src, "--out", tmp_path / "s", "--quiet")
+    assert code == 2 and "already holds a store; pass --overwrite" in err and "Traceback" not in err
+    code, _, _ = run_cli(capsys, "prepare", src, "--out", tmp_path / "s", "--quiet", "--overwrite")
+    assert code == 0 and is_store(tmp_path / "s")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "prepare", src, "--out", tmp_path / "other", "--quiet", "--overwrite")
+    assert code == 2 and "is not empty and is not a store" in err
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_interrupted_prepare_leaves_no_store(pcam_jpeg, tmp_path, monkeypatch):
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=2)
+    import histodetect.data.store as store_module
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_module, "make_validation_split", crash)
+    monkeypatch.setattr(store_module, "_fingerprint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(src, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+    assert list(tmp_path.glob(".s.*")) == [], "the partial folder is removed"
+
+
+# --- bad input: one line, naming the file, exit 2, no traceback ---------------------------
+
+
+def expect_error(capsys, src: Path, out: Path, *needles: str, extra: tuple = ()) -> str:
+    code, _, err = run_cli(capsys, "prepare", src, "--out", out, "--quiet", *extra)
+    assert code == 2, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, err
+    assert not is_store(out), "no store is left behind"
+    return err
+
+
+def test_truncated_image_names_the_file(pcam_jpeg, tmp_path, capsys):
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=2)
+    victim = next((src / "train" / "1").iterdir())
+    victim.write_bytes(victim.read_bytes()[:300])
+    expect_error(capsys, src, tmp_path / "s", str(victim), "truncated", "--skip-bad")
+
+
+def test_non_image_file_names_the_file(kaggle_sample, tmp_path, capsys):
+    src = copy_kaggle(kaggle_sample, tmp_path / "k")
+    victim = next((src / "train").iterdir())
+    victim.write_text("this is not a tiff")
+    expect_error(capsys, src, tmp_path / "s", str(victim), "not an image")
+
+
+def test_skip_bad_skips_and_logs_the_bad_files(pcam_jpeg, tmp_path, capsys):
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=3)
+    victims = sorted((src / "train" / "0").iterdir())[:2]
+    for victim in victims:
+        victim.write_bytes(b"garbage")
+    code, out, _ = run_cli(capsys, "prepare", src, "--out", tmp_path / "s", "--quiet", "--skip-bad")
+    assert code == 0 and "skipped 2 bad files" in out
+    store = open_store(tmp_path / "s")
+    assert len(store) == 10 and store.manifest["n_skipped"] == 2
+    with (tmp_path / "s" / "skipped.csv").open() as handle:
+        assert sorted(row["path"] for row in csv.DictReader(handle)) == sorted(str(v) for v in victims)
+    good = [p.stem for p in sorted((src / "train" / "0").iterdir())[2:]]
+    assert set(good) <= set(store.ids)
+    for stem in good:  # rows stay aligned with their pixels after skipping
+        row = list(store.ids).index(stem)
+        assert np.array_equal(store.patches[row], decode_patch_file(next(src.rglob(stem + ".jpg"))).patch)
+
+
+def test_wrong_size_is_refused_unless_resize(pcam_jpeg, tmp_path, capsys):
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=1)
+    victim = next((src / "valid" / "1").iterdir())
+    Image.open(victim).resize((128, 128)).save(victim)
+    expect_error(capsys, src, tmp_path / "s", str(victim), "128x128", "expected 96x96", "--resize")
+    code, out, _ = run_cli(capsys, "prepare", src, "--out", tmp_path / "s", "--quiet", "--resize")
+    assert code == 0 and "resized 1 patches" in out
+
+
+def test_grayscale_and_rgba_are_converted_with_one_warning(pcam_jpeg, tmp_path, capsys):
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=2)
+    gray, rgba = sorted((src / "train" / "0").iterdir())[:2]
+    Image.open(gray).convert("L").save(gray.with_suffix(".png"))
+    Image.open(rgba).convert("RGBA").save(rgba.with_suffix(".png"))
+    gray.unlink()
+    rgba.unlink()
+    with pytest.warns(PrepareWarning, match=r"converted 1 L, 1 RGBA image\(s\) to RGB|converted 1 RGBA, 1 L image\(s\) to RGB"):
+        report = prepare(src, tmp_path / "s", progress=False)
+    assert report.converted_modes == {"L": 1, "RGBA": 1}
+    store = open_store(tmp_path / "s")
+    row = list(store.ids).index(gray.stem)
+    assert np.array_equal(store.patches[row][..., 0], store.patches[row][..., 2]), "gray becomes equal RGB"
+
+
+def test_label_csv_id_without_a_file(kaggle_sample, tmp_path, capsys):
+    src = copy_kaggle(kaggle_sample, tmp_path / "k")
+    victim = next((src / "train").iterdir())
+    victim.unlink()
+    expect_error(capsys, src, tmp_path / "s", "train_labels.csv", f"id {victim.stem} has no file")
+
+
+def test_file_without_a_label(kaggle_sample, tmp_path, capsys):
+    src = copy_kaggle(kaggle_sample, tmp_path / "k")
+    extra = src / "train" / "ffffffffffffffffffffffffffffffffffffffff.tif"
+    shutil.copy(next((src / "test").iterdir()), extra)
+    expect_error(capsys, src, tmp_path / "s", str(extra), "no label")
+
+
+def test_label_other_than_0_or_1(kaggle_sample, tmp_path, capsys):
+    src = copy_kaggle(kaggle_sample, tmp_path / "k")
+    csv_path = src / "train_labels.csv"
+    lines = csv_path.read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 1)[0] + ",2"
+    csv_path.write_text("\n".join(lines) + "\n")
+    expect_error(capsys, src, tmp_path / "s", "train_labels.csv:4", "'2'", "must be 0 or 1")
+
+
+def test_duplicate_ids_in_the_csv(kaggle_sample, tmp_path, capsys):
+    src = copy_kaggle(kaggle_sample, tmp_path / "k")
+    csv_path = src / "train_labels.csv"
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join(lines + [lines[1]]) + "\n")
+    expect_error(capsys, src, tmp_path / "s", "train_labels.csv:17", "duplicate id")
+
+
+def test_empty_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    expect_error(capsys, tmp_path / "empty", tmp_path / "s", str(tmp_path / "empty"), "no images")
+
+
+def test_h5_whose_x_and_y_lengths_differ(tmp_path, capsys):
+    root = write_pcam_h5(tmp_path / "pcam", {"train": (np.zeros((5, 96, 96, 3), np.uint8), [0, 1, 0, 1, 0])})
+    with h5py.File(root / "camelyonpatch_level_2_split_train_y.h5", "w") as h5:
+        h5["y"] = np.zeros((4, 1, 1, 1), np.uint8)
+    expect_error(capsys, root, tmp_path / "s", "train_y.h5", "4 labels", "5 patches")
+
+
+def test_h5_without_key_x_asks_if_it_is_pcam(tmp_path, capsys):
+    (tmp_path / "pcam").mkdir()
+    with h5py.File(tmp_path / "pcam" / "camelyonpatch_level_2_split_test_x.h5", "w") as h5:
+        h5["images"] = np.zeros((2, 96, 96, 3), np.uint8)
+    expect_error(capsys, tmp_path / "pcam", tmp_path / "s", "no dataset 'x' (found 'images'). Is this a PCam file?")
+
+
+def test_missing_source_and_unknown_format(tmp_path, capsys):
+    expect_error(capsys, tmp_path / "nowhere", tmp_path / "s", "nowhere: no such file or folder")
+    code, _, err = run_cli(capsys, "info", tmp_path)
+    assert code == 2 and "not a histodetect store" in err
+
+
+def test_every_subcommand_help_has_an_example(capsys):
+    for command in ("synth", "prepare", "info", "download"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "example:" in capsys.readouterr().out
