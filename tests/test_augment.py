@@ -1,0 +1,385 @@
+"""Specification of histodetect.augment: batched dihedral, stain and colour augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from histodetect.augment import (
+    AugmentConfig,
+    augment_batch,
+    color_jitter,
+    dihedral_views,
+    hed_jitter,
+    preprocess_batch,
+    random_dihedral,
+)
+from histodetect.errors import UserError
+
+# Per-channel statistics of the kind a run folder stores, on the [0, 1] scale.
+MEAN = (0.70, 0.54, 0.69)
+STD = (0.17, 0.20, 0.15)
+IDENTITY_MEAN, IDENTITY_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+LUMA_WEIGHTS = torch.tensor([0.299, 0.587, 0.114])
+# Ruifrok & Johnston's H&E-DAB stain vectors (skimage's rgb_from_hed), one row per stain.
+RGB_FROM_HED = torch.tensor(
+    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64
+)
+EVERYTHING_ON = AugmentConfig(
+    dihedral=True, hed_sigma=0.2, hed_bias=0.2, brightness=0.2, contrast=0.2,
+    saturation=0.2, hue=0.05, crop_px=64, shift_px=8,
+)
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def real_patches_uint8(pcam_jpeg: Path) -> torch.Tensor:
+    """(32, 96, 96, 3) uint8: 16 negative and 16 positive PCam valid patches, read with Pillow."""
+    files = [f for label in ("0", "1") for f in sorted((pcam_jpeg / "valid" / label).glob("*.jpg"))[:16]]
+    return torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]))
+
+
+@pytest.fixture(scope="module")
+def real_images(real_patches_uint8: torch.Tensor) -> torch.Tensor:
+    """The real patches as (32, 3, 96, 96) float32 in [0, 1]."""
+    return real_patches_uint8.permute(0, 3, 1, 2).float() / 255
+
+
+def random_uint8_images(n: int, size_px: int, seed: int = 0) -> torch.Tensor:
+    """(n, 3, size, size) uint8 noise: with overwhelming odds, no image has a symmetry."""
+    return torch.randint(256, (n, 3, size_px, size_px), dtype=torch.uint8, generator=seeded(seed))
+
+
+def which_view(image: torch.Tensor, views: torch.Tensor) -> list[int]:
+    """Indices k with views[k] == image exactly. views: (8, C, H, W)."""
+    return [k for k in range(views.shape[0]) if torch.equal(views[k], image)]
+
+
+def slope(out: torch.Tensor, images: torch.Tensor, fixed_point: torch.Tensor | float) -> torch.Tensor:
+    """Per image, the least-squares k in out - fixed_point = k * (images - fixed_point)."""
+    moved, base = out - fixed_point, images - fixed_point
+    return (moved * base).sum(dim=(1, 2, 3)) / (base * base).sum(dim=(1, 2, 3))
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation per image between two (N, ...) batches."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+
+# --- dihedral symmetries --------------------------------------------------------
+
+
+def test_random_dihedral_gives_each_image_one_of_its_eight_symmetries() -> None:
+    images = random_uint8_images(64, 7)
+    out = random_dihedral(images, seeded())
+    views = dihedral_views(images)  # (8, N, C, H, W)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    for n in range(images.shape[0]):
+        assert len(which_view(out[n], views[:, n])) == 1
+
+
+def test_random_dihedral_draws_all_eight_symmetries_over_a_batch() -> None:
+    images = random_uint8_images(400, 5)
+    out = random_dihedral(images, seeded())
+    views = dihedral_views(images)
+    drawn = [which_view(out[n], views[:, n])[0] for n in range(images.shape[0])]
+    counts = np.bincount(drawn, minlength=8)
+    assert (counts > 20).all(), f"each symmetry should be drawn about 50 times in 400, got {counts}"
+
+
+def test_random_dihedral_works_on_channels_last_float_batches() -> None:
+    images = random_uint8_images(16, 6).float().contiguous(memory_format=torch.channels_last)
+    out = random_dihedral(images, seeded())
+    views = dihedral_views(images)
+    assert all(len(which_view(out[n], views[:, n])) == 1 for n in range(16))
+
+
+def test_random_dihedral_rejects_non_square_images() -> None:
+    with pytest.raises(ValueError, match="needs square images, found 4x6"):
+        random_dihedral(torch.zeros(2, 3, 4, 6))
+
+
+def test_dihedral_views_of_an_asymmetric_image_are_eight_distinct_images() -> None:
+    views = dihedral_views(random_uint8_images(1, 6))
+    assert views.shape == (8, 1, 3, 6, 6)
+    assert len({tuple(view.flatten().tolist()) for view in views}) == 8
+
+
+def test_dihedral_views_form_a_closed_group() -> None:
+    image = random_uint8_images(1, 6)
+    views = dihedral_views(image)[:, 0]  # (8, C, H, W)
+    views_of_views = dihedral_views(views)  # (8, 8, C, H, W): every pair composed
+    for composed in views_of_views.flatten(0, 1):
+        assert len(which_view(composed, views)) == 1
+
+
+def test_dihedral_views_four_are_the_rotations_and_one_is_the_input() -> None:
+    images = random_uint8_images(3, 6)
+    rotations = dihedral_views(images, 4)
+    for k in range(4):
+        assert torch.equal(rotations[k], torch.rot90(images, k, dims=(-2, -1)))
+    assert torch.equal(dihedral_views(images, 1), images[None])
+
+
+def test_dihedral_views_name_the_allowed_view_counts() -> None:
+    with pytest.raises(UserError, match=r"n_views: expected one of \(1, 4, 8\) test-time views, found 3; use 1"):
+        dihedral_views(torch.zeros(1, 3, 4, 4), 3)
+
+
+# --- HED stain jitter -------------------------------------------------------------
+
+
+def test_hed_jitter_at_zero_strength_is_the_identity(real_images: torch.Tensor) -> None:
+    out = hed_jitter(real_images, sigma=0.0, bias=0.0, generator=seeded())
+    assert (out - real_images).abs().max() < 1e-5
+
+
+def test_hed_jitter_changes_colours_but_keeps_range_and_structure(real_images: torch.Tensor) -> None:
+    out = hed_jitter(real_images, sigma=0.2, bias=0.2, generator=seeded())
+    assert out.shape == real_images.shape and out.dtype == torch.float32
+    assert 0 <= out.min() and out.max() <= 1
+    assert ((out - real_images).abs().amax(dim=(1, 2, 3)) > 0.02).all(), "every image should change"
+    # Only colours move: each channel of each image still lines up pixel for pixel with its input.
+    for channel in range(3):
+        assert (correlation(out[:, channel], real_images[:, channel]) > 0.9).all()
+
+
+def test_hed_jitter_scales_a_haematoxylin_only_image_along_the_haematoxylin_vector() -> None:
+    # An image stained with haematoxylin alone, in varying amounts (optical density
+    # od = amount * H vector, rgb = exp(-od)).
+    amount = torch.linspace(0.05, 1.0, 64, dtype=torch.float64).view(1, 1, 8, 8)
+    od = amount * RGB_FROM_HED[0].view(1, 3, 1, 1)
+    images = torch.exp(-od).expand(16, 3, 8, 8).float()
+    out = hed_jitter(images, sigma=0.3, bias=0.0, generator=seeded())
+    ratio = -torch.log(out.double()) / od  # (N, 3, 8, 8): alpha_H for every pixel and channel
+    alpha = ratio.flatten(1).median(1).values
+    assert torch.allclose(ratio, alpha.view(-1, 1, 1, 1).expand_as(ratio), rtol=1e-3)
+    assert ((0.7 <= alpha) & (alpha <= 1.3)).all() and alpha.std() > 0.05
+
+
+def test_hed_jitter_bias_shifts_each_stain_by_at_most_bias_in_optical_density() -> None:
+    stains = torch.tensor([0.3, 0.2, 0.1], dtype=torch.float64)
+    images = torch.exp(-(stains @ RGB_FROM_HED)).view(1, 3, 1, 1).expand(64, 3, 4, 4).float()
+    out = hed_jitter(images, sigma=0.0, bias=0.05, generator=seeded())
+    od_out = -torch.log(out.double()).permute(0, 2, 3, 1)  # (N, H, W, 3), rows as in rgb2hed
+    shift = od_out @ torch.linalg.inv(RGB_FROM_HED) - stains  # beta per image, stain and pixel
+    assert shift.abs().max() <= 0.05 + 1e-4
+    assert shift.abs().max() > 0.03, "64 draws from U(-0.05, 0.05) should reach past 0.03"
+    assert torch.allclose(shift, shift[:, :1, :1, :].expand_as(shift), atol=1e-4), "one shift per image"
+
+
+# --- colour jitter ------------------------------------------------------------------
+
+
+def test_color_jitter_at_zero_strength_is_exactly_the_identity(real_images: torch.Tensor) -> None:
+    out = color_jitter(real_images, 0.0, 0.0, 0.0, 0.0, seeded())
+    assert torch.equal(out, real_images)
+
+
+def test_brightness_jitter_scales_each_image_by_one_factor() -> None:
+    images = torch.rand(32, 3, 8, 8, generator=seeded()) * 0.5 + 0.1  # no clipping at 1.5x
+    out = color_jitter(images, 0.5, 0.0, 0.0, 0.0, seeded(1))
+    factor = (out / images).flatten(1)
+    assert torch.allclose(factor, factor[:, :1].expand_as(factor), rtol=1e-5)
+    assert ((0.5 <= factor) & (factor <= 1.5)).all() and factor[:, 0].std() > 0.1
+
+
+def test_contrast_jitter_keeps_each_images_mean_luma() -> None:
+    images = torch.rand(32, 3, 8, 8, generator=seeded()) * 0.4 + 0.3
+    out = color_jitter(images, 0.0, 0.5, 0.0, 0.0, seeded(1))
+    mean_luma = lambda x: x.mean(dim=(2, 3)) @ LUMA_WEIGHTS  # noqa: E731
+    assert torch.allclose(mean_luma(out), mean_luma(images), atol=1e-5)
+    assert (out.std(dim=(1, 2, 3)) / images.std(dim=(1, 2, 3))).std() > 0.1, "contrast should vary per image"
+
+
+def test_saturation_and_hue_jitter_leave_grey_pixels_grey() -> None:
+    grey = torch.rand(16, 1, 8, 8, generator=seeded()).expand(16, 3, 8, 8)
+    out = color_jitter(grey, 0.0, 0.0, 1.0, 0.5, seeded(1))
+    assert (out - grey).abs().max() < 1e-5
+
+
+def test_hue_jitter_turns_colours_but_keeps_luma() -> None:
+    # Pale colours around mid-grey, so that no turn of the hue leaves [0, 1].
+    images = 0.5 + 0.1 * (torch.rand(16, 3, 8, 8, generator=seeded()) - 0.5)
+    out = color_jitter(images, 0.0, 0.0, 0.0, 0.5, seeded(1))
+    luma = lambda x: torch.einsum("nchw,c->nhw", x, LUMA_WEIGHTS)  # noqa: E731
+    assert torch.allclose(luma(out), luma(images), atol=1e-5)
+    assert ((out - images).abs().amax(dim=(1, 2, 3)) > 1e-3).sum() >= 14
+
+
+def test_color_jitter_matches_torchvision_brightness_then_contrast_then_saturation() -> None:
+    images = torch.rand(8, 3, 8, 8, generator=seeded()) * 0.3 + 0.35  # no step leaves [0, 1]
+    out = color_jitter(images, 0.3, 0.3, 0.3, 0.0, seeded(1))
+    # Each factor alone, from the same draws: the least-squares slope of output
+    # against input around the point that factor leaves fixed.
+    mean_luma = (images.mean(dim=(2, 3)) @ LUMA_WEIGHTS).view(-1, 1, 1, 1)
+    luma = torch.einsum("nchw,c->nhw", images, LUMA_WEIGHTS)[:, None]
+    brightness = slope(color_jitter(images, 0.3, 0.0, 0.0, 0.0, seeded(1)), images, 0.0)
+    contrast = slope(color_jitter(images, 0.0, 0.3, 0.0, 0.0, seeded(1)), images, mean_luma)
+    saturation = slope(color_jitter(images, 0.0, 0.0, 0.3, 0.0, seeded(1)), images, luma)
+    expected = torch.stack([
+        TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(image, b), c), s)
+        for image, b, c, s in zip(images, brightness.tolist(), contrast.tolist(), saturation.tolist())
+    ])
+    assert torch.allclose(out, expected, atol=1e-4)
+
+
+def test_color_jitter_keeps_real_patches_in_range(real_images: torch.Tensor) -> None:
+    out = color_jitter(real_images, 0.5, 0.5, 0.5, 0.5, seeded())
+    assert out.shape == real_images.shape and out.dtype == torch.float32
+    assert 0 <= out.min() and out.max() <= 1
+
+
+# --- augment_batch and preprocess_batch -----------------------------------------------
+
+
+@pytest.mark.parametrize("crop_px", [0, 64, 72])
+def test_augment_batch_with_everything_off_equals_preprocess_batch(
+    real_patches_uint8: torch.Tensor, crop_px: int
+) -> None:
+    augmented = augment_batch(real_patches_uint8, AugmentConfig(crop_px=crop_px), MEAN, STD, seeded())
+    assert torch.equal(augmented, preprocess_batch(real_patches_uint8, MEAN, STD, crop_px=crop_px))
+
+
+def test_preprocess_batch_is_the_normalised_centre_crop(real_patches_uint8: torch.Tensor) -> None:
+    out = preprocess_batch(real_patches_uint8, MEAN, STD, crop_px=64)
+    centre = real_patches_uint8[:, 16:80, 16:80].permute(0, 3, 1, 2).float() / 255
+    expected = (centre - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    assert out.shape == (32, 3, 64, 64)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_augment_batch_reads_channels_first_and_channels_last_patches_alike(
+    real_patches_uint8: torch.Tensor,
+) -> None:
+    nchw = real_patches_uint8.permute(0, 3, 1, 2).contiguous()
+    assert torch.equal(
+        augment_batch(real_patches_uint8, EVERYTHING_ON, MEAN, STD, seeded()),
+        augment_batch(nchw, EVERYTHING_ON, MEAN, STD, seeded()),
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "size_px"),
+    [(AugmentConfig(), 96), (AugmentConfig(dihedral=True), 96), (EVERYTHING_ON, 64),
+     (AugmentConfig(crop_px=72, shift_px=12, dihedral=True), 72)],
+)
+def test_augment_batch_returns_float32_channels_last_on_the_input_device(
+    real_patches_uint8: torch.Tensor, config: AugmentConfig, size_px: int
+) -> None:
+    out = augment_batch(real_patches_uint8, config, MEAN, STD, seeded())
+    assert out.shape == (32, 3, size_px, size_px)
+    assert out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert out.device == real_patches_uint8.device
+    assert torch.isfinite(out).all()
+
+
+def test_augment_batch_is_reproducible_for_a_seed(real_patches_uint8: torch.Tensor) -> None:
+    first = augment_batch(real_patches_uint8, EVERYTHING_ON, MEAN, STD, seeded(7))
+    again = augment_batch(real_patches_uint8, EVERYTHING_ON, MEAN, STD, seeded(7))
+    other = augment_batch(real_patches_uint8, EVERYTHING_ON, MEAN, STD, seeded(8))
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+
+
+def test_augment_batch_jitters_real_patches_within_the_unit_range(real_patches_uint8: torch.Tensor) -> None:
+    plain = preprocess_batch(real_patches_uint8, IDENTITY_MEAN, IDENTITY_STD, crop_px=64)
+    out = augment_batch(real_patches_uint8, EVERYTHING_ON, IDENTITY_MEAN, IDENTITY_STD, seeded())
+    assert 0 <= out.min() and out.max() <= 1
+    assert ((out - plain).abs().amax(dim=(1, 2, 3)) > 0.02).all(), "every patch should change"
+
+
+def test_crop_shift_and_dihedral_show_a_symmetry_of_a_window_near_the_centre() -> None:
+    patches_uint8 = random_uint8_images(48, 20).permute(0, 2, 3, 1)  # (N, 20, 20, 3)
+    config = AugmentConfig(crop_px=8, shift_px=3, dihedral=True)
+    out = augment_batch(patches_uint8, config, IDENTITY_MEAN, IDENTITY_STD, seeded())
+    pixels = (out * 255).round().to(torch.uint8)  # back to the exact input values
+    images = patches_uint8.permute(0, 3, 1, 2)
+    centre_px = (20 - 8) // 2
+    offsets_seen = set()
+    for n in range(images.shape[0]):
+        matches = [
+            (top, left)
+            for top in range(20 - 8 + 1)
+            for left in range(20 - 8 + 1)
+            if which_view(pixels[n], dihedral_views(images[n : n + 1, :, top : top + 8, left : left + 8])[:, 0])
+        ]
+        assert len(matches) == 1
+        top, left = matches[0]
+        assert abs(top - centre_px) <= 3 and abs(left - centre_px) <= 3
+        offsets_seen.add(matches[0])
+    assert len(offsets_seen) > 10, "the window should move between patches"
+
+
+# --- user mistakes ----------------------------------------------------------------------
+
+
+def test_augment_config_names_the_setting_out_of_range() -> None:
+    with pytest.raises(UserError, match=r"augment hue: expected a value in \[0.0, 0.5\], found 0.7; pass"):
+        AugmentConfig(hue=0.7)
+    with pytest.raises(UserError, match=r"augment hed_sigma: expected a value in \[0.0, 1.0\], found -0.1"):
+        AugmentConfig(hed_sigma=-0.1)
+
+
+def test_augment_config_needs_a_crop_for_a_shift() -> None:
+    with pytest.raises(UserError, match="augment shift_px=8: the shift moves the crop window, but crop_px is 0; set crop_px"):
+        AugmentConfig(shift_px=8)
+
+
+def test_augment_batch_names_a_crop_that_does_not_fit_the_patches() -> None:
+    config = AugmentConfig(crop_px=88, shift_px=8)
+    with pytest.raises(
+        UserError,
+        match=r"augment crop_px=88, shift_px=8: the crop reads a 104-pixel window, but the patches are 96x96; "
+        r"choose crop_px \+ 2 \* shift_px <= 96",
+    ):
+        augment_batch(torch.zeros(2, 96, 96, 3, dtype=torch.uint8), config, MEAN, STD)
+
+
+def test_augment_batch_rejects_float_patches() -> None:
+    with pytest.raises(
+        UserError,
+        match=r"patches_uint8: expected a uint8 RGB batch \(N, H, W, 3\) or \(N, 3, H, W\), "
+        r"found torch.float32 \(2, 96, 96, 3\); pass the patches as read",
+    ):
+        preprocess_batch(torch.zeros(2, 96, 96, 3), MEAN, STD)
+
+
+def test_augment_batch_needs_square_patches_for_dihedral() -> None:
+    with pytest.raises(UserError, match="dihedral augmentation needs square patches, found 64x96; set crop_px"):
+        augment_batch(torch.zeros(2, 64, 96, 3, dtype=torch.uint8), AugmentConfig(dihedral=True), MEAN, STD)
+
+
+@pytest.mark.parametrize(
+    ("mean", "std", "message"),
+    [
+        ((0.5, 0.5), STD, r"mean: expected 3 values \(one per RGB channel\), found 2; pass the model's"),
+        (MEAN, (0.2, 0.0, 0.2), r"std: expected 3 positive values, found \(0.2, 0.0, 0.2\); pass"),
+    ],
+)
+def test_preprocess_batch_names_bad_normalisation_statistics(mean, std, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        preprocess_batch(torch.zeros(2, 96, 96, 3, dtype=torch.uint8), mean, std)
+
+
+# --- GPU -------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_augment_batch_on_the_gpu_matches_the_cpu_for_a_cpu_generator(real_patches_uint8: torch.Tensor) -> None:
+    on_cpu = augment_batch(real_patches_uint8, EVERYTHING_ON, MEAN, STD, seeded(3))
+    on_gpu = augment_batch(real_patches_uint8.cuda(), EVERYTHING_ON, MEAN, STD, seeded(3))
+    assert on_gpu.device.type == "cuda" and on_gpu.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-4)
