@@ -83,6 +83,91 @@ def _cmd_download(args: argparse.Namespace) -> None:
     print(f"PCam is complete in {args.root} ({len(paths)} files); next: histodetect prepare {args.root} --out STORE")
 
 
+def _cmd_presets(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from .train import PRESETS
+
+    names = list(PRESETS)
+    rows = asdict(PRESETS[names[0]]).keys()
+    width = max(len(r) for r in rows)
+    print(f"{'':<{width}}  " + "  ".join(f"{n:>17}" for n in names))
+    for row in rows:
+        values = [asdict(PRESETS[n])[row] for n in names]
+        print(f"{row:<{width}}  " + "  ".join(f"{str(v):>17}" for v in values))
+
+
+def _train_overrides(args: argparse.Namespace) -> dict:
+    from dataclasses import fields
+
+    from .train import TrainConfig
+
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .train import fit, preset_config
+
+    if args.resume:
+        overrides = _train_overrides(args)
+        if overrides or args.data or args.out:
+            raise UserError("--resume RUN continues a run with its saved config; drop --data/--out and the overrides")
+        result = fit(None, None, args.resume, resume=True)
+    else:
+        if not args.data or not args.out:
+            raise UserError("train needs --data STORE and --out RUN (or --resume RUN)")
+        config = preset_config(args.preset, **_train_overrides(args))
+        result = fit(config, args.data, args.out, overwrite=args.overwrite, preset=args.preset)
+    print(f"run {result.run_dir}: best validation AUC {result.best_auc:.4f} after {result.epochs_run} epochs "
+          f"({result.stopped_because})")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate_run, parse_data_arg
+
+    data, split = parse_data_arg(args.data) if args.data else (None, None)
+    metrics = evaluate_run(args.run, data, split=split, tta=args.tta, out=args.out, device=args.device,
+                           n_boot=args.bootstrap)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return
+    low, high = metrics["roc_auc_ci"]
+    print(f"{metrics['store']}:{metrics['split']}  TTA {metrics['tta']}  n={metrics['n']}")
+    print(f"  ROC AUC {metrics['roc_auc']:.4f} [{low:.4f}, {high:.4f}]  accuracy {metrics['accuracy']:.4f} "
+          f"(threshold {metrics['threshold']:.3f}; {metrics['accuracy_at_0.5']:.4f} at 0.5)")
+    print(f"  balanced accuracy {metrics['balanced_accuracy']:.4f}  F1 {metrics['f1']:.4f}  sensitivity "
+          f"{metrics['sensitivity']:.4f}  specificity {metrics['specificity']:.4f}")
+    print(f"  NLL {metrics['nll']:.4f}  Brier {metrics['brier']:.4f}  ECE {metrics['ece']:.4f}")
+    print(f"  report: {metrics['report']}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from .predict import load_run, predict_to_csv
+
+    run = load_run(args.run, device=args.device)
+    path, n = predict_to_csv(run, args.inputs, args.out, tta=args.tta, split=args.split,
+                             kaggle_submission=args.kaggle_submission, batch_size=args.batch_size,
+                             progress=not args.quiet)
+    kind = "Kaggle submission" if args.kaggle_submission else "predictions"
+    print(f"wrote {kind} for {n} patches to {path}")
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, overriding the preset's value."""
+    from dataclasses import MISSING, fields
+
+    from .train import TrainConfig
+
+    group = p.add_argument_group("overrides of the preset's values (see 'histodetect presets')")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default) if f.default is not MISSING and f.default is not None else str
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="histodetect",
@@ -132,6 +217,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", choices=("pcam",), help="the dataset (pcam)")
     p.add_argument("--root", type=Path, required=True, help="folder to download into")
     p.add_argument("--base-url", help="mirror to download from (default: Zenodo record 2546921)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("presets", "List the training presets and every value they set.", "histodetect presets", _cmd_presets)
+
+    p = add("train", "Train a model on a store; writes a run folder (config, metrics, checkpoints).",
+            "histodetect train --data stores/pcam-jpeg --preset cpu --out runs/cpu --max-minutes 10", _cmd_train)
+    p.add_argument("--data", type=Path, help="a store made by 'histodetect prepare'")
+    p.add_argument("--preset", default="default", help="seed-xception, seed-mobilenetv2, default or cpu (default: default)")
+    p.add_argument("--out", type=Path, help="run folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue a stopped run where it stopped")
+    _add_train_options(p)
+
+    p = add("evaluate", "Score a run on a labelled split: metrics with intervals, plots, report.html.",
+            "histodetect evaluate runs/cpu --data stores/pcam-jpeg:valid --tta 8", _cmd_evaluate)
+    p.add_argument("run", type=Path, help="a run folder made by 'histodetect train'")
+    p.add_argument("--data", help="STORE[:split] (default: the run's store; its test split if labelled, else valid)")
+    p.add_argument("--tta", type=int, default=1, choices=(1, 4, 8), help="dihedral views averaged per patch")
+    p.add_argument("--out", type=Path, help="folder for the report (default: RUN/eval-SPLIT-ttaN)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the AUC interval")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print metrics.json")
+
+    p = add("predict", "Score patches with a run: a CSV id,prob,pred or a Kaggle submission.",
+            "histodetect predict runs/cpu kaggle/test --out submission.csv --kaggle-submission --tta 8", _cmd_predict)
+    p.add_argument("run", type=Path, help="a run folder made by 'histodetect train'")
+    p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
+                   help="a store, an image folder, image files or a PCam h5 file")
+    p.add_argument("--out", type=Path, required=True, help="CSV file to write")
+    p.add_argument("--tta", type=int, default=1, choices=(1, 4, 8), help="dihedral views averaged per patch")
+    p.add_argument("--split", help="only this split of a store or folder")
+    p.add_argument("--kaggle-submission", action="store_true", help="write exactly id,label (label = probability)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

@@ -1,0 +1,668 @@
+"""fit(config) -> run folder: the training loop, top to bottom.
+
+A run folder holds:
+
+    run.json          the full config, preprocessing (mean, std, patch and crop size),
+                      the store's fingerprint, package versions, seed, device
+    metrics.csv       one row per epoch: train loss, validation loss / AUC / accuracy
+    checkpoints/      last.pt (resume from it) and best.pt (highest validation AUC),
+                      each written to a temporary file and renamed
+
+Data path: patches stay uint8 until they are on the device; the whole training
+shard lives there when it fits (on the GPU under `resident_fraction` of free
+memory; in RAM on the CPU), otherwise batches are gathered from the memory-mapped
+store by a background thread into pinned memory and copied on a side stream.
+Augmentation and normalisation run on whole batches on the device (augment.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import queue
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import __version__
+from .augment import AugmentConfig, augment_batch, preprocess_batch
+from .data.store import PatchStore, open_store
+from .errors import UserError
+from .models import create_model
+
+CHECKPOINT_FORMAT = "histodetect-checkpoint-1"
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.csv"
+METRICS_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "val_acc", "lr", "seconds")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Presets are named instances of it."""
+
+    model: str = "histo_tinynet"
+    pretrained: bool = False
+    weights: str | None = None  # a local state dict / safetensors file to start from
+    drop_rate: float = 0.0  # dropout before the one-logit head
+    optimizer: str = "adamw"  # "adam" (the seed's) or "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    batch_size: int = 128  # per process; the global batch is this times the number of processes
+    epochs: int = 30
+    warmup_fraction: float = 0.05  # of all steps, linear from 0
+    schedule: str = "cosine"  # "cosine" (to 0 after warm-up), "onecycle" (cosine up, then down) or "constant"
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # 0 = no EMA; validation and `best` use the EMA weights when on
+    grad_clip_norm: float = 0.0  # 0 = no clipping
+    # Augmentation, on the device, on whole batches (augment.AugmentConfig).
+    dihedral: bool = False
+    hed_sigma: float = 0.0
+    hed_bias: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    crop_px: int = 0  # train and predict on the centre crop of this size; 0 = the whole 96 px
+    shift_px: int = 0  # random shift of that crop, in pixels
+    # Time and stopping.
+    max_minutes: float = 0.0  # 0 = no limit; else the schedule anneals to the time limit
+    early_stopping: int = 0  # stop after this many epochs without a better validation AUC; 0 = never
+    checkpoint_minutes: float = 10.0  # also save last.pt mid-epoch this often
+    # Machine.
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True
+    compile: bool = False
+    threads: int = 0  # torch CPU threads; 0 = one per core
+    resident_fraction: float = 0.5  # keep the shard on the GPU if it needs less than this share of free memory
+    val_batch_size: int = 512
+    train_split: str = "train"
+    val_split: str = "valid"
+    profile: bool = False  # print data vs compute time per step
+
+    def augment(self) -> AugmentConfig:
+        return AugmentConfig(
+            dihedral=self.dihedral, hed_sigma=self.hed_sigma, hed_bias=self.hed_bias,
+            brightness=self.brightness, contrast=self.contrast, saturation=self.saturation,
+            hue=self.hue, crop_px=self.crop_px, shift_px=self.shift_px,
+        )
+
+
+# The seed notebook: the backbone, global average pooling, dropout 0.5, one sigmoid
+# output, Adam 1e-3, binary cross-entropy, 10 epochs, no augmentation.
+_SEED = dict(
+    pretrained=False, drop_rate=0.5, optimizer="adam", lr=1e-3, weight_decay=0.0, batch_size=64,
+    epochs=10, warmup_fraction=0.0, schedule="constant", label_smoothing=0.0, ema_decay=0.0,
+)
+PRESETS: dict[str, TrainConfig] = {
+    "seed-xception": TrainConfig(model="legacy_xception", **_SEED),
+    "seed-mobilenetv2": TrainConfig(model="mobilenetv2_100", **_SEED),
+    # Best recipe for one GPU.
+    "default": TrainConfig(
+        model="histo_tinynet", lr=2e-3, weight_decay=0.05, batch_size=256, epochs=60,
+        warmup_fraction=0.05, schedule="cosine", label_smoothing=0.05, ema_decay=0.999,
+        dihedral=True, hed_sigma=0.05, hed_bias=0.02, brightness=0.15, contrast=0.15,
+        saturation=0.1, hue=0.03, crop_px=72, shift_px=4, early_stopping=0,
+    ),
+    # Best recipe for a 2-core CPU and about 10 minutes.
+    "cpu": TrainConfig(
+        model="histo_tinynet", lr=2e-3, weight_decay=0.05, batch_size=64, epochs=40,
+        warmup_fraction=0.03, schedule="cosine", label_smoothing=0.05, ema_decay=0.995,
+        dihedral=True, hed_sigma=0.05, hed_bias=0.02, brightness=0.15, contrast=0.15,
+        saturation=0.1, hue=0.03, crop_px=64, shift_px=4, max_minutes=10.0, device="cpu",
+    ),
+}
+
+
+def preset_config(name: str, **overrides) -> TrainConfig:
+    """A preset with some fields replaced; unknown names are UserErrors listing the known ones."""
+    if name not in PRESETS:
+        raise UserError(f"--preset {name!r}: unknown preset (choose from {', '.join(PRESETS)})")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise UserError(f"unknown training option(s) {', '.join(sorted(unknown))}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# --- distributed --------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> Dist:
+    """Join the process group torchrun set up (RANK / WORLD_SIZE in the environment)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, dist: Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+        if name == "cuda":
+            name = f"cuda:{dist.local_rank}"
+    return torch.device(name)
+
+
+# --- data on the device ---------------------------------------------------------------------
+
+
+class DeviceBatches:
+    """The training shard as uint8 batches on the device, in a seeded order per epoch."""
+
+    def __init__(self, store: PatchStore, rows: np.ndarray, device: torch.device, batch_size: int,
+                 seed: int, resident_fraction: float):
+        self.store, self.rows, self.device, self.batch_size, self.seed = store, rows, device, batch_size, seed
+        self.labels = torch.from_numpy(store.labels[rows].astype(np.float32)).to(device)
+        shard_bytes = len(rows) * int(np.prod(store.patches.shape[1:]))
+        if device.type == "cuda":
+            free_bytes, _ = torch.cuda.mem_get_info(device)
+            self.resident = shard_bytes < resident_fraction * free_bytes
+        else:
+            self.resident = True  # already in RAM through the page cache; a copy makes gathers fast
+        self.patches = torch.from_numpy(store.read_batch(rows)).to(device) if self.resident else None
+        self.steps_per_epoch = len(rows) // batch_size  # drop the ragged last batch
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """A permutation of the shard for `epoch`, the same whenever it is asked for (resume)."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(len(self.rows), generator=generator)
+
+    def epoch(self, epoch: int, first_step: int = 0):
+        """Yield (patches uint8 (B, 96, 96, 3), labels float (B,)) from `first_step` on."""
+        order = self.order(epoch)
+        steps = range(first_step, self.steps_per_epoch)
+        batches = (order[s * self.batch_size : (s + 1) * self.batch_size] for s in steps)
+        if self.resident:
+            for local in batches:
+                local = local.to(self.device)
+                yield self.patches[local], self.labels[local]
+            return
+        yield from self._streamed(batches)
+
+    def _streamed(self, batches):
+        """Gather from the memory map in a thread, into pinned memory, copy on a side stream."""
+        ready: queue.Queue = queue.Queue(maxsize=3)
+
+        def produce():
+            for local in batches:
+                patches = torch.from_numpy(self.store.read_batch(self.rows[local.numpy()])).pin_memory()
+                ready.put((patches, local))
+            ready.put(None)
+
+        threading.Thread(target=produce, daemon=True).start()
+        stream = torch.cuda.Stream(self.device)
+        while (item := ready.get()) is not None:
+            patches, local = item
+            with torch.cuda.stream(stream):
+                on_device = patches.to(self.device, non_blocking=True)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            on_device.record_stream(torch.cuda.current_stream(self.device))
+            yield on_device, self.labels[local.to(self.device)]
+
+
+# --- schedule, checkpoints ------------------------------------------------------------------
+
+
+def lr_factor(progress: float, warmup_fraction: float, schedule: str) -> float:
+    """Learning-rate multiplier at `progress` in [0, 1] of the run (steps or time, whichever is further)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "onecycle":
+        peak = max(warmup_fraction, 0.25)  # one-cycle spends its first part rising (Smith & Topin 2017)
+        if progress < peak:
+            return 0.04 + 0.96 * (1 - math.cos(math.pi * progress / peak)) / 2
+        return (1 + math.cos(math.pi * min(1.0, (progress - peak) / (1 - peak)))) / 2
+    if progress < warmup_fraction:
+        return progress / warmup_fraction
+    rest = (progress - warmup_fraction) / max(1e-9, 1 - warmup_fraction)
+    return (1 + math.cos(math.pi * min(1.0, rest))) / 2
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A histodetect checkpoint, or a UserError in one line saying why it is not one."""
+    if not path.is_file():
+        raise UserError(f"{path}: no checkpoint here; is this a histodetect run folder?")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}); it is damaged, start a new run") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a histodetect checkpoint (expected format {CHECKPOINT_FORMAT})")
+    return checkpoint
+
+
+def package_versions() -> dict[str, str]:
+    import sklearn
+    import timm
+
+    return {"histodetect": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": np.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def model_logits(model, patches_uint8, mean, std, crop_px: int, device: torch.device,
+                   batch_size: int, *, tta: int = 1, bf16: bool = True) -> np.ndarray:
+    """Logits (N, tta) of uint8 patches (N, 96, 96, 3): one column per dihedral view, batched."""
+    from .augment import dihedral_views
+
+    columns = []
+    for begin in range(0, len(patches_uint8), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(patches_uint8[begin : begin + batch_size])).to(device)
+        x = preprocess_batch(batch, mean, std, crop_px=crop_px)  # (B, 3, H, W)
+        views = dihedral_views(x, tta).flatten(0, 1) if tta > 1 else x  # (tta * B, 3, H, W)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+            logits = model(views.contiguous(memory_format=torch.channels_last)).float()
+        columns.append(logits.reshape(tta, -1).T.cpu().numpy())
+    return np.concatenate(columns) if columns else np.empty((0, tta), np.float32)
+
+
+def validate(model, store: PatchStore, rows: np.ndarray, cfg: TrainConfig, mean, std, device) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
+    model.eval()
+    logits = model_logits(model, store.read_batch(rows), mean, std, cfg.crop_px, device,
+                            cfg.val_batch_size, bf16=cfg.bf16)[:, 0]
+    labels = store.labels[rows].astype(np.float32)
+    probs = 1 / (1 + np.exp(-logits))
+    loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(labels))
+    return {
+        "val_loss": float(loss),
+        "val_auc": float(roc_auc_score(labels, probs)),
+        "val_acc": float(((probs >= 0.5) == (labels == 1)).mean()),
+    }
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam (the seed's) or AdamW, fused: one kernel for all parameters instead of one per tensor."""
+    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if cfg.optimizer not in optimizers:
+        raise UserError(f"--optimizer {cfg.optimizer!r}: expected adam or adamw")
+    return optimizers[cfg.optimizer](model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Binary cross-entropy of one sigmoid output, computed from the logit (the same loss as the
+    seed's sigmoid + BCE, without its overflow); labels are smoothed towards 0.5."""
+    targets = labels * (1 - label_smoothing) + 0.5 * label_smoothing
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    best_auc: float
+    epochs_run: int
+    stopped_because: str
+    history: list[dict] = field(default_factory=list)
+
+
+def _check_run_folder(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not (out / RUN_FILE).exists():
+            raise UserError(f"{out}: exists, is not empty and is not a run folder; choose a new --out")
+        if not overwrite:
+            raise UserError(f"{out}: already holds a run; pass --resume {out} to continue it or --overwrite to replace it")
+
+
+def _class_rows(store: PatchStore, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """Training and validation rows; makes a validation split when the store has none."""
+    train_rows = store.split_indices(cfg.train_split)
+    train_rows = train_rows[store.labels[train_rows] >= 0]
+    counts = np.bincount(store.labels[train_rows], minlength=2)
+    if counts.min() == 0:
+        only = int(np.argmax(counts))
+        raise UserError(
+            f"{store.path}: split {cfg.train_split!r} has only label {only} ({counts[only]} patches); "
+            "training needs both classes"
+        )
+    note = None
+    if cfg.val_split in store.split_names:
+        val_rows = store.split_indices(cfg.val_split)
+        val_rows = val_rows[store.labels[val_rows] >= 0]
+    else:
+        from .data.splits import make_validation_split
+
+        moved = make_validation_split(store.labels[train_rows], list(store.slides[train_rows]), 0.1, cfg.seed)
+        train_rows, val_rows = train_rows[~moved], train_rows[moved]
+        note = (f"{store.path}: no {cfg.val_split!r} split; validating on a stratified 10% of "
+                f"{cfg.train_split!r} ({len(val_rows)} patches, seed {cfg.seed})")
+    if len(np.unique(store.labels[val_rows])) < 2:
+        raise UserError(f"{store.path}: the validation split needs both classes to measure AUC")
+    return train_rows, val_rows, note
+
+
+def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, resume: bool = False,
+        preset: str | None = None, progress: bool = True, stop_after_epochs: int | None = None) -> FitResult:
+    """Train `cfg` on the store at `data`, writing the run folder `out`.
+
+    With `resume`, `out`'s config and last checkpoint are loaded and training goes
+    on exactly where it stopped (data order, optimizer, EMA, RNG, schedule).
+    `stop_after_epochs` ends the process early as a kill would (tests use it).
+    """
+    out = Path(out)
+    checkpoint = None
+    if resume:
+        run = read_run(out)
+        checkpoint = load_checkpoint(out / "checkpoints" / "last.pt")
+        if checkpoint["config"] != run["config"]:
+            raise UserError(f"{out / 'checkpoints' / 'last.pt'}: belongs to another run than {out / RUN_FILE}")
+        cfg = TrainConfig(**checkpoint["config"])
+        preset = run.get("preset")
+        data = Path(run["data"]["path"])
+    else:
+        _check_run_folder(out, overwrite)
+
+    dist = init_distributed("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = resolve_device(cfg.device, dist)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    store = open_store(data)
+    if resume and store.fingerprint != checkpoint["store_fingerprint"]:
+        raise UserError(f"{data}: its content changed since {out} started (fingerprint differs); resume needs the same store")
+    train_rows, val_rows, split_note = _class_rows(store, cfg)
+    if split_note and dist.is_main:
+        print(f"histodetect: note: {split_note}")
+    shard = train_rows[dist.rank :: dist.world_size][: len(train_rows) // dist.world_size]
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, pretrained=cfg.pretrained,
+                         weights=Path(cfg.weights) if cfg.weights else None, drop_rate=cfg.drop_rate)
+    data_cfg = model.pretrained_cfg if hasattr(model, "pretrained_cfg") else {}
+    mean = tuple(data_cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(data_cfg.get("std", (0.229, 0.224, 0.225)))
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ema = None
+    if cfg.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+    optimizer = build_optimizer(cfg, model)
+    batches = DeviceBatches(store, shard, device, cfg.batch_size, cfg.seed, cfg.resident_fraction)
+    if batches.steps_per_epoch == 0:
+        raise UserError(f"{data}: {len(shard)} training patches per process is fewer than --batch-size {cfg.batch_size}")
+    aug_generator = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + dist.rank)
+
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "train_seconds": 0.0,
+             "best_auc": -1.0, "bad_epochs": 0, "history": []}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint["ema"])
+        state = checkpoint["state"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        np.random.set_state(checkpoint["rng"]["numpy"])
+        random.setstate(checkpoint["rng"]["python"])
+        if len(checkpoint["rng"]["augment"]) != dist.world_size:
+            raise UserError(f"{out}: was trained with {len(checkpoint['rng']['augment'])} processes; resume it with as many")
+        aug_generator.set_state(checkpoint["rng"]["augment"][dist.rank])
+        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+
+    train_model = model
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_text_atomic(out / RUN_FILE, json.dumps({
+                "preset": preset,
+                "config": asdict(cfg),
+                "data": {"path": str(Path(data).resolve()), "fingerprint": store.fingerprint,
+                         "train_split": cfg.train_split, "val_split": cfg.val_split,
+                         "n_train": int(len(train_rows)), "n_val": int(len(val_rows)), "note": split_note},
+                "preprocessing": {"mean": mean, "std": std, "patch_size_px": 96, "crop_px": cfg.crop_px,
+                                  "channels": "RGB", "input": "uint8 HWC -> float (x/255 - mean) / std"},
+                "model": {"name": cfg.model, "parameters": sum(p.numel() for p in model.parameters())},
+                "versions": package_versions(),
+                "seed": cfg.seed,
+                "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+                           "world_size": dist.world_size, "threads": torch.get_num_threads()},
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }, indent=2) + "\n")
+            with (out / METRICS_FILE).open("w", newline="") as handle:
+                csv.writer(handle).writerow(METRICS_COLUMNS)
+
+    total_steps = cfg.epochs * batches.steps_per_epoch
+    max_seconds = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    bf16 = cfg.bf16 and device.type == "cuda"
+
+    def progress_now() -> float:
+        return max(state["global_step"] / total_steps, state["train_seconds"] / max_seconds)
+
+    def save_last() -> None:
+        """Every process calls this (it gathers each one's augmentation RNG); rank 0 writes."""
+        augment_states = [aug_generator.get_state()]
+        if dist.world_size > 1:
+            import torch.distributed as tdist
+
+            # gloo and nccl gather tensors, not generator states of other devices: go through the device.
+            mine = aug_generator.get_state().to(device)
+            gathered = [torch.empty_like(mine) for _ in range(dist.world_size)]
+            tdist.all_gather(gathered, mine)
+            augment_states = [s.cpu() for s in gathered]
+        if not dist.is_main:
+            return
+        save_atomic({
+            "format": CHECKPOINT_FORMAT, "config": asdict(cfg), "store_fingerprint": store.fingerprint,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "state": state,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "augment": [s.cpu() for s in augment_states],
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "preprocessing": {"mean": mean, "std": std, "crop_px": cfg.crop_px},
+        }, out / "checkpoints" / "last.pt")
+
+    stopped_because = "finished all epochs"
+    epochs_this_process = 0
+    last_checkpoint_time = time.perf_counter()
+    augment_cfg = cfg.augment()
+    try:
+        while state["epoch"] < cfg.epochs:
+            epoch = state["epoch"]
+            train_model.train()
+            loss_sum = torch.zeros((), device=device)
+            n_steps = 0
+            bar = tqdm(total=batches.steps_per_epoch * cfg.batch_size * dist.world_size, initial=state["step_in_epoch"] * cfg.batch_size * dist.world_size,
+                       unit="patch", unit_scale=True, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not (progress and dist.is_main), leave=False)
+            data_seconds = compute_seconds = 0.0
+            tick = time.perf_counter()
+            for patches, labels in batches.epoch(epoch, state["step_in_epoch"]):
+                x = augment_batch(patches, augment_cfg, mean, std, generator=aug_generator)  # (B, 3, H, W)
+                if cfg.profile:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    data_done = time.perf_counter()
+                    data_seconds += data_done - tick
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(progress_now(), cfg.warmup_fraction, cfg.schedule)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = train_model(x).float().reshape(-1)  # (B,)
+                loss = training_loss(logits, labels, cfg.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise UserError(
+                        f"{out}: the loss became {loss.item()} at step {state['global_step']} (epoch {epoch + 1}); "
+                        f"training stopped and {out / 'checkpoints' / 'last.pt'} holds the last good weights; try a lower --lr"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+                optimizer.step()
+                if ema is not None:
+                    ema.update(model, step=state["global_step"])
+                loss_sum += loss.detach()
+                n_steps += 1
+                state["global_step"] += 1
+                state["step_in_epoch"] += 1
+                now = time.perf_counter()
+                if cfg.profile:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    now = time.perf_counter()
+                    compute_seconds += now - data_done
+                state["train_seconds"] += now - tick
+                tick = now
+                bar.update(cfg.batch_size * dist.world_size)
+                if state["train_seconds"] >= max_seconds:
+                    break
+                # Mid-epoch saves need every process to agree on when: only without DDP.
+                if dist.world_size == 1 and now - last_checkpoint_time > cfg.checkpoint_minutes * 60:
+                    save_last()
+                    last_checkpoint_time = time.perf_counter()
+            bar.close()
+            out_of_time = state["train_seconds"] >= max_seconds
+            if cfg.profile and dist.is_main and n_steps:
+                print(f"profile epoch {epoch + 1}: data {1000 * data_seconds / n_steps:.1f} ms/step, "
+                      f"compute {1000 * compute_seconds / n_steps:.1f} ms/step "
+                      f"({100 * data_seconds / max(1e-9, data_seconds + compute_seconds):.0f}% in data)")
+            train_loss = float(loss_sum) / max(1, n_steps)
+            if dist.world_size > 1:
+                import torch.distributed as tdist
+
+                reduced = torch.tensor([train_loss], device=device)
+                tdist.all_reduce(reduced)
+                train_loss = float(reduced) / dist.world_size
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+            eval_model = ema.module if ema is not None else model
+            stop = torch.zeros(1, device=device)
+            if dist.is_main:
+                metrics = {"epoch": state["epoch"], "train_loss": train_loss,
+                           **validate(eval_model, store, val_rows, cfg, mean, std, device),
+                           "lr": optimizer.param_groups[0]["lr"], "seconds": state["train_seconds"]}
+                state["history"].append(metrics)
+                with (out / METRICS_FILE).open("a", newline="") as handle:
+                    csv.writer(handle).writerow([round(metrics[c], 6) if isinstance(metrics[c], float) else metrics[c]
+                                                 for c in METRICS_COLUMNS])
+                if progress:
+                    print(f"epoch {state['epoch']}/{cfg.epochs}  loss {train_loss:.4f}  val_loss {metrics['val_loss']:.4f}  "
+                          f"val_auc {metrics['val_auc']:.4f}  val_acc {metrics['val_acc']:.4f}  "
+                          f"{state['train_seconds'] / 60:.1f} min")
+                improved = metrics["val_auc"] > state["best_auc"]
+                if improved:
+                    state["best_auc"] = metrics["val_auc"]
+                    state["bad_epochs"] = 0
+                else:
+                    state["bad_epochs"] += 1
+                if cfg.early_stopping and state["bad_epochs"] >= cfg.early_stopping:
+                    stop[0] = 1
+                save_last()
+                if improved:
+                    save_atomic({"format": CHECKPOINT_FORMAT, "config": asdict(cfg), "store_fingerprint": store.fingerprint,
+                                 "model": eval_model.state_dict(), "epoch": state["epoch"], "metrics": metrics,
+                                 "preprocessing": {"mean": mean, "std": std, "crop_px": cfg.crop_px}},
+                                out / "checkpoints" / "best.pt")
+            else:
+                save_last()  # joins the gather of the augmentation RNG states
+            if dist.world_size > 1:
+                import torch.distributed as tdist
+
+                tdist.broadcast(stop, 0)
+            epochs_this_process += 1
+            if stop.item():
+                stopped_because = f"early stopping: no better validation AUC for {cfg.early_stopping} epochs"
+                break
+            if out_of_time:
+                stopped_because = f"time limit of {cfg.max_minutes:g} minutes"
+                break
+            if stop_after_epochs is not None and epochs_this_process >= stop_after_epochs:
+                stopped_because = "stopped by request"
+                break
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(
+            f"out of GPU memory with --batch-size {cfg.batch_size} for {cfg.model}; try --batch-size {max(1, cfg.batch_size // 2)}"
+        ) from None
+    if dist.is_main:
+        run = read_run(out)
+        run["threshold"] = _validation_threshold(out, store, val_rows, cfg, mean, std, device)
+        run.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stopped_because": stopped_because,
+                    "best_val_auc": state["best_auc"], "epochs_run": state["epoch"],
+                    "train_seconds": state["train_seconds"]})
+        write_text_atomic(out / RUN_FILE, json.dumps(run, indent=2) + "\n")
+    return FitResult(out, state["best_auc"], state["epoch"], stopped_because, state["history"])
+
+
+def _validation_threshold(out: Path, store: PatchStore, val_rows: np.ndarray, cfg: TrainConfig,
+                          mean, std, device: torch.device) -> float:
+    """The decision threshold of the best checkpoint, chosen on the validation split."""
+    from .evaluate.metrics import choose_threshold
+
+    best = load_checkpoint(out / "checkpoints" / "best.pt")
+    model = create_model(cfg.model, drop_rate=cfg.drop_rate)
+    model.load_state_dict(best["model"])
+    model.to(device).eval().to(memory_format=torch.channels_last)
+    logits = model_logits(model, store.read_batch(val_rows), mean, std, cfg.crop_px, device,
+                          cfg.val_batch_size, bf16=cfg.bf16)[:, 0]
+    return float(choose_threshold(store.labels[val_rows], 1 / (1 + np.exp(-logits))))
+
+
+def read_run(run_dir: Path) -> dict:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a run folder (no {RUN_FILE}); train one with 'histodetect train'")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: corrupt ({exc.msg})") from None

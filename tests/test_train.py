@@ -1,0 +1,273 @@
+"""Train -> evaluate -> predict on real shared patches, presets, resume, DDP and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from histodetect.cli import main
+from histodetect.data.store import open_store, prepare
+from histodetect.errors import UserError
+from histodetect.models import create_model
+from histodetect.train import PRESETS, build_optimizer, fit, load_checkpoint, preset_config, training_loss
+
+# Small and fast: the whole file must run in a few minutes on 2 cores.
+TINY = dict(model="histo_tinynet", batch_size=32, epochs=2, max_minutes=0.0, crop_px=48, shift_px=2,
+            val_batch_size=128, device="cpu", ema_decay=0.9, warmup_fraction=0.1)
+
+
+def copy_patches(pcam_jpeg: Path, dest: Path, per_class: dict[str, int]) -> Path:
+    for split, n in per_class.items():
+        for label in ("0", "1"):
+            (dest / split / label).mkdir(parents=True)
+            for path in sorted((pcam_jpeg / split / label).glob("*.jpg"))[:n]:
+                shutil.copy(path, dest / split / label / path.name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def small_store(pcam_jpeg, tmp_path_factory) -> Path:
+    """192 real train and 64 real valid patches, balanced."""
+    root = tmp_path_factory.mktemp("small")
+    copy_patches(pcam_jpeg, root / "src", {"train": 96, "valid": 32})
+    prepare(root / "src", root / "store", progress=False)
+    return root / "store"
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    fit(preset_config("cpu", **{**TINY, "epochs": 3}), small_store, out, preset="cpu", progress=False)
+    return out
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_a_run_folder_holds_config_fingerprint_versions_metrics_and_checkpoints(trained_run, small_store):
+    run = json.loads((trained_run / "run.json").read_text())
+    assert run["preset"] == "cpu" and run["config"]["model"] == "histo_tinynet"
+    assert run["data"]["fingerprint"] == open_store(small_store).fingerprint
+    assert {"torch", "timm", "histodetect", "numpy"} <= set(run["versions"])
+    assert run["seed"] == 0 and run["device"]["type"] == "cpu"
+    assert run["preprocessing"]["crop_px"] == 48 and len(run["preprocessing"]["mean"]) == 3
+    assert 0 < run["threshold"] < 1
+    with (trained_run / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(0 <= float(r["val_auc"]) <= 1 and 0 <= float(r["val_acc"]) <= 1 for r in rows)
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]), "the training loss falls"
+    best_auc = load_checkpoint(trained_run / "checkpoints" / "best.pt")["metrics"]["val_auc"]
+    assert best_auc == pytest.approx(max(float(r["val_auc"]) for r in rows), abs=1e-6)
+    assert best_auc == pytest.approx(run["best_val_auc"])
+    assert not list(trained_run.rglob("*.tmp-*")), "no temporary checkpoint is left"
+
+
+def test_evaluate_writes_metrics_plots_and_one_self_contained_report(trained_run, small_store, capsys):
+    code, out, _ = run_cli(capsys, "evaluate", trained_run, "--data", f"{small_store}:valid", "--tta", "8",
+                           "--json", "--bootstrap", "200")
+    assert code == 0
+    metrics = json.loads(out)
+    assert metrics["n"] == 64 and metrics["split"] == "valid" and metrics["tta"] == 8
+    for key in ("accuracy", "balanced_accuracy", "roc_auc", "f1", "sensitivity", "specificity", "brier", "ece"):
+        assert 0 <= metrics[key] <= 1, key
+    assert metrics["nll"] > 0
+    low, high = metrics["roc_auc_ci"]
+    assert low <= metrics["roc_auc"] <= high
+    report_dir = Path(metrics["out"])
+    for png in ("confusion_matrix.png", "roc.png", "reliability.png", "training_curves.png", "accuracy_coverage.png"):
+        assert (report_dir / png).stat().st_size > 1000
+    html = (report_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 5 and "http://" not in html
+    assert json.loads((report_dir / "metrics.json").read_text())["roc_auc"] == metrics["roc_auc"]
+
+
+def test_predict_writes_id_prob_pred_for_folders_files_stores_and_h5(trained_run, small_store, pcam_jpeg, tmp_path, capsys):
+    folder = pcam_jpeg / "valid" / "1"
+    files = sorted(folder.glob("*.jpg"))[:5]
+    code, _, _ = run_cli(capsys, "predict", trained_run, *files, "--out", tmp_path / "files.csv", "--tta", "4")
+    assert code == 0
+    with (tmp_path / "files.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["id"] for r in rows] == [f.stem for f in files]
+    assert all(0 <= float(r["prob"]) <= 1 and r["pred"] in ("0", "1") for r in rows)
+
+    from histodetect.predict import load_run, predict_patches
+
+    run = load_run(trained_run, device="cpu")
+    store = open_store(small_store)
+    rows_valid = store.split_indices("valid")
+    code, _, _ = run_cli(capsys, "predict", trained_run, small_store, "--split", "valid", "--out", tmp_path / "store.csv")
+    with (tmp_path / "store.csv").open() as handle:
+        store_rows = list(csv.DictReader(handle))
+    expected = predict_patches(run, store.read_batch(rows_valid))
+    assert [r["id"] for r in store_rows] == list(store.ids[rows_valid])
+    np.testing.assert_allclose([float(r["prob"]) for r in store_rows], expected, atol=1e-6)
+
+    import h5py
+
+    with h5py.File(tmp_path / "patches_x.h5", "w") as h5:
+        h5["x"] = store.read_batch(rows_valid[:7])
+    code, _, _ = run_cli(capsys, "predict", trained_run, tmp_path / "patches_x.h5", "--out", tmp_path / "h5.csv")
+    with (tmp_path / "h5.csv").open() as handle:
+        h5_rows = list(csv.DictReader(handle))
+    assert [r["id"] for r in h5_rows] == [str(i) for i in range(7)]
+    np.testing.assert_allclose([float(r["prob"]) for r in h5_rows], expected[:7], atol=1e-6)
+
+
+def test_kaggle_submission_is_exactly_id_label_for_the_test_folder(trained_run, kaggle_sample, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "predict", trained_run, kaggle_sample / "test", "--out", tmp_path / "sub.csv",
+                           "--kaggle-submission", "--quiet")
+    assert code == 0
+    lines = (tmp_path / "sub.csv").read_text().splitlines()
+    assert lines[0] == "id,label" and len(lines) == 30
+    ids = {line.split(",")[0] for line in lines[1:]}
+    assert ids == {p.stem for p in (kaggle_sample / "test").glob("*.tif")}
+    assert all(0 <= float(line.split(",")[1]) <= 1 for line in lines[1:])
+    code, _, _ = run_cli(capsys, "predict", trained_run, kaggle_sample, "--out", tmp_path / "sub2.csv",
+                         "--kaggle-submission", "--quiet")
+    assert (tmp_path / "sub2.csv").read_text() == (tmp_path / "sub.csv").read_text(), "a Kaggle root scores test/ only"
+
+
+@pytest.mark.parametrize("preset, backbone", [("seed-xception", "legacy_xception"), ("seed-mobilenetv2", "mobilenetv2_100")])
+def test_seed_presets_are_the_notebooks_recipe(preset, backbone):
+    cfg = PRESETS[preset]
+    assert cfg.model == backbone and cfg.epochs == 10 and cfg.pretrained is False
+    assert cfg.augment() == type(cfg.augment())(), "no augmentation"
+    assert cfg.schedule == "constant" and cfg.label_smoothing == 0 and cfg.ema_decay == 0 and cfg.crop_px == 0
+    model = create_model(cfg.model, drop_rate=cfg.drop_rate)
+    assert type(model.global_pool).__name__ == "SelectAdaptivePool2d" and model.global_pool.pool_type == "avg"
+    assert model.drop_rate == 0.5
+    assert model.get_classifier().out_features == 1
+    optimizer = build_optimizer(cfg, model)
+    assert type(optimizer) is torch.optim.Adam
+    assert optimizer.param_groups[0]["lr"] == 1e-3 and optimizer.param_groups[0]["weight_decay"] == 0
+    logits, labels = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0])
+    seed_loss = torch.nn.BCELoss()(torch.sigmoid(logits), labels)
+    assert training_loss(logits, labels, cfg.label_smoothing) == pytest.approx(float(seed_loss), abs=1e-6)
+
+
+def test_a_killed_then_resumed_run_ends_with_the_same_weights(small_store, tmp_path, capsys):
+    cfg = preset_config("cpu", **TINY)
+    fit(cfg, small_store, tmp_path / "straight", progress=False)
+    fit(cfg, small_store, tmp_path / "resumed", progress=False, stop_after_epochs=1)
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["state"]["epoch"] == 1
+    code, out, err = run_cli(capsys, "train", "--resume", tmp_path / "resumed")
+    assert code == 0, err
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    for key, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][key]), key
+    for key, tensor in straight["ema"].items():
+        assert torch.equal(tensor, resumed["ema"][key]), key
+
+    def scores(run: Path) -> list[dict]:  # every column but the wall-clock seconds
+        with (run / "metrics.csv").open() as handle:
+            return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+
+    assert scores(tmp_path / "straight") == scores(tmp_path / "resumed")
+
+
+def test_ddp_on_two_cpu_processes(small_store, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "histodetect.cli", "train", "--data", str(small_store), "--preset", "cpu",
+               "--out", str(tmp_path / "ddp"), "--model", "histo_tinynet", "--batch-size", "16", "--epochs", "1",
+               "--max-minutes", "0", "--crop-px", "48", "--threads", "1"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert run["device"]["world_size"] == 2 and run["epochs_run"] == 1
+    last = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
+    assert len(last["rng"]["augment"]) == 2
+    assert last["state"]["global_step"] == 96 // 16, "each process takes its half of the 192 patches"
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_a_store_with_one_class_is_refused(pcam_jpeg, tmp_path, capsys):
+    src = tmp_path / "src"
+    for split in ("train", "valid"):
+        (src / split / "1").mkdir(parents=True)
+        for path in sorted((pcam_jpeg / split / "1").glob("*.jpg"))[:8]:
+            shutil.copy(path, src / split / "1" / path.name)
+    prepare(src, tmp_path / "store", progress=False)
+    code, _, err = run_cli(capsys, "train", "--data", tmp_path / "store", "--preset", "cpu", "--out", tmp_path / "r")
+    assert code == 2 and "has only label 1 (8 patches); training needs both classes" in err
+    assert "Traceback" not in err
+
+
+def test_a_store_without_validation_split_gets_one_and_says_so(small_store, tmp_path, capsys):
+    cfg = preset_config("cpu", **{**TINY, "epochs": 1, "val_split": "holdout"})
+    fit(cfg, small_store, tmp_path / "r", progress=False)
+    assert "no 'holdout' split; validating on a stratified 10% of 'train'" in capsys.readouterr().out
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["data"]["n_val"] == 20 and run["data"]["n_train"] == 172
+
+
+def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(small_store, tmp_path, monkeypatch):
+    import histodetect.train as train_module
+
+    calls = {"n": 0}
+    real_loss = train_module.training_loss
+
+    def loss_going_nan(logits, labels, smoothing):
+        calls["n"] += 1
+        loss = real_loss(logits, labels, smoothing)
+        return loss * float("nan") if calls["n"] == 8 else loss
+
+    monkeypatch.setattr(train_module, "training_loss", loss_going_nan)
+    with pytest.raises(UserError, match=r"loss became nan at step 7 \(epoch 2\).*last.pt holds the last good weights"):
+        fit(preset_config("cpu", **TINY), small_store, tmp_path / "r", progress=False)
+    assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["state"]["epoch"] == 1
+
+
+def test_resume_from_a_corrupt_or_foreign_checkpoint_is_one_line(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "checkpoints" / "last.pt").write_bytes(b"\x00garbage")
+    code, _, err = run_cli(capsys, "train", "--resume", run)
+    assert code == 2 and "last.pt: not a readable checkpoint" in err and err.count("\n") == 1
+    torch.save({"weights": torch.zeros(2)}, run / "checkpoints" / "last.pt")
+    code, _, err = run_cli(capsys, "train", "--resume", run)
+    assert code == 2 and "last.pt: not a histodetect checkpoint" in err
+
+
+def test_unknown_model_name_suggests_close_timm_names(small_store, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--data", small_store, "--out", tmp_path / "r", "--model", "resnet19")
+    assert code == 2 and "resnet18" in err and "Traceback" not in err
+
+
+def test_out_of_gpu_memory_suggests_a_smaller_batch(small_store, tmp_path, monkeypatch):
+    import histodetect.train as train_module
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(train_module, "training_loss", out_of_memory)
+    with pytest.raises(UserError, match=r"out of GPU memory with --batch-size 32 .* try --batch-size 16"):
+        fit(preset_config("cpu", **TINY), small_store, tmp_path / "r", progress=False)
+
+
+def test_out_pointing_at_an_existing_run_is_refused_unless_overwrite(trained_run, small_store, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--data", small_store, "--out", trained_run)
+    assert code == 2 and "already holds a run; pass --resume" in err and "--overwrite" in err
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    code, _, err = run_cli(capsys, "train", "--data", small_store, "--out", run, "--overwrite", "--preset", "cpu",
+                           "--epochs", "1", "--batch-size", "64", "--crop-px", "48")
+    assert code == 0, err
+    assert json.loads((run / "run.json").read_text())["epochs_run"] == 1
