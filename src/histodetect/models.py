@@ -1,0 +1,273 @@
+"""Build networks: any timm model by name, the seed's backbones, and our CPU network.
+
+Every model ends in global average pooling, dropout and ONE logit (N, 1). The
+sigmoid lives in the loss (`BCEWithLogitsLoss`) and at prediction time: that is
+the seed's "dense sigmoid + binary cross-entropy" computed as one log-sum-exp,
+numerically the same function but without the overflow of log(sigmoid(x)) for
+large |x|.
+"""
+
+from __future__ import annotations
+
+import difflib
+import pickle
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import SelectAdaptivePool2d
+from timm.models import register_model
+from torch import Tensor, nn
+
+from histodetect.data.decode import PATCH_SIZE_PX
+from histodetect.errors import UserError
+
+# The seed's Keras backbones under their closest timm names. Keras' Xception is
+# the original (Chollet 2017) network, which timm keeps as `legacy_xception`;
+# timm's `xception41/65/71` are the later "aligned" variants.
+MODEL_ALIASES = {"xception": "legacy_xception"}
+
+
+class ConvBnAct(nn.Sequential):
+    """3x3 convolution, BatchNorm, ReLU: the one building block of HistoTinyNet."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, act: bool = True):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True) if act else nn.Identity(),
+        )
+
+
+class ResidualBlock(nn.Module):
+    """Two ConvBnAct with an identity shortcut (ResNet's basic block, He et al. 2016)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = ConvBnAct(channels, channels)
+        self.conv2 = ConvBnAct(channels, channels, act=False)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(x + self.conv2(self.conv1(x)))
+
+
+class HistoTinyNet(nn.Module):
+    """A small ResNet for 64-96 px tissue patches that trains on a 2-core CPU.
+
+    A stride-2 stem, then one stage per width: a stride-2 ConvBnAct followed by
+    `depth` residual blocks. `cam_layer_name` names the last stage, the map
+    Grad-CAM reads (4x4 for a 64 px input).
+    """
+
+    def __init__(
+        self,
+        widths: tuple[int, ...] = (32, 64, 128, 256),
+        depths: tuple[int, ...] = (0, 1, 1, 1),
+        num_classes: int = 1,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
+        in_chans: int = 3,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.num_features = widths[-1]
+        self.stem = ConvBnAct(in_chans, widths[0], stride=2)
+        stages = []
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            in_width = widths[0] if i == 0 else widths[i - 1]
+            stride = 1 if i == 0 else 2
+            stages.append(
+                nn.Sequential(
+                    ConvBnAct(in_width, width, stride=stride),
+                    *[ResidualBlock(width) for _ in range(depth)],
+                )
+            )
+        self.stages = nn.Sequential(*stages)
+        self.cam_layer_name = f"stages.{len(stages) - 1}"
+        self.feature_info = [
+            {"num_chs": w, "reduction": 2 ** (i + 1), "module": f"stages.{i}"}
+            for i, w in enumerate(widths)
+        ]
+        self.reset_classifier(num_classes, global_pool)
+
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (the one logit)."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        """Replace pooling and the linear layer, as timm models do."""
+        self.num_classes = num_classes
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.head_drop = nn.Dropout(self.drop_rate)
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(N, 3, H, W) normalised images -> (N, C, H/16, W/16) last-stage features."""
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Features -> pooled (N, C) if pre_logits, else logits (N, num_classes)."""
+        x = self.head_drop(self.global_pool(x))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _histo_tinynet_cfg(input_size_px: int) -> dict:
+    return {
+        "architecture": "histo_tinynet",
+        "input_size": (3, input_size_px, input_size_px),
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "classifier": "fc",
+        "first_conv": "stem.0",
+    }
+
+
+@register_model
+def histo_tinynet(pretrained: bool = False, **kwargs) -> HistoTinyNet:
+    """HistoTinyNet, our CPU network; there are no hub weights for it."""
+    if pretrained:
+        raise UserError(
+            "histo_tinynet: there are no published weights for it (pretrained=True); "
+            "train it or pass --weights FILE"
+        )
+    # timm's create_model passes these for hub-backed models; ours has none.
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    model = HistoTinyNet(**kwargs)
+    model.pretrained_cfg = _histo_tinynet_cfg(64)
+    model.default_cfg = model.pretrained_cfg
+    return model
+
+
+def known_model_names() -> list[str]:
+    """Every name create_model accepts: timm's registry plus our aliases."""
+    return sorted(set(timm.list_models()) | set(MODEL_ALIASES))
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: bool = False,
+    weights: Path | None = None,
+    drop_rate: float = 0.0,
+) -> nn.Module:
+    """Build `name` (a timm name or alias) with GAP, dropout and one logit; random init by default.
+
+    pretrained=True fetches timm's hub weights (needs network); weights=FILE loads
+    a local .safetensors or torch state dict, skipping a classifier of another shape.
+    """
+    timm_name = MODEL_ALIASES.get(name, name)
+    if not timm.is_model(timm_name):
+        close = difflib.get_close_matches(name, known_model_names(), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
+        raise UserError(f"model '{name}': not a timm model or histodetect alias; {hint}")
+    try:
+        model = timm.create_model(
+            timm_name, pretrained=pretrained, num_classes=1, drop_rate=drop_rate, global_pool="avg"
+        )
+    except OSError as error:
+        # huggingface_hub's LocalEntryNotFoundError, requests' ConnectionError and
+        # urllib's URLError all derive from OSError; nothing else in a build does I/O.
+        raise UserError(
+            f"model '{name}': pretrained=True downloads weights from the Hugging Face hub, "
+            f"which is unreachable here ({type(error).__name__}); download them elsewhere "
+            "and pass --weights FILE"
+        ) from error
+    if timm_name != "histo_tinynet":
+        # timm's cfg names the ImageNet weights' input size (224, 299); here every
+        # model is fed whole PCam patches.
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, PATCH_SIZE_PX, PATCH_SIZE_PX)}
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found; check the --weights path")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        raise UserError(
+            f"{path}: not a readable .safetensors file or torch state dict "
+            f"({type(error).__name__}); re-export or re-download it"
+        ) from error
+    if isinstance(state, dict):
+        for wrapper_key in ("state_dict", "model"):
+            if isinstance(state.get(wrapper_key), dict):
+                state = state[wrapper_key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise UserError(
+            f"{path}: expected a dict of tensors (a state dict), found {type(state).__name__}; "
+            "save it with torch.save(model.state_dict(), path)"
+        )
+    return state
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    classifier = model.get_classifier()
+    return tuple(f"{name}." for name, module in model.named_modules() if module is classifier)
+
+
+def load_weights(model: nn.Module, path: Path) -> int:
+    """Load a local state dict into `model`; returns how many classifier tensors were skipped.
+
+    The backbone must match exactly (else the file is for another architecture);
+    classifier tensors of another shape (e.g. ImageNet's 1000 classes) keep their
+    fresh initialisation.
+    """
+    path = Path(path)
+    state = _read_state_dict(path)
+    classifier_prefixes = _classifier_prefixes(model)
+    to_load, skipped_classifier, mismatched = {}, 0, []
+    for key, expected in model.state_dict().items():
+        found = state.get(key)
+        if found is not None and found.shape == expected.shape:
+            to_load[key] = found
+        elif key.startswith(classifier_prefixes):
+            skipped_classifier += 1
+        elif not key.endswith("num_batches_tracked"):  # absent from some exporters' files
+            mismatched.append(key)
+    if mismatched:
+        n_backbone = len(mismatched) + sum(not k.startswith(classifier_prefixes) for k in to_load)
+        raise UserError(
+            f"{path}: {len(mismatched)} of {n_backbone} backbone tensors missing or of another shape "
+            f"(first: '{mismatched[0]}'); these are weights for another architecture, "
+            f"pass a file saved from {describe_model(model)['name']}"
+        )
+    model.load_state_dict(to_load, strict=False)
+    if skipped_classifier:
+        warnings.warn(
+            f"{path}: skipped {skipped_classifier} classifier tensors of another shape "
+            "(kept the fresh one-logit head)",
+            stacklevel=2,
+        )
+    return skipped_classifier
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def describe_model(model: nn.Module) -> dict:
+    """Name, trainable parameter count and expected input size (C, H, W), for run cards."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return {
+        "name": cfg.get("architecture", type(model).__name__),
+        "params": count_parameters(model),
+        "input_size": tuple(cfg.get("input_size", (3, 96, 96))),
+    }

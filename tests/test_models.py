@@ -1,0 +1,150 @@
+"""Specification of models.py: every model ends in GAP, dropout and one logit; weights load safely."""
+
+from __future__ import annotations
+
+import timm
+import torch
+import pytest
+from safetensors.torch import save_file
+
+from histodetect.errors import UserError
+from histodetect.models import (
+    count_parameters,
+    create_model,
+    describe_model,
+    load_weights,
+)
+
+MODEL_NAMES = ["histo_tinynet", "xception", "mobilenetv2_100"]
+
+
+@pytest.fixture(scope="module")
+def patches() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(2, 3, 96, 96)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_gives_one_logit_per_patch(name, patches):
+    model = create_model(name).eval()
+    with torch.no_grad():
+        assert model(patches).shape == (2, 1)
+
+
+@pytest.mark.parametrize("name", ["xception", "mobilenetv2_100", "histo_tinynet"])
+def test_head_is_global_average_pooling_dropout_and_one_logit(name):
+    model = create_model(name, drop_rate=0.5)
+    assert model.global_pool.pool_type == "avg"
+    assert model.drop_rate == 0.5
+    assert model.get_classifier().out_features == 1
+
+
+def test_xception_is_the_original_keras_architecture():
+    assert describe_model(create_model("xception"))["name"] == "legacy_xception"
+
+
+def test_histo_tinynet_is_known_to_timm_with_timm_model_methods(patches):
+    assert "histo_tinynet" in timm.list_models()
+    model = timm.create_model("histo_tinynet", num_classes=3, drop_rate=0.1, global_pool="max").eval()
+    with torch.no_grad():
+        features = model.forward_features(patches)
+        assert model.forward_head(features).shape == (2, 3)
+        assert model.forward_head(features, pre_logits=True).shape == (2, model.num_features)
+    model.reset_classifier(1)
+    assert model.get_classifier().out_features == 1
+
+
+def test_histo_tinynet_names_its_last_conv_stage_for_grad_cam(patches):
+    model = create_model("histo_tinynet").eval()
+    cam_stage = model.get_submodule(model.cam_layer_name)
+    captured = []
+    cam_stage.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    with torch.no_grad():
+        features = model.forward_features(patches)
+    assert torch.equal(captured[0], features)
+
+
+def test_describe_model_reports_name_parameters_and_input_size():
+    model = create_model("mobilenetv2_100")
+    assert describe_model(model) == {
+        "name": "mobilenetv2_100",
+        "params": count_parameters(model),
+        "input_size": (3, 96, 96),
+    }
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_unknown_name_suggests_close_timm_names():
+    with pytest.raises(UserError, match=r"model 'resnet19': .*did you mean resnet18"):
+        create_model("resnet19")
+
+
+def test_pretrained_without_network_says_to_use_a_weights_file(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match=r"model 'mobilenetv2_100': .*unreachable.*--weights FILE") as error:
+        create_model("mobilenetv2_100", pretrained=True)
+    assert "\n" not in str(error.value)
+
+
+def _same_outputs(a: torch.nn.Module, b: torch.nn.Module, patches: torch.Tensor) -> bool:
+    with torch.no_grad():
+        return torch.allclose(a.eval()(patches), b.eval()(patches))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_weights_round_trip_gives_the_same_outputs(tmp_path, patches, suffix):
+    torch.manual_seed(1)
+    trained = create_model("histo_tinynet")
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file(trained.state_dict(), path)
+    else:
+        torch.save({"state_dict": trained.state_dict()}, path)
+    torch.manual_seed(2)
+    loaded = create_model("histo_tinynet", weights=path)
+    assert _same_outputs(trained, loaded, patches)
+
+
+def test_classifier_of_another_shape_is_skipped_and_counted(tmp_path):
+    imagenet_like = timm.create_model("histo_tinynet", num_classes=1000)
+    path = tmp_path / "imagenet.pt"
+    torch.save(imagenet_like.state_dict(), path)
+    model = create_model("histo_tinynet")
+    with pytest.warns(UserWarning, match="skipped 2 classifier tensors"):
+        assert load_weights(model, path) == 2
+    assert torch.equal(model.stem[0].weight, imagenet_like.stem[0].weight)
+    assert model.get_classifier().out_features == 1
+
+
+def test_weights_of_another_architecture_are_refused_in_one_line(tmp_path):
+    path = tmp_path / "mobilenet.safetensors"
+    save_file(create_model("mobilenetv2_100").state_dict(), path)
+    with pytest.raises(UserError, match=r"mobilenet.safetensors: .* backbone tensors missing .*another architecture") as error:
+        create_model("histo_tinynet", weights=path)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_corrupt_weights_file_is_refused_in_one_line(tmp_path, suffix):
+    path = tmp_path / f"corrupt{suffix}"
+    state = create_model("histo_tinynet").state_dict()
+    save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    path.write_bytes(path.read_bytes()[:5000])  # an interrupted download
+    with pytest.raises(UserError, match=rf"corrupt\{suffix}: not a readable .safetensors file or torch state dict") as error:
+        create_model("histo_tinynet", weights=path)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_weights_file_names_the_path(tmp_path):
+    with pytest.raises(UserError, match=r"nope.pt: weights file not found"):
+        create_model("histo_tinynet", weights=tmp_path / "nope.pt")
+
+
+def test_a_file_that_is_not_a_state_dict_is_refused(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(UserError, match=r"list.pt: expected a dict of tensors .*found list"):
+        create_model("histo_tinynet", weights=path)
