@@ -16,7 +16,6 @@ from histodetect.cli import main
 from histodetect.data.decode import decode_patch_file, patch_sha1
 from histodetect.data.formats import detect_format, open_source
 from histodetect.data.store import PrepareWarning, describe_store, is_store, open_store, prepare
-from histodetect.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +155,7 @@ def test_folder_without_splits_gets_a_stratified_validation_split(pcam_jpeg, tmp
     report = prepare(src, tmp_path / "s", valid_fraction=0.2, seed=3, progress=False)
     assert report.made_validation_split
     assert report.counts["valid"] == {"n": 8, "positive": 4, "negative": 4, "unlabelled": 0}
-    again = prepare(src, tmp_path / "s2", valid_fraction=0.2, seed=3, progress=False)
+    prepare(src, tmp_path / "s2", valid_fraction=0.2, seed=3, progress=False)
     first, second = open_store(tmp_path / "s"), open_store(tmp_path / "s2")
     assert list(first.splits) == list(second.splits), "the split is reproducible for a seed"
 
