@@ -15,6 +15,7 @@ leaves a folder that looks like a store.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -33,7 +34,7 @@ from .. import __version__
 from ..errors import UserError
 from .decode import PATCH_SHAPE
 from .formats import open_source
-from .record import UNLABELLED, PatchSource, read_chunk
+from .record import UNLABELLED, ChunkResult, PatchSource, ReadTask, read_chunk
 from .splits import make_validation_split
 
 STORE_FORMAT_VERSION = 1
@@ -98,24 +99,50 @@ def _remove_stale_partials(out: Path) -> None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
+def _decode_into(job: tuple[ReadTask, Path]) -> ChunkResult:
+    """Decode one task and write its pixels straight into the store's memory map.
+
+    Runs in the workers: only ids' hashes and errors travel back to the parent.
+    Sending the pixels back through a pipe made 2 workers slower than 1 on 2 cores
+    (pcam-jpeg: 780 vs 1,170 patches/s, benchmarks/prepare_speed.py).
+    """
+    task, patches_path = job
+    result = read_chunk(task)
+    if len(result.good_rows):
+        patches = np.load(patches_path, mmap_mode="r+")
+        rows = task.start + result.good_rows
+        if rows[-1] - rows[0] + 1 == len(rows):  # contiguous: a plain slice copy
+            patches[rows[0] : rows[-1] + 1] = result.patches
+        else:
+            patches[rows] = result.patches
+        patches.flush()
+        del patches
+    return dataclasses.replace(result, patches=result.patches[:0])
+
+
 def _decode_all(source: PatchSource, patches_path: Path, *, resize: bool, skip_bad: bool,
                 workers: int, chunk_size: int, progress: bool):
-    """Decode every item into `patches_path`; returns (rows written, source rows, sha1s, report bits)."""
-    patches = np.lib.format.open_memmap(patches_path, mode="w+", dtype=np.uint8, shape=(len(source), *PATCH_SHAPE))
-    tasks = source.tasks(chunk_size, resize=resize)
-    source_rows: list[np.ndarray] = []
-    sha1s: list[str] = []
+    """Decode every item into row `i` of `patches_path`.
+
+    Returns (source rows decoded, their SHA-1s, bad files, converted modes, number resized).
+    """
+    np.lib.format.open_memmap(patches_path, mode="w+", dtype=np.uint8, shape=(len(source), *PATCH_SHAPE)).flush()
+    jobs = [(task, patches_path) for task in source.tasks(chunk_size, resize=resize)]
+    sha1_by_row = np.empty(len(source), dtype=object)
+    good = np.zeros(len(source), dtype=bool)
     skipped: list[tuple[str, str]] = []
     converted: Counter[str] = Counter()
     n_resized = 0
-    cursor = 0
     pool = None
     if workers > 1 and len(source) >= MIN_PATCHES_FOR_WORKERS:
-        # spawn, not fork: the caller may have torch (and its threads) loaded.
-        pool = multiprocessing.get_context("spawn").Pool(workers)
-        results = pool.imap(read_chunk, tasks)
+        # fork where there is one: spawn re-runs the caller's __main__ in every worker,
+        # which breaks (recursively) for a script without an `if __name__` guard. The
+        # workers only decode with Pillow and numpy, never touching the parent's threads.
+        methods = multiprocessing.get_all_start_methods()
+        pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(workers)
+        results = pool.imap_unordered(_decode_into, jobs)
     else:
-        results = map(read_chunk, tasks)
+        results = map(_decode_into, jobs)
     bar = tqdm(total=len(source), unit="patch", desc="prepare", disable=not progress, smoothing=0.05)
     try:
         for result in results:
@@ -123,23 +150,20 @@ def _decode_all(source: PatchSource, patches_path: Path, *, resize: bool, skip_b
                 path, reason = result.errors[0]
                 raise UserError(f"{path}: {reason} (fix or remove it, or pass --skip-bad to skip bad files)")
             skipped += result.errors
-            n_good = len(result.patches)
-            patches[cursor : cursor + n_good] = result.patches
-            cursor += n_good
-            source_rows.append(result.start + result.good_rows)
-            sha1s += result.sha1s
+            rows = result.start + result.good_rows
+            good[rows] = True
+            sha1_by_row[rows] = result.sha1s
             converted.update(result.converted_from)
             n_resized += result.n_resized
-            bar.update(n_good + len(result.errors))
+            bar.update(len(result.good_rows) + len(result.errors))
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
-    patches.flush()
-    del patches
-    rows = np.concatenate(source_rows) if source_rows else np.empty(0, np.int64)
-    return cursor, rows, sha1s, skipped, dict(converted), n_resized
+    rows = np.flatnonzero(good)
+    skipped.sort()
+    return rows, list(sha1_by_row[rows]), skipped, dict(converted), n_resized
 
 
 def _compact(patches_path: Path, keep: np.ndarray, chunk_rows: int = 4096) -> None:
@@ -205,12 +229,12 @@ def prepare(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
-        n_written, rows, sha1s, skipped, converted, n_resized = _decode_all(
+        rows, sha1s, skipped, converted, n_resized = _decode_all(
             source, partial / PATCHES_FILE, resize=resize, skip_bad=skip_bad,
             workers=workers or os.cpu_count() or 1, chunk_size=chunk_size, progress=progress,
         )
-        if n_written == 0:
-            raise UserError(f"{src}: none of its {len(source)} patches could be decoded (see {SKIPPED_FILE} reasons: {skipped[0][1]})")
+        if len(rows) == 0:
+            raise UserError(f"{src}: none of its {len(source)} patches could be decoded (first: {skipped[0][0]}: {skipped[0][1]})")
         ids = [source.ids[r] for r in rows]
         labels = source.labels[rows]
         splits = np.array([source.splits[r] for r in rows], dtype=object)
@@ -230,7 +254,7 @@ def prepare(
                     PrepareWarning, stacklevel=2,
                 )
 
-        keep = np.ones(n_written, dtype=bool)
+        keep = np.ones(len(rows), dtype=bool)
         if dedupe:
             seen: set[str] = set()
             for row, sha1 in enumerate(sha1s):
@@ -246,9 +270,11 @@ def prepare(
                 splits[from_train[moved]] = "valid"
                 report.made_validation_split = True
 
-        if not keep.all() or n_written < len(source):
-            # Rows of bad files were never written; only duplicates need removing here.
-            _compact(partial / PATCHES_FILE, keep)
+        if len(rows) < len(source) or not keep.all():
+            # Drop the blank rows of bad files and the duplicates.
+            keep_rows = np.zeros(len(source), dtype=bool)
+            keep_rows[rows[keep]] = True
+            _compact(partial / PATCHES_FILE, keep_rows)
         index = [
             (ids[r], int(labels[r]), splits[r], slides[r], sha1s[r]) for r in np.flatnonzero(keep)
         ]
