@@ -148,3 +148,8 @@ def test_a_file_that_is_not_a_state_dict_is_refused(tmp_path):
     torch.save([torch.zeros(1)], path)
     with pytest.raises(UserError, match=r"list.pt: expected a dict of tensors .*found list"):
         create_model("histo_tinynet", weights=path)
+
+
+def test_histo_tinynet_has_no_hub_weights_to_fetch():
+    with pytest.raises(UserError, match=r"histo_tinynet: there are no published weights .*--weights FILE"):
+        create_model("histo_tinynet", pretrained=True)

@@ -66,7 +66,9 @@ class HistoTinyNet(nn.Module):
 
     def __init__(
         self,
-        widths: tuple[int, ...] = (32, 64, 128, 256),
+        # Widths 16-128 beat 24-192 at equal CPU time on 64 px crops of pcam-jpeg
+        # (valid AUC 0.906 vs 0.897 in 10 min of one core: 32 vs 19 epochs, 2026-11-27).
+        widths: tuple[int, ...] = (16, 32, 64, 128),
         depths: tuple[int, ...] = (0, 1, 1, 1),
         num_classes: int = 1,
         drop_rate: float = 0.0,
@@ -143,7 +145,7 @@ def histo_tinynet(pretrained: bool = False, **kwargs) -> HistoTinyNet:
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     model = HistoTinyNet(**kwargs)
-    model.pretrained_cfg = _histo_tinynet_cfg(64)
+    model.pretrained_cfg = _histo_tinynet_cfg(64)  # trained on the centre 64 px of a patch
     model.default_cfg = model.pretrained_cfg
     return model
 
