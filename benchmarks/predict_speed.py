@@ -22,6 +22,7 @@ import torch
 from histodetect.augment import preprocess_batch
 from histodetect.data.store import open_store
 from histodetect.models import create_model
+from histodetect.export import export_run, load_exported_run
 from histodetect.predict import load_run, predict_patches
 
 BASELINE_BATCH = 64
@@ -50,23 +51,30 @@ def main() -> None:
     baseline.load_state_dict(run.model.state_dict())
     baseline.eval()
 
-    timings: dict[str, list[float]] = {"timm eager fp32, batch 64": [], "histodetect predict": []}
+    export_run(args.run, format="onnx", out=args.run / "model.onnx")
+    onnx_run = load_exported_run(args.run / "model.onnx")
+    engines = {
+        "timm eager fp32, batch 64": lambda: baseline_probs(baseline, patches, run.mean, run.std, run.crop_px),
+        "histodetect predict": lambda: predict_patches(run, patches),
+        "histodetect predict --engine onnx": lambda: predict_patches(onnx_run, patches),
+    }
+    timings: dict[str, list[float]] = {name: [] for name in engines}
     results = {}
     for _ in range(3):
-        start = time.perf_counter()
-        results["timm eager fp32, batch 64"] = baseline_probs(baseline, patches, run.mean, run.std, run.crop_px)
-        timings["timm eager fp32, batch 64"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        results["histodetect predict"] = predict_patches(run, patches)
-        timings["histodetect predict"].append(time.perf_counter() - start)
-    max_diff = float(np.abs(results["timm eager fp32, batch 64"] - results["histodetect predict"]).max())
+        for name, score in engines.items():
+            start = time.perf_counter()
+            results[name] = score()
+            timings[name].append(time.perf_counter() - start)
+    baseline_probs_ = results["timm eager fp32, batch 64"]
+    max_diff = max(float(np.abs(baseline_probs_ - p).max()) for p in results.values())
     print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
           f"model {run.config['model']}, input {run.crop_px or 96} px, {len(patches)} patches")
     rates = {name: len(patches) / min(seconds) for name, seconds in timings.items()}
     for name, rate in rates.items():
         print(f"  {name:<28} {rate:8,.0f} patches/s")
-    print(f"  speed-up {rates['histodetect predict'] / rates['timm eager fp32, batch 64']:.2f}x; "
-          f"max |prob difference| {max_diff:.1e}")
+    base = rates["timm eager fp32, batch 64"]
+    print("  speed-up: " + ", ".join(f"{name} {rate / base:.2f}x" for name, rate in rates.items() if rate != base)
+          + f"; max |prob difference| {max_diff:.1e}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from histodetect.models import (
     load_weights,
 )
 
-MODEL_NAMES = ["histo_tinynet", "xception", "mobilenetv2_100"]
+MODEL_NAMES = ["histo_tinynet", "histo_net96", "xception", "mobilenetv2_100"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_every_model_gives_one_logit_per_patch(name, patches):
         assert model(patches).shape == (2, 1)
 
 
-@pytest.mark.parametrize("name", ["xception", "mobilenetv2_100", "histo_tinynet"])
+@pytest.mark.parametrize("name", ["xception", "mobilenetv2_100", "histo_tinynet", "histo_net96"])
 def test_head_is_global_average_pooling_dropout_and_one_logit(name):
     model = create_model(name, drop_rate=0.5)
     assert model.global_pool.pool_type == "avg"
@@ -115,7 +115,7 @@ def test_classifier_of_another_shape_is_skipped_and_counted(tmp_path):
     model = create_model("histo_tinynet")
     with pytest.warns(UserWarning, match="skipped 2 classifier tensors"):
         assert load_weights(model, path) == 2
-    assert torch.equal(model.stem[0].weight, imagenet_like.stem[0].weight)
+    assert torch.equal(model.stem[0][0].weight, imagenet_like.stem[0][0].weight)
     assert model.get_classifier().out_features == 1
 
 

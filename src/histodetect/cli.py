@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -127,7 +128,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     data, split = parse_data_arg(args.data) if args.data else (None, None)
     metrics = evaluate_run(args.run, data, split=split, tta=args.tta, out=args.out, device=args.device,
-                           n_boot=args.bootstrap)
+                           n_boot=args.bootstrap, mc_passes=args.mc, seed=args.seed)
     if args.json:
         print(json.dumps(metrics, indent=2))
         return
@@ -137,19 +138,110 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
           f"(threshold {metrics['threshold']:.3f}; {metrics['accuracy_at_0.5']:.4f} at 0.5)")
     print(f"  balanced accuracy {metrics['balanced_accuracy']:.4f}  F1 {metrics['f1']:.4f}  sensitivity "
           f"{metrics['sensitivity']:.4f}  specificity {metrics['specificity']:.4f}")
-    print(f"  NLL {metrics['nll']:.4f}  Brier {metrics['brier']:.4f}  ECE {metrics['ece']:.4f}")
+    if metrics["temperature"] != 1:
+        calibration = (f" (before temperature scaling: NLL {metrics['nll_uncalibrated']:.4f}, "
+                       f"ECE {metrics['ece_uncalibrated']:.4f})")
+    else:
+        calibration = " (not calibrated: see 'histodetect calibrate')"
+    print(f"  NLL {metrics['nll']:.4f}  ECE {metrics['ece']:.4f}{calibration}  Brier {metrics['brier']:.4f}")
+    half = next(row for row in metrics["accuracy_coverage"] if row["coverage"] == 0.5)
+    print(f"  accuracy on the most confident half, by {metrics['triage_uncertainty']}: {half['accuracy']:.4f}")
     print(f"  report: {metrics['report']}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     from .predict import load_run, predict_to_csv
 
-    run = load_run(args.run, device=args.device)
+    if args.engine == "onnx":
+        from .export import load_exported_run
+
+        if args.device not in ("auto", "cpu"):
+            raise UserError(f"--engine onnx runs on the CPU (ONNX Runtime); drop --device {args.device}")
+        run = load_exported_run(args.run)
+    else:
+        run = load_run(args.run, device=args.device)
     path, n = predict_to_csv(run, args.inputs, args.out, tta=args.tta, split=args.split,
                              kaggle_submission=args.kaggle_submission, batch_size=args.batch_size,
-                             progress=not args.quiet)
+                             progress=not args.quiet, uncertainty=args.uncertainty, mc_passes=args.mc,
+                             review_above=args.review_above, review_by=args.review_by, resize=args.resize,
+                             seed=args.seed)
     kind = "Kaggle submission" if args.kaggle_submission else "predictions"
     print(f"wrote {kind} for {n} patches to {path}")
+
+
+def _cmd_explain(args: argparse.Namespace) -> None:
+    from .explain import write_explanations
+    from .predict import load_run
+
+    run = load_run(args.run, device=args.device)
+    report = write_explanations(run, args.images, args.out, method=args.method, layer=args.layer,
+                                split=args.split, resize=args.resize, progress=not args.quiet)
+    sheets = f", {len(report.sheets)} contact sheet(s)" if report.sheets else ""
+    print(f"wrote {report.method} overlays of {report.n_patches} patches (layer {report.layer}){sheets} "
+          f"and explanations.csv to {report.out}")
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> None:
+    from .evaluate import parse_data_arg
+    from .explain import calibrate_run
+
+    data, split = parse_data_arg(args.data) if args.data else (None, None)
+    record = calibrate_run(args.run, data, split=split, tta=args.tta, device=args.device)
+    print(f"{args.run}: temperature {record['temperature']:.4f}, fitted on {record['store']}:{record['split']} "
+          f"({record['n']} patches)")
+    print(f"  NLL {record['nll_before']:.4f} -> {record['nll_after']:.4f}  ECE {record['ece_before']:.4f} -> "
+          f"{record['ece_after']:.4f}  threshold {record['uncalibrated_threshold']:.3f} -> {record['threshold']:.3f}")
+    print("  stored in run.json: predict, evaluate and explain apply it from now on")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import MAX_PROB_DIFF, export_run
+
+    report = export_run(args.run, format=args.format, out=args.out, check_data=args.check_data,
+                        checkpoint=args.checkpoint)
+    print(f"wrote {report.format} model to {report.path} ({report.path.stat().st_size / 1e6:.1f} MB, "
+          f"{report.seconds:.1f} s)")
+    print(f"  checked: its probabilities equal PyTorch's on {report.n_checked} real patches from "
+          f"{report.checked_on} (max |difference| {report.max_abs_prob_diff:.1e} < {MAX_PROB_DIFF:.0e})")
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
+    from .serve import ServeConfig, serve_run
+
+    limits = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if getattr(args, f.name, None) is not None}
+    serve_run(args.run, host=args.host, port=args.port, config=ServeConfig(**limits), device=args.device,
+              threads=args.threads)
+
+
+def _cmd_slide(args: argparse.Namespace) -> None:
+    from .predict import load_run
+    from .slide import SlideConfig, analyse_slides, parse_roi
+
+    options = dict(stride_px=args.stride, tta=args.tta, mpp=args.mpp, threshold=args.threshold,
+                   min_tissue_fraction=args.min_tissue, batch_size=args.batch_size, workers=args.workers,
+                   roi=parse_roi(args.roi) if args.roi else None)
+    config = SlideConfig(**{k: v for k, v in options.items() if v is not None})
+    run = load_run(args.run, device=args.device)
+    report = analyse_slides(run, args.slides, args.out, config, overwrite=args.overwrite, progress=not args.quiet)
+    for result in report.results:
+        s = result.summary
+        done = " (already done)" if result.reused else ""
+        if s["tiles_read"] == 0:
+            print(f"{result.slide}: {s['message']}{done} -> {result.out_dir}")
+        else:
+            print(f"{result.slide}: {s['tiles_read']} tiles, max prob {s['max_prob']:.3f}, mean {s['mean_prob']:.3f}, "
+                  f"{s['n_regions']} regions >= {s['threshold']:.2f} ({s['tumour_area_mm2']:.3f} mm^2), "
+                  f"{s['seconds']:.0f} s{done} -> {result.out_dir}")
+    for slide, reason in report.failed:
+        print(f"{slide}: failed: {reason}", file=sys.stderr)
+    n_slides = len(report.results) + len(report.failed)
+    if report.table:
+        print(f"table of the {n_slides} slides: {report.table}")
+    if report.failed:
+        raise UserError(f"{len(report.failed)} of {n_slides} slides failed (above, and in {report.table}); "
+                        "the others are done; fix or remove those and rerun to finish")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -237,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", type=int, default=1, choices=(1, 4, 8), help="dihedral views averaged per patch")
     p.add_argument("--out", type=Path, help="folder for the report (default: RUN/eval-SPLIT-ttaN)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the AUC interval")
+    p.add_argument("--mc", type=int, default=0, metavar="N",
+                   help="also N MC-dropout passes per patch (needs a model with dropout); adds their spread to triage")
+    p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout masks")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--json", action="store_true", help="print metrics.json")
 
@@ -251,6 +346,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kaggle-submission", action="store_true", help="write exactly id,label (label = probability)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--engine", default="torch", choices=("torch", "onnx"),
+                   help="onnx: run RUN/model.onnx (or an exported .onnx file given as RUN) through ONNX Runtime")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="add doubt and entropy_bits, and prob_sd_tta / prob_sd_mc with --tta / --mc")
+    p.add_argument("--mc", type=int, default=0, metavar="N",
+                   help="MC-dropout: N passes with dropout on (needs a model with dropout); prob is their mean")
+    p.add_argument("--review-above", type=float, metavar="U",
+                   help="add a column decision: tumour, normal, or review where the uncertainty is above U (e.g. 0.5)")
+    p.add_argument("--review-by", default="doubt", metavar="UNCERTAINTY",
+                   help="doubt (closeness to the threshold, default), entropy, tta_sd (needs --tta) or mc_sd (needs --mc)")
+    p.add_argument("--resize", action="store_true", help="resize images that are not 96x96 instead of refusing them")
+    p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout masks")
+
+    p = add("explain", "Class activation maps: where in each patch the model found tumour, centre outlined.",
+            "histodetect explain runs/cpu patches/*.tif --out explained --method gradcam++", _cmd_explain)
+    p.add_argument("run", type=Path, help="a run folder made by 'histodetect train'")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
+                   help="image files, an image folder, a store or a PCam h5 file")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder to write: one overlay PNG per patch, contact sheets, explanations.csv")
+    p.add_argument("--method", default="gradcam", help="gradcam (default), gradcam++ or hirescam")
+    p.add_argument("--layer", help="module to explain at (default: the backbone's last feature map)")
+    p.add_argument("--split", help="only this split of a store or folder")
+    p.add_argument("--resize", action="store_true", help="resize images that are not 96x96 instead of refusing them")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("calibrate", "Fit temperature scaling on a validation split and store it in the run.",
+            "histodetect calibrate runs/cpu --data stores/pcam-jpeg:valid", _cmd_calibrate)
+    p.add_argument("run", type=Path, help="a run folder made by 'histodetect train'")
+    p.add_argument("--data", help="STORE[:split] (default: the run's store and validation split)")
+    p.add_argument("--tta", type=int, default=1, choices=(1, 4, 8),
+                   help="fit on the mean of this many dihedral views (default 1)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+    p = add("export", "Export a run to ONNX or TorchScript, checked against PyTorch on real patches.",
+            "histodetect export runs/cpu --format onnx --out runs/cpu/model.onnx", _cmd_export)
+    p.add_argument("run", type=Path, help="a run folder made by 'histodetect train'")
+    p.add_argument("--format", default="onnx", choices=("onnx", "torchscript"), help="default onnx")
+    p.add_argument("--out", type=Path, help="file to write (default: RUN/model.onnx, or RUN/model.pt for torchscript)")
+    p.add_argument("--check-data", type=Path, metavar="INPUT",
+                   help="real patches to check the export on (default: the run's store, else ../shared/data)")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="weights to export (default best)")
+
+    p = add("serve", "Serve a run: a web page at / and a REST API (POST /v1/predict; docs at /docs).",
+            "histodetect serve runs/cpu --port 8000", _cmd_serve)
+    p.add_argument("run", type=Path, help="a run folder made by 'histodetect train'")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--resize", action="store_true", default=None,
+                   help="resize images that are not 96x96 (default: refuse them with 422)")
+    p.add_argument("--tta", type=int, choices=(1, 4, 8), help="dihedral views per patch when a request does not say (default 1)")
+    p.add_argument("--max-upload-bytes", type=int, help="bigger request bodies get 413 (default 16 MiB)")
+    p.add_argument("--max-files", type=int, help="patches per request (default 256)")
+    p.add_argument("--max-image-pixels", type=int,
+                   help="images whose header announces more pixels are refused before decoding (default 1048576)")
+    p.add_argument("--max-batch-patches", type=int, help="patches the model scores at once across requests (default 256)")
+    p.add_argument("--max-wait-ms", type=float, help="how long a batch waits for more requests (default 2)")
+    p.add_argument("--max-queued-patches", type=int, help="queued patches before answering 503 (default 4096)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: one per core)")
+    p = add("slide", "Whole slides: find the tissue, score it tile by tile, write a tumour heatmap, regions and a summary.",
+            "histodetect slide runs/cpu slides/node_01.svs --out results/node_01 --stride 48", _cmd_slide)
+    p.add_argument("run", type=Path, help="a run folder made by 'histodetect train'")
+    p.add_argument("slides", nargs="+", metavar="SLIDE",
+                   help="a slide (.svs, .tif, .ndpi, ...), a folder of slides or a quoted pattern ('slides/*.svs'); "
+                        "several slides give one folder each under --out and a table slides.csv")
+    p.add_argument("--out", type=Path, required=True, help="folder for the results")
+    p.add_argument("--stride", type=int, help="pixels at PCam's 0.97 um/px between tiles "
+                   "(default 96: side by side; 32: one tile per PCam label region, 9x the work)")
+    p.add_argument("--mpp", type=float, help="micrometres per level-0 pixel, for a slide whose metadata lacks it "
+                   "(0.25 at 40x, 0.5 at 20x)")
+    p.add_argument("--roi", metavar="X,Y,W,H", help="only this region, in level-0 pixels")
+    p.add_argument("--threshold", type=float, help="tumour regions are tiles with at least this probability "
+                   "(default: the run's threshold, chosen on validation)")
+    p.add_argument("--min-tissue", type=float, help="score a tile when at least this share of it is tissue (default 0.25)")
+    p.add_argument("--tta", type=int, choices=(1, 4, 8), help="dihedral views averaged per tile (default 1)")
+    p.add_argument("--batch-size", type=int, help="tiles per inference batch (default 256)")
+    p.add_argument("--workers", type=int, help="processes reading the slide (default 0: the main process reads, "
+                   "fastest on a 2-core CPU, see benchmarks/slide_speed.py)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace results made with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -270,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("histodetect: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `histodetect info X | head`: the reader left; not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
     return 0
 
 

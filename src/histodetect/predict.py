@@ -2,14 +2,22 @@
 
 Inputs are a store, an image folder (any reader format), image files or a PCam
 h5 file; output is a CSV `id,prob,pred` (or Kaggle's `id,label`), written to a
-temporary file and renamed.
+temporary file and renamed. Asked for, each patch also gets its uncertainty:
+the spread of its probability over the 8 dihedral views (TTA) and over
+MC-dropout passes, and its predictive entropy; `review_above` sends the
+uncertain ones to a pathologist.
+
+Uncertainty sampling lives here, not in `explain`, because predict's columns
+need it and imports flow down the pipeline (explain imports predict).
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,21 +25,37 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .augment import TTA_VIEW_COUNTS
+from .augment import TTA_VIEW_COUNTS, dihedral_views, preprocess_batch
 from .data.decode import IMAGE_SUFFIXES
-from .data.formats import open_source
 from .data.folder import list_image_files
-from .data.record import UNLABELLED
+from .data.formats import open_source
+from .data.record import UNLABELLED, read_chunk
 from .data.store import is_store, open_store
 from .errors import UserError
 from .models import create_model
-from .train import Dist, load_checkpoint, read_run, resolve_device
-from .train import model_logits
+from .train import Dist, load_checkpoint, model_logits, read_run, resolve_device
 
 # Measured in benchmarks/predict_speed.py on the 2-core CPU: inference_mode +
 # channels_last + batches of 256 beat timm's eager fp32 model called on batches of
 # 64 (see BENCHMARKS.md).
 DEFAULT_BATCH_SIZE = 256
+
+# Per-patch uncertainty columns of `predict_to_csv`, all "higher = more doubt":
+# closeness to the decision threshold (see `uncertainty_measures`), predictive
+# entropy of the mean probability in bits (0 = certain, 1 = a coin toss), and the
+# standard deviation of the probability over the dihedral views (TTA) and over
+# the MC-dropout passes.
+UNCERTAINTY_COLUMNS = {"doubt": "doubt", "entropy": "entropy_bits", "tta_sd": "prob_sd_tta", "mc_sd": "prob_sd_mc"}
+# The uncertainty `--review-above` compares with and `evaluate` triages by: how
+# close the probability is to the decision threshold, where a decision is least
+# sure. benchmarks/uncertainty.py ranked one prediction (8 views x 20 MC-dropout
+# passes) of a 3-minute `cpu` run on pcam-jpeg valid by each uncertainty: the most
+# confident half was 0.927 accurate by doubt, 0.896 by entropy, 0.883 by TTA spread
+# and 0.799 by MC-dropout spread (0.782 for all patches). Entropy measures
+# closeness to 0.5 instead, and falls further behind when the threshold is far
+# from it: on the test model of tests/test_explain.py (threshold 0.655) the most
+# confident half was 0.867 accurate by doubt and 0.828 by entropy (0.777 for all).
+DEFAULT_UNCERTAINTY = "doubt"
 
 
 @dataclass
@@ -61,16 +85,27 @@ def load_run(run_dir: Path, *, checkpoint: str = "best", device: str = "auto", t
     weights = state[key]
     if key == "ema":  # timm's EMA wraps the model as `module`
         weights = {k.removeprefix("module."): v for k, v in weights.items()}
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:  # torch lists every mismatched tensor; the first names the problem
+        first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise UserError(
+            f"{run_dir / 'checkpoints' / f'{checkpoint}.pt'}: its weights do not fit {config['model']} as this "
+            f"histodetect builds it ({first.rstrip('.')}); use the histodetect version that trained it, or train again"
+        ) from None
     if threads:
         torch.set_num_threads(threads)
     torch_device = resolve_device(device, Dist())
     model.to(torch_device).eval().to(memory_format=torch.channels_last)
     pre = state["preprocessing"]
     calibration = run.get("calibration") or {}
+    # Temperature scaling moves every probability, so the threshold chosen on the
+    # uncalibrated ones moves with it (`calibrate_run` stores where it lands):
+    # without TTA, every patch gets the same decision as before calibrating.
+    threshold = calibration.get("threshold", run.get("threshold", 0.5))
     return LoadedRun(
         run_dir=run_dir, model=model, device=torch_device, mean=tuple(pre["mean"]), std=tuple(pre["std"]),
-        crop_px=int(pre["crop_px"]), threshold=float(run.get("threshold", 0.5)),
+        crop_px=int(pre["crop_px"]), threshold=float(threshold),
         temperature=float(calibration.get("temperature", 1.0)), config=config, run=run,
     )
 
@@ -84,8 +119,140 @@ def predict_logits(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1,
 
 
 def probabilities(run: LoadedRun, logits: np.ndarray) -> np.ndarray:
-    """Per-view logits (N, V) -> calibrated probability (N,): mean of the views' probabilities."""
-    return (1 / (1 + np.exp(-logits / run.temperature))).mean(axis=1)
+    """Logits (N, V) or (N, P, V) -> calibrated probability (N,): the mean over views (and passes)."""
+    return sample_probabilities(logits, run.temperature).reshape(len(logits), -1).mean(axis=1)
+
+
+def sample_probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Sigmoid of logits / temperature, elementwise, in float64 (any shape)."""
+    return 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64) / temperature))
+
+
+# --- uncertainty: TTA views, MC-dropout passes, entropy --------------------------------------
+
+_DROPOUT_TYPES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+                  torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+def _dropout_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules that drop units in training mode: dropout layers with p > 0, and modules with a
+    `drop_rate` > 0 (timm heads call F.dropout(..., training=self.training) with it)."""
+    return [m for m in model.modules()
+            if (isinstance(m, _DROPOUT_TYPES) and m.p > 0) or float(getattr(m, "drop_rate", 0) or 0) > 0]
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether MC-dropout can sample anything from `model`."""
+    return bool(_dropout_owners(model))
+
+
+@contextmanager
+def mc_dropout(model: torch.nn.Module):
+    """Turn on the model's dropout, and nothing else, for MC-dropout (Gal & Ghahramani 2016).
+
+    Only the `training` flag of the dropout owners is set (not `.train()`, which
+    would recurse): BatchNorm keeps its running statistics and stochastic depth
+    stays off. The flags are restored on exit. It changes the shared model, so
+    do not score with the same model in another thread meanwhile.
+    """
+    saved = [(m, m.training) for m in model.modules()]
+    model.eval()
+    for module in _dropout_owners(model):
+        module.training = True
+    try:
+        yield model
+    finally:
+        for module, training in saved:
+            module.training = training
+
+
+def _check_mc_passes(run: LoadedRun, mc_passes: int) -> None:
+    if mc_passes < 0 or mc_passes == 1:
+        raise UserError(f"--mc {mc_passes}: expected 0 (off) or at least 2 MC-dropout passes, e.g. --mc 20")
+    if mc_passes and not has_dropout(run.model):
+        raise UserError(
+            f"--mc {mc_passes}: {run.run_dir} ({run.config.get('model', 'exported model')}, "
+            f"drop_rate {run.config.get('drop_rate', 0)}) "
+            "has no dropout to sample; drop --mc, or train with --drop-rate 0.2 or more"
+        )
+
+
+def _backbone_is_random(model: torch.nn.Module, views: torch.Tensor) -> bool:
+    """Whether forward_features itself drops units (dropout inside the backbone), tried on two passes."""
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        return True
+    sample = views[:4]
+    return not torch.equal(model.forward_features(sample), model.forward_features(sample))
+
+
+@torch.inference_mode()
+def _mc_logits(run: LoadedRun, patches_uint8: np.ndarray, tta: int, mc_passes: int,
+               batch_size: int) -> np.ndarray:
+    """Logits (N, mc_passes, tta) with dropout on; each view of each patch gets its own masks."""
+    device = run.device
+    columns, backbone_random = [], None
+    for begin in range(0, len(patches_uint8), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(patches_uint8[begin : begin + batch_size])).to(device)
+        x = preprocess_batch(batch, run.mean, run.std, crop_px=run.crop_px)  # (B, 3, H, W)
+        views = dihedral_views(x, tta).flatten(0, 1) if tta > 1 else x  # (tta * B, 3, H, W)
+        views = views.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if backbone_random is None:
+                backbone_random = _backbone_is_random(run.model, views)
+            if backbone_random:
+                logits = torch.stack([run.model(views) for _ in range(mc_passes)])
+            else:
+                # timm heads drop units only after pooling: the backbone runs once and
+                # the cheap head once per pass. 20 passes of a cpu-preset model took 4.0 s
+                # per 1,000 patches against 36 s for 20 full passes and 1.7 s for one plain
+                # pass (benchmarks/uncertainty.py, shared 2-core CPU).
+                features = run.model.forward_features(views)
+                logits = torch.stack([run.model.forward_head(features) for _ in range(mc_passes)])
+        # (P, tta * B, 1) -> (B, P, tta)
+        columns.append(logits.float().reshape(mc_passes, tta, -1).permute(2, 0, 1).cpu().numpy())
+    return np.concatenate(columns) if columns else np.empty((0, mc_passes, tta), np.float32)
+
+
+def predict_samples(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1, mc_passes: int = 0,
+                    batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> np.ndarray:
+    """Logits (N, P, V) before temperature scaling: P MC-dropout passes (1 without MC) of V dihedral views.
+
+    With `mc_passes`, the dropout masks come from `seed`: the same call gives the same logits.
+    """
+    if tta not in TTA_VIEW_COUNTS:
+        raise UserError(f"--tta {tta}: expected one of {', '.join(map(str, TTA_VIEW_COUNTS))}")
+    _check_mc_passes(run, mc_passes)
+    if not mc_passes:
+        return predict_logits(run, patches_uint8, tta=tta, batch_size=batch_size)[:, None, :]
+    devices = [run.device] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), mc_dropout(run.model):
+        torch.manual_seed(seed)
+        return _mc_logits(run, patches_uint8, tta, mc_passes, batch_size)
+
+
+def entropy_bits(probs: np.ndarray) -> np.ndarray:
+    """Binary predictive entropy in bits of tumour probabilities: 0 when certain, 1 at 0.5."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+
+
+def uncertainty_measures(sample_probs: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """Per-patch uncertainties (N,) of probabilities (N, P, V) over P passes and V views; higher = more doubt.
+
+    `doubt` is plain confidence turned around: 1 - |prob - threshold| / max(threshold,
+    1 - threshold), 1 on the decision threshold and 0 as far from it as a
+    probability can be. `entropy` is the predictive entropy in bits, `tta_sd` the
+    spread over views (P-averaged; when V > 1), `mc_sd` the spread over passes
+    (V-averaged; when P > 1).
+    """
+    prob = sample_probs.mean(axis=(1, 2))
+    doubt = 1 - np.abs(prob - threshold) / max(threshold, 1 - threshold)
+    measures = {"doubt": doubt, "entropy": entropy_bits(prob)}
+    if sample_probs.shape[2] > 1:
+        measures["tta_sd"] = sample_probs.mean(axis=1).std(axis=1)
+    if sample_probs.shape[1] > 1:
+        measures["mc_sd"] = sample_probs.mean(axis=2).std(axis=1)
+    return measures
 
 
 def predict_patches(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1,
@@ -102,7 +269,7 @@ class InputChunk:
 
 
 def count_inputs(inputs: list[Path], split: str | None = None) -> int:
-    return sum(n for n, _ in (_open_input(path, split) for path in _group_inputs(inputs)))
+    return sum(n for n, _ in (_open_input(path, split, False) for path in _group_inputs(inputs)))
 
 
 def _group_inputs(inputs: list[Path]) -> list[Path | list[Path]]:
@@ -121,7 +288,7 @@ def _group_inputs(inputs: list[Path]) -> list[Path | list[Path]]:
     return groups + ([files] if files else [])
 
 
-def _open_input(item: Path | list[Path], split: str | None):
+def _open_input(item: Path | list[Path], split: str | None, resize: bool):
     """(number of patches, a function yielding InputChunks)."""
     if isinstance(item, list):
         source = list_image_files(item)
@@ -142,20 +309,29 @@ def _open_input(item: Path | list[Path], split: str | None):
         raise UserError(f"{item}: no patches in split {split!r} (found {', '.join(sorted(set(source.splits)))})")
 
     def chunks(chunk_size: int) -> Iterator[InputChunk]:
-        offset = 0
-        for batch in source.iter_batches(chunk_size):
-            mask = keep[offset : offset + len(batch.ids)]
-            offset += len(batch.ids)
+        # read_chunk rather than source.iter_batches: it also counts the resized files.
+        for task in source.tasks(chunk_size, resize=resize):
+            result = read_chunk(task)
+            if result.errors:
+                path, reason = result.errors[0]
+                raise UserError(f"{path}: {reason}")
+            if result.n_resized:
+                warnings.warn(f"{item if not isinstance(item, list) else 'inputs'}: resized {result.n_resized} "
+                              "patches that were not 96x96 pixels (--resize); their scores are less reliable",
+                              stacklevel=2)
+            rows = np.arange(task.start, task.start + len(result.patches))
+            mask = keep[rows]
             if mask.any():
-                yield InputChunk([i for i, k in zip(batch.ids, mask) if k], batch.patches[mask], batch.labels[mask])
+                yield InputChunk([source.ids[r] for r in rows[mask]], result.patches[mask], source.labels[rows[mask]])
 
     return int(keep.sum()), chunks
 
 
-def iter_inputs(inputs: list[Path], *, split: str | None = None, chunk_size: int = 1024) -> Iterator[InputChunk]:
-    """Decode the inputs chunk by chunk, in order."""
+def iter_inputs(inputs: list[Path], *, split: str | None = None, chunk_size: int = 1024,
+                resize: bool = False) -> Iterator[InputChunk]:
+    """Decode the inputs chunk by chunk, in order; image files not 96x96 are refused, or resized with `resize`."""
     for item in _group_inputs(inputs):
-        _, chunks = _open_input(item, split)
+        _, chunks = _open_input(item, split, resize)
         yield from chunks(chunk_size)
 
 
@@ -174,28 +350,73 @@ def write_csv_atomic(path: Path, header: tuple[str, ...], rows) -> Path:
     return path
 
 
+def _check_review(review_above: float | None, review_by: str, tta: int, mc_passes: int) -> None:
+    needs = {"doubt": None, "entropy": None, "tta_sd": ("--tta 4 or 8", tta > 1), "mc_sd": ("--mc N", mc_passes > 0)}
+    if review_by not in needs:
+        raise UserError(f"--review-by {review_by!r}: expected one of {', '.join(needs)}")
+    if needs[review_by] is not None and not needs[review_by][1]:
+        raise UserError(f"--review-by {review_by}: this uncertainty needs {needs[review_by][0]}; add it or review by doubt")
+    if review_above is not None and not 0 <= review_above <= 1:
+        raise UserError(f"--review-above {review_above}: expected an uncertainty in [0, 1] "
+                        f"(doubt, entropy in bits, or a probability spread), e.g. --review-above 0.5")
+
+
 def predict_to_csv(run: LoadedRun, inputs: list[Path], out: Path, *, tta: int = 1, split: str | None = None,
                    kaggle_submission: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
-                   progress: bool = True) -> tuple[Path, int]:
+                   progress: bool = True, uncertainty: bool = False, mc_passes: int = 0,
+                   review_above: float | None = None, review_by: str = DEFAULT_UNCERTAINTY,
+                   resize: bool = False, seed: int = 0) -> tuple[Path, int]:
     """Score every patch of `inputs` and write `id,prob,pred` (or Kaggle's `id,label`) to `out`.
 
     A Kaggle submission scores only unlabelled patches (a Kaggle folder's test/).
+    With `uncertainty`, `mc_passes` or `review_above`, the CSV also has `doubt`,
+    `entropy_bits`, `prob_sd_tta` (with TTA) and `prob_sd_mc` (with MC-dropout;
+    `prob` is then the mean over the passes; see `uncertainty_measures`); with
+    `review_above` U, a column `decision` says `tumour`, `normal`, or `review`
+    where the `review_by` uncertainty is above U, so that a pathologist looks
+    only at those.
     """
+    _check_mc_passes(run, mc_passes)
+    _check_review(review_above, review_by, tta, mc_passes)
+    with_uncertainty = uncertainty or mc_passes > 0 or review_above is not None
+    if kaggle_submission and (uncertainty or review_above is not None):
+        raise UserError("--kaggle-submission writes exactly id,label; drop --uncertainty and --review-above "
+                        "(or write a second CSV without --kaggle-submission)")
+    columns = [name for name in UNCERTAINTY_COLUMNS
+               if name in ("doubt", "entropy") or (name == "tta_sd" and tta > 1) or (name == "mc_sd" and mc_passes)]
     rows: list[tuple] = []
     total = count_inputs(inputs, split)
     with tqdm(total=total, unit="patch", desc="predict", disable=not progress) as bar:
-        for chunk in iter_inputs(inputs, split=split):
+        for index, chunk in enumerate(iter_inputs(inputs, split=split, resize=resize)):
             ids, patches = chunk.ids, chunk.patches
             if kaggle_submission:
                 unlabelled = chunk.labels == UNLABELLED
                 ids, patches = [i for i, u in zip(ids, unlabelled) if u], patches[unlabelled]
-            probs = predict_patches(run, patches, tta=tta, batch_size=batch_size)
+            logits = predict_samples(run, patches, tta=tta, mc_passes=mc_passes, batch_size=batch_size,
+                                     seed=seed + index)  # (N, P, V)
+            sample_probs = sample_probabilities(logits, run.temperature)
+            probs = sample_probs.reshape(len(ids), -1).mean(axis=1)
             if kaggle_submission:
                 rows += [(i, f"{p:.6f}") for i, p in zip(ids, probs)]
-            else:
+            elif not with_uncertainty:
                 rows += [(i, f"{p:.6f}", int(p >= run.threshold)) for i, p in zip(ids, probs)]
+            else:
+                measures = uncertainty_measures(sample_probs, run.threshold)
+                preds = (probs >= run.threshold).astype(int)
+                extra = [[f"{u:.6f}" for u in measures[name]] for name in columns]
+                if review_above is not None:
+                    decisions = np.where(preds == 1, "tumour", "normal").astype(object)
+                    decisions[measures[review_by] > review_above] = "review"
+                    extra.append(list(decisions))
+                rows += [(i, f"{p:.6f}", pred, *more) for i, p, pred, *more in zip(ids, probs, preds, *extra)]
             bar.update(len(chunk.ids))
     if kaggle_submission and not rows:
         raise UserError(f"{', '.join(map(str, inputs))}: no unlabelled patches for a Kaggle submission; pass the test/ folder")
-    header = ("id", "label") if kaggle_submission else ("id", "prob", "pred")
+    if kaggle_submission:
+        header: tuple[str, ...] = ("id", "label")
+    else:
+        header = ("id", "prob", "pred")
+        if with_uncertainty:
+            header += tuple(UNCERTAINTY_COLUMNS[name] for name in columns)
+            header += ("decision",) if review_above is not None else ()
     return write_csv_atomic(out, header, rows), len(rows)

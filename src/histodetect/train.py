@@ -109,19 +109,19 @@ _SEED = dict(
 PRESETS: dict[str, TrainConfig] = {
     "seed-xception": TrainConfig(model="legacy_xception", **_SEED),
     "seed-mobilenetv2": TrainConfig(model="mobilenetv2_100", **_SEED),
-    # Best recipe for one GPU.
+    # Best recipe for one GPU: the CPU network at full 96 px, longer. Not yet measured on a GPU.
     "default": TrainConfig(
-        model="histo_tinynet", lr=2e-3, weight_decay=0.05, batch_size=256, epochs=60,
-        warmup_fraction=0.05, schedule="cosine", label_smoothing=0.05, ema_decay=0.999,
-        dihedral=True, hed_sigma=0.05, hed_bias=0.02, brightness=0.15, contrast=0.15,
-        saturation=0.1, hue=0.03, crop_px=72, shift_px=4, early_stopping=0,
+        model="histo_net96", lr=2e-3, weight_decay=0.05, batch_size=256, epochs=80,
+        warmup_fraction=0.05, schedule="cosine", label_smoothing=0.0, ema_decay=0.999,
+        dihedral=True, hed_sigma=0.05, hed_bias=0.05, brightness=0.1, contrast=0.1,
+        saturation=0.1, hue=0.0, crop_px=0, shift_px=0,
     ),
-    # Best recipe for a 2-core CPU and about 10 minutes.
+    # Best recipe for a 2-core CPU and 10 minutes (benchmarks in BENCHMARKS.md).
     "cpu": TrainConfig(
-        model="histo_tinynet", lr=2e-3, weight_decay=0.05, batch_size=64, epochs=40,
-        warmup_fraction=0.03, schedule="cosine", label_smoothing=0.05, ema_decay=0.995,
-        dihedral=True, hed_sigma=0.05, hed_bias=0.02, brightness=0.15, contrast=0.15,
-        saturation=0.1, hue=0.03, crop_px=64, shift_px=4, max_minutes=10.0, device="cpu",
+        model="histo_tinynet", lr=2e-3, weight_decay=0.05, batch_size=128, epochs=100,
+        warmup_fraction=0.05, schedule="cosine", label_smoothing=0.0, ema_decay=0.999,
+        dihedral=True, hed_sigma=0.05, hed_bias=0.05, brightness=0.1, contrast=0.1,
+        saturation=0.1, hue=0.0, crop_px=64, shift_px=4, max_minutes=10.0, device="cpu",
     ),
 }
 
@@ -335,7 +335,12 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if cfg.optimizer not in optimizers:
         raise UserError(f"--optimizer {cfg.optimizer!r}: expected adam or adamw")
-    return optimizers[cfg.optimizer](model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    # No weight decay on biases and BatchNorm parameters (1-D tensors): decaying them
+    # only fights the normalisation (as timm's param_groups_weight_decay does).
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return optimizers[cfg.optimizer](groups, lr=cfg.lr, fused=True)
 
 
 def training_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:

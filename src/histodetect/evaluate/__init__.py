@@ -57,16 +57,48 @@ def parse_data_arg(text: str) -> tuple[Path, str | None]:
     return Path(text), None
 
 
+TRIAGE_COVERAGES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+
+
+def _triage_tables(labels: np.ndarray, preds: np.ndarray, measures: dict[str, np.ndarray]) -> dict[str, list[dict]]:
+    """Accuracy-coverage rows per uncertainty measure (see predict.uncertainty_measures)."""
+    return {name: accuracy_coverage(labels, preds, doubt, TRIAGE_COVERAGES) for name, doubt in measures.items()}
+
+
+def _triage_report_rows(tables: dict[str, list[dict]]) -> list[dict]:
+    """One row per coverage: patches kept and the accuracy on them when each measure picks them."""
+    first = next(iter(tables.values()))
+    return [{"coverage": row["coverage"], "patches": row["n_patches"],
+             **{f"accuracy by {name.replace('_', ' ')}": tables[name][i]["accuracy"] for name in tables}}
+            for i, row in enumerate(first)]
+
+
 def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None = None, tta: int = 1,
-                 out: Path | None = None, device: str = "auto", n_boot: int = 1000) -> dict:
+                 out: Path | None = None, device: str = "auto", n_boot: int = 1000, mc_passes: int = 0,
+                 seed: int = 0) -> dict:
     """Score a run on a labelled split of a store and write metrics.json, PNGs and report.html.
 
     `data` defaults to the store the run trained on; `split` to its 'test' split
     when that is labelled, else the run's validation split. The decision
-    threshold is the one chosen on validation at the end of training.
+    threshold is the one chosen on validation at the end of training (moved
+    with the temperature when the run is calibrated). The report shows NLL and
+    ECE before and after temperature scaling, and selective prediction: the
+    accuracy on the most confident patches by each uncertainty (closeness to
+    the threshold, entropy, TTA spread with `tta` > 1, MC-dropout spread with
+    `mc_passes`).
     """
     from ..data.store import open_store
-    from ..predict import load_run, predict_logits, probabilities
+
+    # The triage PNG and metrics.json's "accuracy_coverage" rank patches by predict's
+    # DEFAULT_UNCERTAINTY (the one benchmarks/uncertainty.py found best); the table
+    # compares every uncertainty this evaluation has.
+    from ..predict import (
+        DEFAULT_UNCERTAINTY,
+        load_run,
+        predict_samples,
+        sample_probabilities,
+        uncertainty_measures,
+    )
 
     run = load_run(run_dir, device=device)
     store = open_store(data or Path(run.run["data"]["path"]))
@@ -77,52 +109,84 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
     rows = rows[store.labels[rows] >= 0]
     if len(rows) == 0:
         raise UserError(f"{store.path}: split {split!r} has no labelled patches to evaluate on")
-    logits = np.concatenate([predict_logits(run, store.read_batch(rows[b : b + 4096]), tta=tta)
-                             for b in range(0, len(rows), 4096)])
-    probs = probabilities(run, logits)
+    logits = np.concatenate([predict_samples(run, store.read_batch(rows[b : b + 4096]), tta=tta, mc_passes=mc_passes,
+                                             seed=seed + b)
+                             for b in range(0, len(rows), 4096)])  # (N, P, V)
+    sample_probs = sample_probabilities(logits, run.temperature)  # (N, P, V)
+    probs = sample_probs.reshape(len(rows), -1).mean(axis=1)
+    uncalibrated_probs = sample_probabilities(logits).reshape(len(rows), -1).mean(axis=1)
     labels = store.labels[rows].astype(np.int64)
     metrics = binary_metrics(labels, probs, threshold=run.threshold)
+    uncalibrated = binary_metrics(labels, uncalibrated_probs)
     slides = store.slides[rows]
     groups = slides if all(slides) else None
     from sklearn.metrics import roc_auc_score
 
     metrics["roc_auc_ci"] = list(bootstrap_ci(labels, probs, roc_auc_score, n_boot=n_boot, groups=groups))
     metrics["accuracy_at_0.5"] = binary_metrics(labels, probs, threshold=0.5)["accuracy"]
-    metrics.update(run=str(run.run_dir), store=str(store.path), split=split, tta=tta,
+    calibration = run.run.get("calibration") or {}
+    metrics.update(nll_uncalibrated=uncalibrated["nll"], ece_uncalibrated=uncalibrated["ece"],
+                   run=str(run.run_dir), store=str(store.path), split=split, tta=tta, mc_passes=mc_passes,
                    store_fingerprint=store.fingerprint, trained_on=run.run["data"]["fingerprint"],
                    temperature=run.temperature, bootstrap="slide-grouped" if groups is not None else "patch")
+    preds = (probs >= run.threshold).astype(np.int64)
+    measures = uncertainty_measures(sample_probs, run.threshold)
+    triage = _triage_tables(labels, preds, measures)
+    metrics["triage_uncertainty"] = DEFAULT_UNCERTAINTY
 
     out = Path(out or run.run_dir / f"eval-{split}-tta{tta}")
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        confidence_gap = -np.abs(probs - run.threshold)  # uncertainty: closeness to the threshold
         images = {
             "Confusion matrix": plot_confusion_matrix(metrics["tn"], metrics["fp"], metrics["fn"], metrics["tp"],
                                                       partial / "confusion_matrix.png"),
             "ROC curve": plot_roc(labels, probs, metrics["roc_auc"], tuple(metrics["roc_auc_ci"]), partial / "roc.png"),
             "Reliability diagram": plot_reliability(labels, probs, metrics["ece"], 15, partial / "reliability.png"),
-            "Accuracy on the most confident patches": plot_accuracy_coverage(
-                labels, probs, confidence_gap, partial / "accuracy_coverage.png", threshold=run.threshold),
         }
+        if calibration:
+            images["Reliability diagram before temperature scaling"] = plot_reliability(
+                labels, uncalibrated_probs, uncalibrated["ece"], 15, partial / "reliability_uncalibrated.png")
+        images[f"Accuracy on the most confident patches (by {DEFAULT_UNCERTAINTY})"] = plot_accuracy_coverage(
+            labels, probs, measures[DEFAULT_UNCERTAINTY], partial / "accuracy_coverage.png", threshold=run.threshold)
         metrics_csv = run.run_dir / "metrics.csv"
         if len(read_training_curves(metrics_csv)["epoch"]):
             images["Training curves"] = plot_training_curves(metrics_csv, partial / "training_curves.png")
-        coverage = accuracy_coverage(labels, (probs >= run.threshold).astype(int), confidence_gap)
-        write_json_atomic(partial / "metrics.json", {**metrics, "accuracy_coverage": coverage})
-        notes = [f"Decision threshold {run.threshold:.3f}, chosen on the validation split at the end of training.",
-                 f"ROC AUC interval: 95% {metrics['bootstrap']} bootstrap, {n_boot} resamples."]
+        write_json_atomic(partial / "metrics.json", {**metrics, "accuracy_coverage": triage[DEFAULT_UNCERTAINTY],
+                                                     "accuracy_coverage_by_uncertainty": triage})
+        threshold_note = (f"Decision threshold {run.threshold:.3f}: the one chosen on the validation split at the end of training"
+                          )
+        if calibration:
+            threshold_note += f" ({calibration['uncalibrated_threshold']:.3f}), moved by the temperature."
+            notes = [threshold_note,
+                     (f"Temperature scaling T = {run.temperature:.3f}, fitted on {calibration['split']} "
+                      f"({calibration['n']} patches): NLL {uncalibrated['nll']:.4f} -> {metrics['nll']:.4f}, "
+                      f"ECE {uncalibrated['ece']:.4f} -> {metrics['ece']:.4f} here.")]
+            if calibration["store_fingerprint"] == store.fingerprint and calibration["split"] == split:
+                notes.append("The temperature was fitted on this split: its calibration scores are optimistic.")
+        else:
+            notes = [threshold_note + ".",
+                     (f"Not calibrated (T = 1): run 'histodetect calibrate {run.run_dir} --data STORE:valid' "
+                      "to fit temperature scaling.")]
+        notes += [f"ROC AUC interval: 95% {metrics['bootstrap']} bootstrap, {n_boot} resamples.",
+                  ("Selective prediction: each column keeps the given share of patches that an uncertainty "
+                   "ranks most confident (doubt = closeness to the decision threshold; entropy in bits; "
+                   "spread = standard deviation of the probability over TTA views or MC-dropout passes) "
+                   "and refers the rest to a pathologist.")]
         if store.fingerprint == run.run["data"]["fingerprint"] and split == run.config["val_split"]:
             notes.append("This is the validation split that chose the best epoch and the threshold: "
                          "scores on it are slightly optimistic.")
-        write_report(partial, f"histodetect evaluation: {run.run_dir.name} on {store.path.name}:{split} (TTA {tta})",
-                     metrics, {k: v for k, v in images.items()}, {"Accuracy-coverage": coverage}, notes)
+        title = f"histodetect evaluation: {run.run_dir.name} on {store.path.name}:{split} (TTA {tta}"
+        title += f", MC-dropout {mc_passes})" if mc_passes else ")"
+        write_report(partial, title, metrics, images, {"Accuracy-coverage": _triage_report_rows(triage)}, notes)
         if out.exists():
             shutil.rmtree(out)
         os.replace(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    metrics["accuracy_coverage"] = triage[DEFAULT_UNCERTAINTY]
+    metrics["accuracy_coverage_by_uncertainty"] = triage
     metrics["report"] = str(out / "report.html")
     metrics["out"] = str(out)
     return metrics

@@ -1,0 +1,112 @@
+"""Temperature scaling (Guo et al. 2017): one scalar T, fitted on validation, that makes probabilities honest.
+
+Logits are divided by T before the sigmoid: T > 1 softens an over-confident
+model, T < 1 sharpens an under-confident one, and the ranking of patches (ROC
+AUC) does not change. T minimises the validation negative log-likelihood.
+`calibrate_run` stores it in the run's run.json, where `load_run` reads it, so
+`predict`, `evaluate` and `explain` apply it from then on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+
+from ..data.store import open_store
+from ..errors import UserError
+from ..evaluate.metrics import NLL_CLIP_EPS, binary_metrics
+from ..predict import load_run, predict_logits, sample_probabilities
+from ..train import RUN_FILE, read_run, write_text_atomic
+
+# T is searched in [1/100, 100] on a log scale: beyond that a model is not
+# miscalibrated but broken (or constant), and the fit says so by hitting a bound.
+_LOG_TEMPERATURE_BOUNDS = (-math.log(100.0), math.log(100.0))
+_LOGIT_CHUNK = 4096  # patches scored at a time, as evaluate does
+
+
+def nll_at_temperature(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    """Mean negative log-likelihood of labels (N,) under logits (N,) or (N, V) divided by `temperature`.
+
+    With V views, the probability is the mean of the views' probabilities, as
+    predict computes it; probabilities are clipped as in `binary_metrics`.
+    """
+    probs = sample_probabilities(logits, temperature).reshape(len(labels), -1).mean(axis=1)
+    probs = np.clip(probs, NLL_CLIP_EPS, 1 - NLL_CLIP_EPS)
+    return float(-np.mean(labels * np.log(probs) + (1 - labels) * np.log1p(-probs)))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T that minimises the NLL of labels (N,) under logits (N,) or (N, V) / T.
+
+    Bounded Brent search on log T (the NLL of one view is convex in 1/T). Never
+    worse than no scaling: if the search ends above the NLL at T = 1, returns 1.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels)
+    if labels.shape != (len(logits),) or not np.isin(labels, (0, 1)).all():
+        raise UserError(f"labels: expected one 0/1 label per row of logits {logits.shape}, found shape {labels.shape} "
+                        f"with values {np.unique(labels)[:6].tolist()}; pass the labels of the scored patches")
+    if len(np.unique(labels)) < 2:
+        raise UserError(f"labels: temperature scaling needs both normal (0) and tumour (1) patches, "
+                        f"found only {int(labels[0])} in {len(labels)}; calibrate on a split with both classes")
+    result = minimize_scalar(lambda log_t: nll_at_temperature(logits, labels, math.exp(log_t)),
+                             bounds=_LOG_TEMPERATURE_BOUNDS, method="bounded", options={"xatol": 1e-5})
+    temperature = math.exp(float(result.x))
+    if nll_at_temperature(logits, labels, temperature) > nll_at_temperature(logits, labels, 1.0):
+        return 1.0
+    return temperature
+
+
+def calibrated_threshold(threshold: float, temperature: float) -> float:
+    """Where a decision threshold on uncalibrated probabilities lands after dividing the logits by T."""
+    p = min(max(threshold, NLL_CLIP_EPS), 1 - NLL_CLIP_EPS)
+    return float(1 / (1 + math.exp(-math.log(p / (1 - p)) / temperature)))
+
+
+def calibrate_run(run_dir: Path, data: Path | None = None, *, split: str | None = None, tta: int = 1,
+                  device: str = "auto") -> dict:
+    """Fit temperature scaling on a labelled split and store it under "calibration" in the run's run.json.
+
+    `data` defaults to the store the run trained on, `split` to its validation
+    split; the training split is refused (it would hide over-confidence). The
+    record holds the temperature, NLL and ECE before and after, the split and
+    the store's fingerprint, and where the decision threshold moves to.
+    """
+    run_dir = Path(run_dir)
+    run = load_run(run_dir, device=device)
+    store = open_store(data or Path(run.run["data"]["path"]))
+    split = split or run.config["val_split"]
+    if split == run.config["train_split"] and store.fingerprint == run.run["data"]["fingerprint"]:
+        raise UserError(f"{store.path}:{split}: the run trained on this split, where it looks better calibrated "
+                        f"than it is; calibrate on the validation split ({store.path}:{run.config['val_split']})")
+    rows = store.split_indices(split)
+    rows = rows[store.labels[rows] >= 0]
+    if len(rows) == 0:
+        raise UserError(f"{store.path}: split {split!r} has no labelled patches to calibrate on")
+    labels = store.labels[rows].astype(np.int64)
+    logits = np.concatenate([predict_logits(run, store.read_batch(rows[b : b + _LOGIT_CHUNK]), tta=tta)
+                             for b in range(0, len(rows), _LOGIT_CHUNK)])  # (N, tta), uncalibrated
+    temperature = fit_temperature(logits, labels)
+    before = binary_metrics(labels, sample_probabilities(logits).mean(axis=1))
+    after = binary_metrics(labels, sample_probabilities(logits, temperature).mean(axis=1))
+    uncalibrated_threshold = float(run.run.get("threshold", 0.5))
+    record = {
+        "temperature": temperature,
+        "nll_before": before["nll"], "nll_after": after["nll"],
+        "ece_before": before["ece"], "ece_after": after["ece"],
+        "split": split, "store": str(store.path.resolve()), "store_fingerprint": store.fingerprint,
+        "n": len(rows), "tta": tta,
+        "threshold": calibrated_threshold(uncalibrated_threshold, temperature),
+        "uncalibrated_threshold": uncalibrated_threshold,
+        "fitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    # Read again just before writing: the run may have changed while the logits were computed.
+    run_json = read_run(run_dir)
+    run_json["calibration"] = record
+    write_text_atomic(run_dir / RUN_FILE, json.dumps(run_json, indent=2) + "\n")
+    return record

@@ -1,0 +1,231 @@
+"""What a request may carry and how it becomes patches: limits, multipart and JSON bodies, decoding.
+
+Every check here runs before any pixel is decoded or any model runs, and each
+refusal is a `RequestError`: one line naming the file (or field), what was
+expected, what was found and the fix, answered as JSON with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from ..augment import TTA_VIEW_COUNTS
+from ..data.decode import PATCH_SIZE_PX, decode_patch_file
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits and batching of `histodetect serve`; every default is safe to expose on a laptop."""
+
+    # A 96x96 uncompressed TIFF is 27.7 kB; 256 of them, base64 in JSON, are 9.5 MB.
+    max_upload_bytes: int = 16 * 2**20
+    max_files: int = 256  # patches in one request
+    # A patch is 9,216 pixels; an image header announcing more than this is refused
+    # before decoding (a small PNG can announce 50,000x50,000 pixels: 7.5 GB decoded).
+    max_image_pixels: int = 1024 * 1024
+    resize: bool = False  # resize images that are not 96x96 (else refuse them with 422)
+    tta: int = 1  # dihedral views per patch when a request does not say (1, 4 or 8)
+    # Request batching: the model runs on up to this many queued patches at once,
+    # waiting at most max_wait_ms for more to arrive after the first.
+    max_batch_patches: int = 256
+    max_wait_ms: float = 2.0
+    max_queued_patches: int = 4096  # past this the server answers 503 (busy) instead of queueing
+
+    def __post_init__(self) -> None:
+        if self.tta not in TTA_VIEW_COUNTS:
+            raise UserError(f"--tta {self.tta}: expected one of {', '.join(map(str, TTA_VIEW_COUNTS))}")
+        for name in ("max_upload_bytes", "max_files", "max_image_pixels", "max_batch_patches", "max_queued_patches"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a positive number")
+        if self.max_image_pixels < PATCH_SIZE_PX * PATCH_SIZE_PX:
+            raise UserError(f"--max-image-pixels {self.max_image_pixels}: expected at least "
+                            f"{PATCH_SIZE_PX * PATCH_SIZE_PX} (one 96x96 patch)")
+        if self.max_queued_patches < self.max_files:
+            raise UserError(f"--max-queued-patches {self.max_queued_patches}: expected at least --max-files "
+                            f"{self.max_files}, or a full request could never be queued")
+        if self.max_wait_ms < 0:
+            raise UserError(f"--max-wait-ms {self.max_wait_ms}: expected 0 or more milliseconds")
+
+
+class RequestError(UserError):
+    """A mistake in an HTTP request, with the status to answer it with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Upload:
+    """One patch image as it arrived: its name in the request and its bytes."""
+
+    name: str
+    data: bytes
+
+
+@dataclass
+class DecodedUploads:
+    names: list[str]
+    patches: np.ndarray  # (N, 96, 96, 3) uint8
+    resized_from: list[tuple[int, int] | None]  # original (width, height) where resized
+    converted_from: list[str | None]  # original mode where not RGB
+
+
+JSON_EXAMPLE = '{"patches": [{"id": "a.png", "image_base64": "iVBORw0..."}]}'
+MULTIPART = "multipart/form-data"
+JSON_TYPE = "application/json"
+
+
+def check_tta(tta: int | None, config: ServeConfig) -> int:
+    """The request's `tta` query parameter, or the server's default."""
+    if tta is None:
+        return config.tta
+    if tta not in TTA_VIEW_COUNTS:
+        raise RequestError(f"query parameter tta={tta}: expected one of {', '.join(map(str, TTA_VIEW_COUNTS))} "
+                           "dihedral views per patch", 422)
+    return tta
+
+
+def too_large_message(max_upload_bytes: int) -> str:
+    return (f"request body: over the limit of {max_upload_bytes:,} bytes; send fewer patches per request "
+            "or start the server with a larger --max-upload-bytes")
+
+
+def _too_many_files(n: int | str, config: ServeConfig) -> RequestError:
+    return RequestError(f"request: {n} patches, over the limit of {config.max_files} per request; "
+                        "split them over several requests", 413)
+
+
+async def read_uploads(request: Request, config: ServeConfig) -> list[Upload]:
+    """The patch images of a multipart (files) or JSON (base64) request body."""
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type == MULTIPART:
+        return await _read_multipart(request, config)
+    if media_type == JSON_TYPE:
+        return parse_json_uploads(await request.body(), config)
+    found = f"'{content_type}'" if content_type else "none"
+    raise RequestError(f"Content-Type: expected {MULTIPART} (image files) or {JSON_TYPE} (base64 images), "
+                       f"found {found}", 415)
+
+
+async def _read_multipart(request: Request, config: ServeConfig) -> list[Upload]:
+    try:
+        form = await request.form(max_files=config.max_files, max_fields=config.max_files)
+    except HTTPException as exc:  # starlette's answer to a multipart body it cannot parse
+        if str(exc.detail).startswith("Too many files"):
+            raise _too_many_files(f"more than {config.max_files}", config) from None
+        raise RequestError(f"multipart body: {exc.detail} Send the patches as files in the form field 'files'") from None
+    uploads = []
+    try:
+        for field, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                uploads.append(Upload(value.filename or f"{field}[{len(uploads)}]", await value.read()))
+    finally:
+        await form.close()
+    if not uploads:
+        raise RequestError("multipart body: no files; send the patch images as files in the form field 'files'", 422)
+    return uploads
+
+
+def parse_json_uploads(body: bytes, config: ServeConfig) -> list[Upload]:
+    """{"patches": [{"id": str (optional), "image_base64": str}, ...]} -> uploads."""
+    try:
+        document = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise RequestError(f"request body: not valid JSON{where}; expected {JSON_EXAMPLE}") from None
+    patches = document.get("patches") if isinstance(document, dict) else None
+    if not isinstance(patches, list) or not patches:
+        found = type(patches).__name__ if isinstance(document, dict) and "patches" in document else "no 'patches'"
+        raise RequestError(f"request body: expected a non-empty list 'patches', found {found}; "
+                           f"send {JSON_EXAMPLE}", 422)
+    if len(patches) > config.max_files:
+        raise _too_many_files(len(patches), config)
+    uploads = []
+    for i, item in enumerate(patches):
+        where = f"patches[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("image_base64"), str):
+            raise RequestError(f"{where}: expected an object with a string 'image_base64', found "
+                               f"{type(item).__name__ if not isinstance(item, dict) else 'no string image_base64'}; "
+                               f"send {JSON_EXAMPLE}", 422)
+        name = item.get("id", f"patch{i}")
+        if not isinstance(name, str):
+            raise RequestError(f"{where}.id: expected a string, found {type(name).__name__}", 422)
+        uploads.append(Upload(name, _decode_base64(item["image_base64"], f"{where}.image_base64")))
+    return uploads
+
+
+def _decode_base64(text: str, where: str) -> bytes:
+    """Standard base64 (a data: URL prefix is allowed), strictly: any other character is an error."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RequestError(f"{where}: not valid base64 ({exc}); encode the image file's bytes with standard base64") from None
+
+
+def decode_upload(upload: Upload, config: ServeConfig) -> tuple[np.ndarray, tuple[int, int] | None, str | None]:
+    """One upload -> (patch (96, 96, 3) uint8, resized_from, converted_from), or a RequestError.
+
+    The header is read first: size limits and the 96x96 rule are checked before
+    any pixel is decoded. Decoding then goes through `decode_patch_file`, the same
+    code `predict` and `prepare` use, so a file scores the same here as there.
+    """
+    where = f"file '{upload.name}'"
+    if not upload.data:
+        raise RequestError(f"{where}: is empty (0 bytes); send the whole image file", 422)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(upload.data)) as image:  # reads the header only
+                width, height = image.size
+    except UnidentifiedImageError:
+        raise RequestError(f"{where}: not an image Pillow can read; send PNG, JPEG or TIFF patches", 422) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RequestError(f"{where}: refused before decoding: {exc}", 413) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise RequestError(f"{where}: has a corrupt image header ({exc}); send the file again", 422) from None
+    if width * height > config.max_image_pixels:
+        raise RequestError(f"{where}: is {width}x{height} pixels, over the limit of {config.max_image_pixels:,} "
+                           "pixels (refused before decoding); send 96x96 patches", 413)
+    if (width, height) != (PATCH_SIZE_PX, PATCH_SIZE_PX) and not config.resize:
+        raise RequestError(f"{where}: is {width}x{height} pixels, expected {PATCH_SIZE_PX}x{PATCH_SIZE_PX}; "
+                           "send 96x96 patches, or start the server with --resize", 422)
+    # decode_patch_file takes a path; an anonymous temporary file keeps decoding in
+    # one place for the CLI and the server (a 28 kB write stays in the page cache).
+    with tempfile.NamedTemporaryFile(prefix="histodetect-upload-") as handle:
+        handle.write(upload.data)
+        handle.flush()
+        decoded = decode_patch_file(Path(handle.name), resize=config.resize)
+    if decoded.error is not None:
+        raise RequestError(f"{where}: {decoded.error}; send the complete image file", 422)
+    return decoded.patch, decoded.resized_from, decoded.converted_from
+
+
+def decode_uploads(uploads: list[Upload], config: ServeConfig) -> DecodedUploads:
+    """Decode every upload, refusing the whole request at the first bad one."""
+    if len(uploads) > config.max_files:
+        raise _too_many_files(len(uploads), config)
+    decoded = [decode_upload(upload, config) for upload in uploads]
+    return DecodedUploads(
+        names=[u.name for u in uploads],
+        patches=np.stack([patch for patch, _, _ in decoded]),
+        resized_from=[resized for _, resized, _ in decoded],
+        converted_from=[converted for _, _, converted in decoded],
+    )

@@ -1,0 +1,218 @@
+"""ONNX / TorchScript export: metadata, dynamic batch, the same probabilities as PyTorch, predict through ONNX Runtime."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from histodetect import export as export_module
+from histodetect.data.decode import decode_patch_file
+from histodetect.data.store import prepare
+from histodetect.errors import UserError
+from histodetect.export import MAX_PROB_DIFF, ExportedModel, export_run, exported_path, load_exported_run
+from histodetect.predict import load_run, predict_patches, predict_to_csv
+from histodetect.train import fit, preset_config
+
+# Small and fast: one epoch of 4 steps is all an export needs to have weights to check.
+TINY = dict(model="histo_tinynet", batch_size=32, epochs=1, max_minutes=0.0, crop_px=48, shift_px=2,
+            val_batch_size=128, device="cpu", ema_decay=0.9, warmup_fraction=0.1)
+
+
+def copy_patches(pcam_jpeg: Path, dest: Path, per_class: dict[str, int]) -> Path:
+    for split, n in per_class.items():
+        for label in ("0", "1"):
+            (dest / split / label).mkdir(parents=True)
+            for path in sorted((pcam_jpeg / split / label).glob("*.jpg"))[:n]:
+                shutil.copy(path, dest / split / label / path.name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def small_store(pcam_jpeg, tmp_path_factory) -> Path:
+    """128 real train and 64 real valid patches, balanced."""
+    root = tmp_path_factory.mktemp("small")
+    copy_patches(pcam_jpeg, root / "src", {"train": 64, "valid": 32})
+    prepare(root / "src", root / "store", progress=False)
+    return root / "store"
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    fit(preset_config("cpu", **TINY), small_store, out, preset="cpu", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_export(trained_run):
+    return export_run(trained_run, format="onnx")
+
+
+@pytest.fixture(scope="module")
+def valid_patches(pcam_jpeg) -> np.ndarray:
+    """50 real patches the run never trained on (PCam's valid split, beyond the store's)."""
+    files = sorted((pcam_jpeg / "valid" / "1").glob("*.jpg"))[100:125] + sorted((pcam_jpeg / "valid" / "0").glob("*.jpg"))[100:125]
+    return np.stack([decode_patch_file(f).patch for f in files])
+
+
+def test_onnx_export_is_checked_against_pytorch_on_real_patches_of_the_runs_store(onnx_export, trained_run, small_store):
+    assert onnx_export.path == trained_run / "model.onnx" and onnx_export.path.is_file()
+    assert onnx_export.n_checked == 64 and str(small_store) in onnx_export.checked_on
+    assert onnx_export.max_abs_prob_diff < MAX_PROB_DIFF
+    assert not list(trained_run.glob(".*tmp*")), "no temporary file is left"
+
+
+def test_onnx_probabilities_equal_pytorchs_for_any_batch_size(onnx_export, trained_run, valid_patches):
+    run = load_run(trained_run, device="cpu")
+    expected = predict_patches(run, valid_patches)
+    exported = ExportedModel(onnx_export.path)
+    for batch in (1, 7, 50):
+        probs = np.concatenate([exported.probabilities(valid_patches[i : i + batch])
+                                for i in range(0, len(valid_patches), batch)])
+        np.testing.assert_allclose(probs, expected, atol=MAX_PROB_DIFF, rtol=0)
+    assert expected.std() > 0, "the check compares patches that score differently"
+
+
+def test_the_onnx_file_carries_preprocessing_threshold_and_temperature(onnx_export, trained_run):
+    run = load_run(trained_run, device="cpu")
+    graph = onnx.load(str(onnx_export.path))
+    props = {p.key: json.loads(p.value) for p in graph.metadata_props}
+    assert props["mean"] == pytest.approx(list(run.mean)) and props["std"] == pytest.approx(list(run.std))
+    assert props["crop_px"] == 48 and props["patch_size_px"] == 96
+    assert props["threshold"] == pytest.approx(run.threshold) and props["temperature"] == 1.0
+    assert props["model"] == "histo_tinynet" and props["preset"] == "cpu"
+    assert props["data_fingerprint"] == run.run["data"]["fingerprint"]
+    (image,) = graph.graph.input
+    dims = image.type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, 48, 48]
+    assert [o.name for o in graph.graph.output] == ["logit", "prob_tumour"]
+
+
+def test_a_calibration_temperature_is_applied_inside_the_export(trained_run, tmp_path, valid_patches):
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(trained_run, calibrated)
+    run_json = json.loads((calibrated / "run.json").read_text())
+    run_json["calibration"] = {"temperature": 2.5}
+    (calibrated / "run.json").write_text(json.dumps(run_json))
+    report = export_run(calibrated, format="onnx")
+    exported = ExportedModel(report.path)
+    assert exported.metadata.temperature == 2.5
+    logit, prob = exported(exported.images(valid_patches))
+    np.testing.assert_allclose(prob, 1 / (1 + np.exp(-logit / 2.5)), atol=1e-6)
+    np.testing.assert_allclose(prob[:, 0], predict_patches(load_run(calibrated, device="cpu"), valid_patches),
+                               atol=MAX_PROB_DIFF)
+
+
+def test_torchscript_export_keeps_the_metadata_beside_the_graph_and_matches_pytorch(trained_run, valid_patches):
+    report = export_run(trained_run, format="torchscript")
+    assert report.path == trained_run / "model.pt" and report.max_abs_prob_diff < MAX_PROB_DIFF
+    exported = ExportedModel(report.path)
+    assert exported.format == "torchscript"
+    assert exported.metadata.crop_px == 48 and exported.metadata.run["preset"] == "cpu"
+    run = load_run(trained_run, device="cpu")
+    np.testing.assert_allclose(exported.probabilities(valid_patches[:9]), predict_patches(run, valid_patches[:9]),
+                               atol=MAX_PROB_DIFF)
+
+
+def test_predict_through_onnx_runtime_writes_the_csv_pytorch_writes(onnx_export, trained_run, pcam_jpeg, tmp_path):
+    files = sorted((pcam_jpeg / "valid" / "1").glob("*.jpg"))[:6] + sorted((pcam_jpeg / "valid" / "0").glob("*.jpg"))[:6]
+    onnx_run = load_exported_run(trained_run)  # the run folder's model.onnx
+    assert type(onnx_run.model).__name__ == "ExportedLogits"
+    predict_to_csv(onnx_run, files, tmp_path / "onnx.csv", tta=8, progress=False)
+    predict_to_csv(load_run(trained_run, device="cpu"), files, tmp_path / "torch.csv", tta=8, progress=False)
+
+    def read(path: Path) -> list[dict]:
+        with path.open() as handle:
+            return list(csv.DictReader(handle))
+
+    onnx_rows, torch_rows = read(tmp_path / "onnx.csv"), read(tmp_path / "torch.csv")
+    assert [r["id"] for r in onnx_rows] == [f.stem for f in files]
+    np.testing.assert_allclose([float(r["prob"]) for r in onnx_rows], [float(r["prob"]) for r in torch_rows],
+                               atol=MAX_PROB_DIFF)
+    assert [r["pred"] for r in onnx_rows] == [r["pred"] for r in torch_rows]
+
+
+def test_when_the_store_is_gone_the_check_uses_check_data_or_the_shared_patches(trained_run, kaggle_sample, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(trained_run, moved)
+    run_json = json.loads((moved / "run.json").read_text())
+    run_json["data"]["path"] = str(tmp_path / "deleted-store")
+    (moved / "run.json").write_text(json.dumps(run_json))
+    report = export_run(moved, out=tmp_path / "kaggle.onnx", check_data=kaggle_sample / "test")
+    assert report.n_checked == 29 and report.checked_on == str(kaggle_sample / "test")
+    report = export_run(moved, out=tmp_path / "shared.onnx")
+    assert report.n_checked == 64 and "pcam-jpeg" in report.checked_on
+
+
+def test_a_failed_check_leaves_no_file_behind(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "MAX_PROB_DIFF", -1.0)  # no export can pass
+    with pytest.raises(RuntimeError, match="differs from PyTorch"):
+        export_run(trained_run, out=tmp_path / "never.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(format="tflite"), "--format 'tflite': expected one of onnx, torchscript"),
+    (dict(format="onnx", out=Path("model.pt")), "--out model.pt: onnx exports are .onnx files; name it e.g. model.onnx"),
+    (dict(format="torchscript", out=Path("model.onnx")), "torchscript exports are .pt files"),
+])
+def test_export_refuses_a_wrong_format_or_file_name(trained_run, kwargs, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        export_run(trained_run, **kwargs)
+
+
+def test_export_refuses_to_write_over_a_folder(trained_run, tmp_path):
+    (tmp_path / "model.onnx").mkdir()
+    with pytest.raises(UserError, match=r"--out .*model\.onnx: is a folder; pass a file name"):
+        export_run(trained_run, out=tmp_path / "model.onnx")
+
+
+def test_export_refuses_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(UserError, match="not a run folder"):
+        export_run(tmp_path)
+
+
+def test_check_data_without_patches_is_refused(trained_run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"empty: no images \(.*\) found"):
+        export_run(trained_run, out=tmp_path / "m.onnx", check_data=tmp_path / "empty")
+
+
+def test_loading_something_that_is_not_an_export_names_the_file_and_the_fix(trained_run, tmp_path, onnx_export):
+    with pytest.raises(UserError, match=r"no model\.onnx in this run folder; run 'histodetect export"):
+        exported_path(tmp_path)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a protobuf at all")
+    with pytest.raises(UserError, match="garbage.onnx: not a readable ONNX model"):
+        ExportedModel(garbage)
+    stripped = onnx.load(str(onnx_export.path))
+    del stripped.metadata_props[:]
+    onnx.save(stripped, str(tmp_path / "plain.onnx"))
+    with pytest.raises(UserError, match=r"plain\.onnx: not a histodetect export .*'histodetect export RUN'"):
+        ExportedModel(tmp_path / "plain.onnx")
+    (tmp_path / "notes.pt").write_text("hello")
+    with pytest.raises(UserError, match=r"notes\.pt: not a TorchScript archive"):
+        ExportedModel(tmp_path / "notes.pt")
+    with pytest.raises(UserError, match="missing.onnx: no such file"):
+        ExportedModel(tmp_path / "missing.onnx")
+
+
+def test_the_export_command_checks_and_says_so_and_predict_runs_through_onnx(trained_run, pcam_jpeg, tmp_path, capsys):
+    from histodetect.cli import main
+
+    assert main(["export", str(trained_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote onnx model to {tmp_path / 'm.onnx'}" in out
+    assert "checked: its probabilities equal PyTorch's on 64 real patches" in out and "< 1e-04" in out
+    files = [str(f) for f in sorted((pcam_jpeg / "valid" / "1").glob("*.jpg"))[:3]]
+    assert main(["predict", str(tmp_path / "m.onnx"), *files, "--out", str(tmp_path / "p.csv"),
+                 "--engine", "onnx", "--quiet"]) == 0
+    assert (tmp_path / "p.csv").read_text().count("\n") == 4
+    assert main(["export", str(trained_run), "--out", str(tmp_path / "m.pt")]) == 2
+    assert "--out" in capsys.readouterr().err

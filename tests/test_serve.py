@@ -1,0 +1,529 @@
+"""The web service: API answers equal predict's, bad input gets a 4xx naming the problem, batching, the page."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import csv
+import io
+import shutil
+import socket
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import schemathesis
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from schemathesis import GenerationMode
+
+from histodetect.data.decode import decode_patch_file
+from histodetect.data.store import prepare
+from histodetect.errors import UserError
+from histodetect.predict import load_run, predict_patches, predict_samples, predict_to_csv
+from histodetect.serve import ServeConfig, create_app, serve_run
+from histodetect.serve.batcher import PredictionBatcher, ServerBusy
+from histodetect.train import fit, preset_config
+
+# Small and fast: one epoch of 4 steps gives weights whose probabilities differ per patch.
+TINY = dict(model="histo_tinynet", batch_size=32, epochs=1, max_minutes=0.0, crop_px=48, shift_px=2,
+            val_batch_size=128, device="cpu", ema_decay=0.9, warmup_fraction=0.1)
+
+
+def copy_patches(pcam_jpeg: Path, dest: Path, per_class: dict[str, int]) -> Path:
+    for split, n in per_class.items():
+        for label in ("0", "1"):
+            (dest / split / label).mkdir(parents=True)
+            for path in sorted((pcam_jpeg / split / label).glob("*.jpg"))[:n]:
+                shutil.copy(path, dest / split / label / path.name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def trained_run(pcam_jpeg, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    copy_patches(pcam_jpeg, root / "src", {"train": 64, "valid": 32})
+    prepare(root / "src", root / "store", progress=False)
+    fit(preset_config("cpu", **TINY), root / "store", root / "run", preset="cpu", progress=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def run(trained_run):
+    return load_run(trained_run, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(run):
+    with TestClient(create_app(run)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def strict_client(run):
+    """The same model behind small limits: 4 files, 64 kB, no resizing."""
+    with TestClient(create_app(run, ServeConfig(max_files=4, max_upload_bytes=64_000))) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def patch_files(pcam_jpeg) -> list[Path]:
+    """12 real JPEG patches from PCam's valid split, both classes."""
+    return sorted((pcam_jpeg / "valid" / "1").glob("*.jpg"))[:6] + sorted((pcam_jpeg / "valid" / "0").glob("*.jpg"))[:6]
+
+
+def multipart(paths: list[Path]) -> list[tuple]:
+    return [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
+
+
+def as_json(paths: list[Path]) -> dict:
+    return {"patches": [{"id": p.name, "image_base64": base64.b64encode(p.read_bytes()).decode()} for p in paths]}
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 100-byte PNG whose header announces width x height RGB pixels (its pixel data is one zero row)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def assert_still_serving(client: TestClient, patch_file: Path) -> None:
+    assert client.get("/health").json()["status"] == "ok"
+    assert client.post("/v1/predict", files=multipart([patch_file])).status_code == 200
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+
+def test_health_model_card_and_openapi_docs(client, trained_run):
+    assert client.get("/health").json()["status"] == "ok"
+    card = client.get("/v1/model").json()
+    run_json = load_run(trained_run, device="cpu").run
+    assert card["architecture"] == "histo_tinynet" and card["preset"] == "cpu"
+    assert card["data"]["fingerprint"] == run_json["data"]["fingerprint"]
+    assert card["threshold"] == pytest.approx(run_json["threshold"]) and card["calibration"]["temperature"] == 1.0
+    assert card["validation"]["best_epoch"]["epoch"] == 1
+    assert card["validation"]["best_epoch"]["val_auc"] == pytest.approx(run_json["best_val_auc"], abs=1e-6)
+    assert card["preprocessing"]["crop_px"] == 48
+    assert card["serving"]["max_files"] == ServeConfig().max_files
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    assert set(body) == {"multipart/form-data", "application/json"}
+    assert "swagger-ui" in client.get("/docs").text.lower()
+
+
+def test_multipart_probabilities_equal_predicts_csv_for_the_same_files(client, run, patch_files, kaggle_sample, tmp_path):
+    files = patch_files + sorted((kaggle_sample / "test").glob("*.tif"))[:4]
+    response = client.post("/v1/predict", files=multipart(files))
+    assert response.status_code == 200
+    body = response.json()
+    results = body["results"]
+    assert [r["id"] for r in results] == [f.name for f in files]
+    predict_to_csv(run, files, tmp_path / "predict.csv", progress=False)
+    with (tmp_path / "predict.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    np.testing.assert_allclose([r["prob_tumour"] for r in results], [float(r["prob"]) for r in rows], atol=1e-6)
+    assert [r["label"] for r in results] == [int(r["pred"]) for r in rows]
+    probs = np.array([r["prob_tumour"] for r in results])
+    assert probs.std() > 0, "the patches score differently"
+    assert body["threshold"] == pytest.approx(run.threshold) and body["tta"] == 1
+    for r in results:
+        p = np.clip(r["prob_tumour"], 1e-12, 1 - 1e-12)
+        assert r["entropy_bits"] == pytest.approx(-(p * np.log2(p) + (1 - p) * np.log2(1 - p)), abs=1e-9)
+        assert r["prob_sd_tta"] is None and r["overlay_png_base64"] is None
+
+
+def test_base64_json_answers_the_same_as_multipart_and_tta_adds_a_spread(client, run, patch_files):
+    by_files = client.post("/v1/predict?tta=8", files=multipart(patch_files)).json()["results"]
+    by_json = client.post("/v1/predict?tta=8", json=as_json(patch_files)).json()["results"]
+    assert [r["id"] for r in by_json] == [p.name for p in patch_files]
+    np.testing.assert_allclose([r["prob_tumour"] for r in by_json], [r["prob_tumour"] for r in by_files], atol=1e-9)
+    patches = np.stack([decode_patch_file(p).patch for p in patch_files])
+    np.testing.assert_allclose([r["prob_tumour"] for r in by_json], predict_patches(run, patches, tta=8), atol=1e-5)
+    assert all(r["prob_sd_tta"] > 0 for r in by_json)
+
+
+def test_a_data_url_is_accepted_as_base64(client, patch_files):
+    data_url = "data:image/jpeg;base64," + base64.b64encode(patch_files[0].read_bytes()).decode()
+    response = client.post("/v1/predict", json={"patches": [{"image_base64": data_url}]})
+    assert response.status_code == 200 and response.json()["results"][0]["id"] == "patch0"
+
+
+def test_overlay_returns_a_grad_cam_png_per_patch(client, patch_files):
+    response = client.post("/v1/predict?overlay=true", files=multipart(patch_files[:3]))
+    assert response.status_code == 200
+    for result in response.json()["results"]:
+        overlay = Image.open(io.BytesIO(base64.b64decode(result["overlay_png_base64"])))
+        assert overlay.format == "PNG" and overlay.mode == "RGB" and overlay.size[0] == overlay.size[1] >= 96
+
+
+def test_resize_mode_scores_other_sizes_and_says_so(run, patch_files):
+    pixels = np.asarray(Image.open(patch_files[0]).convert("RGB").resize((120, 80)))
+    with TestClient(create_app(run, ServeConfig(resize=True))) as resizing:
+        response = resizing.post("/v1/predict", files=[("files", ("wide.png", png_bytes(pixels), "image/png"))])
+    assert response.status_code == 200
+    assert response.json()["results"][0]["resized_from"] == [120, 80]
+
+
+def test_grayscale_patches_are_converted_and_say_so(client, patch_files):
+    gray = np.asarray(Image.open(patch_files[0]).convert("L"))
+    response = client.post("/v1/predict", files=[("files", ("gray.png", png_bytes(gray), "image/png"))])
+    assert response.status_code == 200 and response.json()["results"][0]["converted_from"] == "L"
+
+
+def test_serve_run_binds_loopback_unless_told_and_warns_beyond_it(trained_run, monkeypatch):
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
+    serve_run(trained_run)
+    assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == 8000
+    with pytest.warns(UserWarning, match="--host 0.0.0.0: serving beyond this machine, without authentication"):
+        serve_run(trained_run, host="0.0.0.0", port=9000)
+    assert calls[-1]["host"] == "0.0.0.0" and calls[-1]["port"] == 9000
+    with pytest.raises(UserError, match="not a run folder"):
+        serve_run(trained_run.parent / "missing")
+
+
+# --- bad input: a 4xx with a JSON error naming the problem, and the server keeps serving ------
+
+
+def _bad_requests(patch: Path) -> list[tuple[str, dict, int, str]]:
+    jpeg = patch.read_bytes()
+    wide = np.zeros((80, 120, 3), np.uint8)
+    return [
+        ("non-image file", dict(files=[("files", ("notes.txt", b"these are not pixels", "text/plain"))]),
+         422, "file 'notes.txt': not an image Pillow can read"),
+        ("truncated image", dict(files=[("files", ("cut.jpg", jpeg[: len(jpeg) // 2], "image/jpeg"))]),
+         422, "file 'cut.jpg': is truncated or corrupt"),
+        ("image header only", dict(files=[("files", ("head.jpg", jpeg[:300], "image/jpeg"))]),
+         422, "file 'head.jpg'"),
+        ("not 96x96", dict(files=[("files", ("wide.png", png_bytes(wide), "image/png"))]),
+         422, "file 'wide.png': is 120x80 pixels, expected 96x96; send 96x96 patches, or start the server with --resize"),
+        ("decompression bomb, decodable", dict(files=[("files", ("bomb.png", png_bytes(np.zeros((2000, 2000), np.uint8)), "image/png"))]),
+         413, "file 'bomb.png': is 2000x2000 pixels, over the limit of 1,048,576 pixels (refused before decoding)"),
+        ("decompression bomb, 2.5 gigapixels", dict(files=[("files", ("huge.png", png_claiming(50_000, 50_000), "image/png"))]),
+         413, "file 'huge.png': refused before decoding"),
+        ("empty file", dict(files=[("files", ("empty.png", b"", "image/png"))]), 422, "file 'empty.png': is empty"),
+        ("wrong content type", dict(content=jpeg, headers={"content-type": "image/jpeg"}),
+         415, "Content-Type: expected multipart/form-data (image files) or application/json (base64 images), found 'image/jpeg'"),
+        ("no content type", dict(content=b""), 415, "found none"),
+        ("malformed JSON", dict(content=b'{"patches": [', headers={"content-type": "application/json"}),
+         400, "request body: not valid JSON at line 1 column 14"),
+        ("JSON without patches", dict(json={"images": []}), 422, "request body: expected a non-empty list 'patches', found no 'patches'"),
+        ("JSON with a number for an image", dict(json={"patches": [{"image_base64": 7}]}),
+         422, "patches[0]: expected an object with a string 'image_base64'"),
+        ("malformed base64", dict(json={"patches": [{"id": "x", "image_base64": "not*base64!"}]}),
+         400, "patches[0].image_base64: not valid base64"),
+        ("base64 of a non-image", dict(json={"patches": [{"id": "x.png", "image_base64": base64.b64encode(b"hello").decode()}]}),
+         422, "file 'x.png': not an image"),
+        ("multipart without files", dict(content=b"--b\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nvalue\r\n--b--\r\n",
+             headers={"content-type": "multipart/form-data; boundary=b"}),
+         422, "multipart body: no files"),
+        ("multipart without a boundary", dict(content=b"xx", headers={"content-type": "multipart/form-data"}),
+         400, "multipart body: Missing boundary in multipart."),
+        ("a TTA that does not exist", dict(files=[("files", ("p.jpg", jpeg, "image/jpeg"))], params={"tta": 3}),
+         422, "query parameter tta=3: expected one of 1, 4, 8"),
+        ("a TTA that is not a number", dict(files=[("files", ("p.jpg", jpeg, "image/jpeg"))], params={"tta": "many"}),
+         422, "query tta: Input should be a valid integer"),
+    ]
+
+
+def test_each_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving(client, patch_files):
+    for name, request, status, message in _bad_requests(patch_files[0]):
+        response = client.post("/v1/predict", **request)
+        assert response.status_code == status, (name, response.text)
+        assert response.headers["content-type"] == "application/json", name
+        assert message in response.json()["error"], (name, response.json())
+        assert_still_serving(client, patch_files[1])
+
+
+def test_an_upload_over_the_size_limit_gets_413_whether_its_length_is_declared_or_streamed(strict_client, patch_files):
+    big = patch_files[0].read_bytes() * 20  # ~100 kB against a 64 kB limit
+    declared = strict_client.post("/v1/predict", files=[("files", ("big.jpg", big, "image/jpeg"))])
+    assert declared.status_code == 413
+    assert declared.json()["error"].startswith("request body: over the limit of 64,000 bytes")
+
+    def chunks():  # no Content-Length: the limit is counted as the body streams in
+        yield b'{"patches": [{"image_base64": "'
+        for _ in range(100):
+            yield b"A" * 1000
+        yield b'"}]}'
+
+    streamed = strict_client.post("/v1/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413 and "over the limit of 64,000 bytes" in streamed.json()["error"]
+    assert_still_serving(strict_client, patch_files[1])
+
+
+def test_too_many_files_in_one_request_gets_413(strict_client, patch_files):
+    response = strict_client.post("/v1/predict", files=multipart(patch_files[:5]))
+    assert response.status_code == 413
+    assert response.json()["error"] == ("request: more than 4 patches, over the limit of 4 per request; "
+                                        "split them over several requests")
+    response = strict_client.post("/v1/predict", json=as_json(patch_files[:5]))
+    assert response.status_code == 413 and "request: 5 patches, over the limit of 4" in response.json()["error"]
+    assert strict_client.post("/v1/predict", files=multipart(patch_files[:4])).status_code == 200
+
+
+def test_unknown_paths_and_methods_answer_json_errors(client):
+    assert client.get("/v2/nothing").json() == {"error": "GET /v2/nothing: Not Found"}
+    response = client.get("/v1/predict")
+    assert response.status_code == 405 and "Method Not Allowed" in response.json()["error"]
+
+
+def test_bad_server_limits_are_user_errors():
+    with pytest.raises(UserError, match="--tta 2: expected one of 1, 4, 8"):
+        ServeConfig(tta=2)
+    with pytest.raises(UserError, match="--max-image-pixels 100: expected at least 9216"):
+        ServeConfig(max_image_pixels=100)
+    with pytest.raises(UserError, match="--max-queued-patches 10: expected at least --max-files 256"):
+        ServeConfig(max_queued_patches=10)
+
+
+# --- fuzzing: no input makes the server fail (5xx) --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api_schema(run):
+    return schemathesis.openapi.from_asgi("/openapi.json", create_app(run, ServeConfig(max_files=8)))
+
+
+# schemathesis' own pytest plugin (schema.parametrize) does not run under pytest 9 yet
+# (it reads Function._nodeid); its hypothesis strategies do. Negative cases (data
+# that breaks the schema) exist only where there are parameters or a body.
+@pytest.mark.parametrize("method, path, mode", [
+    ("GET", "/health", GenerationMode.POSITIVE),
+    ("GET", "/v1/model", GenerationMode.POSITIVE),
+    ("POST", "/v1/predict", GenerationMode.POSITIVE),
+    ("POST", "/v1/predict", GenerationMode.NEGATIVE),
+])
+def test_fuzzed_requests_never_get_a_server_error(api_schema, method, path, mode):
+    documented = {(result.ok().method.upper(), result.ok().path) for result in api_schema.get_all_operations()}
+    assert documented == {("GET", "/health"), ("GET", "/v1/model"), ("POST", "/v1/predict")}
+
+    @given(case=api_schema[path][method].as_strategy(generation_mode=mode))
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def check(case):
+        response = case.call()
+        assert response.status_code < 500, (case.as_curl_command(), response.text)
+        if response.status_code >= 400:
+            assert response.json()["error"]
+
+    check()
+
+
+@given(cut=st.integers(min_value=0, max_value=4000), flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=8),
+       kind=st.sampled_from(["jpg", "tif"]))
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+def test_damaged_real_images_get_200_or_a_4xx_never_a_5xx(client, patch_files, kaggle_sample, cut, flips, kind):
+    source = patch_files[0] if kind == "jpg" else min((kaggle_sample / "train").glob("*.tif"))
+    data = bytearray(source.read_bytes())
+    for at, value in flips:
+        data[at % len(data)] = value
+    data = bytes(data[: len(data) - cut])
+    response = client.post("/v1/predict", files=[("files", (f"damaged.{kind}", data, "application/octet-stream"))])
+    assert response.status_code == 200 or 400 <= response.status_code < 500, response.text
+    if response.status_code != 200:
+        assert "damaged" in response.json()["error"]
+
+
+# --- request batching ------------------------------------------------------------------------
+
+
+def test_concurrent_requests_are_batched_into_one_model_call_with_the_same_answers(run, patch_files):
+    patches = np.stack([decode_patch_file(p).patch for p in patch_files])
+    calls: list[int] = []
+    release = threading.Event()
+
+    def score(batch: np.ndarray, tta: int) -> np.ndarray:
+        calls.append(len(batch))
+        release.wait(timeout=60)  # hold the first call so that the rest queue up behind it
+        return predict_samples(run, batch, tta=tta)
+
+    batcher = PredictionBatcher(score, lambda batch: batch, max_batch_patches=256, max_wait_ms=0,
+                                max_queued_patches=1024)
+    batcher.start()
+    try:
+        first = batcher.submit(patches[:1], tta=1)
+        while not calls:
+            time.sleep(0.01)
+        futures = [batcher.submit(patches[i : i + 1], tta=1) for i in range(1, len(patches))]
+        release.set()
+        results = [f.result(timeout=60) for f in [first, *futures]]
+    finally:
+        batcher.stop()
+    assert calls == [1, len(patches) - 1], "the 11 requests queued behind the first ran as one batch"
+    assert batcher.stats.batches == 2 and batcher.stats.requests == len(patches)
+    logits = np.concatenate([r.logits for r in results])
+    np.testing.assert_allclose(logits, predict_samples(run, patches, tta=1), atol=1e-5)
+
+
+def test_requests_with_other_tta_or_overlays_share_a_batch_but_get_their_own_answers(run, patch_files):
+    patches = np.stack([decode_patch_file(p).patch for p in patch_files[:4]])
+    release = threading.Event()
+    batcher = PredictionBatcher(
+        lambda batch, tta: (release.wait(timeout=60), predict_samples(run, batch, tta=tta))[1],
+        lambda batch: batch[:, :2, :2] + 1, max_batch_patches=256, max_wait_ms=0, max_queued_patches=1024)
+    batcher.start()
+    try:
+        blocker = batcher.submit(patches[:1], tta=1)
+        plain = batcher.submit(patches[:2], tta=1)
+        views = batcher.submit(patches[2:], tta=8, overlay=True)
+        with_overlay = batcher.submit(patches[:2], tta=1, overlay=True)
+        release.set()
+        blocker.result(timeout=60)
+        plain, views, with_overlay = plain.result(timeout=60), views.result(timeout=60), with_overlay.result(timeout=60)
+    finally:
+        batcher.stop()
+    assert plain.logits.shape == (2, 1, 1) and plain.overlays is None
+    assert views.logits.shape == (2, 1, 8)
+    np.testing.assert_array_equal(views.overlays, patches[2:, :2, :2] + 1)
+    np.testing.assert_array_equal(with_overlay.overlays, patches[:2, :2, :2] + 1)
+
+
+def test_a_full_queue_refuses_with_server_busy(run, patch_files):
+    patch = decode_patch_file(patch_files[0]).patch[None]
+    release = threading.Event()
+    batcher = PredictionBatcher(lambda batch, tta: (release.wait(timeout=60), predict_samples(run, batch))[1],
+                                lambda batch: batch, max_batch_patches=1, max_wait_ms=0, max_queued_patches=2)
+    batcher.start()
+    try:
+        running = batcher.submit(patch, tta=1)
+        while batcher.queued_patches:
+            time.sleep(0.01)
+        queued = [batcher.submit(patch, tta=1), batcher.submit(patch, tta=1)]
+        with pytest.raises(ServerBusy, match=r"server busy: 2 patches queued \(limit 2\); retry in a second"):
+            batcher.submit(patch, tta=1)
+        release.set()
+        for future in [running, *queued]:
+            assert future.result(timeout=60).logits.shape == (1, 1, 1)
+    finally:
+        batcher.stop()
+
+
+def test_concurrent_http_requests_all_get_their_own_answers(client, run, patch_files):
+    patches = np.stack([decode_patch_file(p).patch for p in patch_files])
+    expected = predict_patches(run, patches)
+
+    def one(i: int) -> float:
+        response = client.post("/v1/predict", files=multipart([patch_files[i]]))
+        return response.json()["results"][0]["prob_tumour"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        probs = list(pool.map(one, range(len(patch_files))))
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+# --- the web page in headless Chromium -------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(run):
+    """The app on a real socket (uvicorn in a thread), for the browser."""
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(run), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start within 30 s"
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("headless Chromium and chromedriver are not installed; run scripts/install-browser.sh "
+                    "(apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    downloads = tmp_path_factory.mktemp("downloads")
+    options = Options()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads)})
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    driver.downloads = downloads
+    yield driver
+    driver.quit()
+
+
+def test_the_page_scores_an_uploaded_patch_and_shows_probability_and_overlay(browser, live_server, client, patch_files):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    expected = client.post("/v1/predict", files=multipart(patch_files[:3])).json()["results"]
+    browser.get(live_server + "/")
+    WebDriverWait(browser, 30).until(lambda d: "histo_tinynet" in d.find_element(By.ID, "model-card").text)
+    browser.find_element(By.ID, "overlay").click()
+    browser.find_element(By.ID, "file-input").send_keys("\n".join(str(p) for p in patch_files[:3]))
+    WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.result")) == 3)
+    for result in expected:
+        row = browser.find_element(By.CSS_SELECTOR, f'tr.result[data-name="{result["id"]}"]')
+        assert row.find_element(By.CSS_SELECTOR, ".prob").text.startswith(f"{result['prob_tumour']:.4f}")
+        assert row.find_element(By.CSS_SELECTOR, ".label").text == ("tumour" if result["label"] else "normal")
+        overlay = row.find_element(By.CSS_SELECTOR, "img.overlay")
+        WebDriverWait(browser, 10).until(lambda d, img=overlay: d.execute_script("return arguments[0].naturalWidth", img) > 0)
+        assert browser.execute_script("return arguments[0].naturalWidth", overlay) >= 96
+
+    shown = sorted(expected, key=lambda r: -r["prob_tumour"])
+    names = [row.get_attribute("data-name") for row in browser.find_elements(By.CSS_SELECTOR, "tr.result")]
+    assert names == [r["id"] for r in shown], "sorted by probability, high first"
+    between = (shown[1]["prob_tumour"] + shown[2]["prob_tumour"]) / 2  # keeps the top two
+    low_filter = browser.find_element(By.ID, "min-prob")
+    low_filter.clear()
+    low_filter.send_keys(repr(between))
+    WebDriverWait(browser, 10).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.result")) == 2)
+
+    browser.find_element(By.ID, "download").click()
+    csv_path = browser.downloads / "histodetect-results.csv"
+    WebDriverWait(browser, 20).until(lambda d: csv_path.is_file() and csv_path.stat().st_size > 0)
+    with csv_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["file"] for r in rows] == [r["id"] for r in shown[:2]]
+    np.testing.assert_allclose([float(r["prob_tumour"]) for r in rows], [r["prob_tumour"] for r in shown[:2]], atol=1e-9)
+
+
+def test_the_page_marks_a_bad_file_and_still_scores_the_good_ones(browser, live_server, patch_files, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    browser.get(live_server + "/")
+    browser.find_element(By.ID, "file-input").send_keys(f"{patch_files[4]}\n{bad}")
+    WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.result")) == 2)
+    failed = browser.find_element(By.CSS_SELECTOR, "tr.failed")
+    assert failed.get_attribute("data-name") == "notes.png" and "not an image" in failed.text
+    assert browser.find_element(By.CSS_SELECTOR, f'tr.result[data-name="{patch_files[4].name}"] .prob').text
