@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,16 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PCAM_JPEG = SHARED_DATA / "pcam-jpeg"
 KAGGLE_SAMPLE = SHARED_DATA / "kaggle-sample"
+
+
+def copy_patches(pcam_jpeg: Path, dest: Path, per_class: dict[str, int]) -> Path:
+    """Copy the first `n` real patches of each label of each split into split/label/ under `dest`."""
+    for split, n in per_class.items():
+        for label in ("0", "1"):
+            (dest / split / label).mkdir(parents=True)
+            for path in sorted((pcam_jpeg / split / label).glob("*.jpg"))[:n]:
+                shutil.copy(path, dest / split / label / path.name)
+    return dest
 
 
 def _require(path: Path) -> Path:

@@ -41,6 +41,8 @@ from histodetect.predict import (
     uncertainty_measures,
 )
 from histodetect.train import fit, load_checkpoint, preset_config, save_atomic
+from histodetect.cli import main
+from conftest import copy_patches
 
 # Small and fast, as tests/test_train.py: the whole file must run in a few minutes on 2 cores.
 # Batches of 16 give 48 steps in 4 epochs of 192 patches: enough for the threshold-sure
@@ -54,13 +56,6 @@ SYNTHETIC = dict(TINY, epochs=1, crop_px=0, shift_px=0, drop_rate=0.0, hed_sigma
 CENTRE_SHARE = (32 * 32) / (96 * 96)
 
 
-def copy_patches(pcam_jpeg: Path, dest: Path, per_class: dict[str, int]) -> Path:
-    for split, n in per_class.items():
-        for label in ("0", "1"):
-            (dest / split / label).mkdir(parents=True)
-            for path in sorted((pcam_jpeg / split / label).glob("*.jpg"))[:n]:
-                shutil.copy(path, dest / split / label / path.name)
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -456,7 +451,6 @@ def test_triage_on_a_real_trained_model_gains_accuracy_at_half_coverage(real_run
 
 # --- the command line -----------------------------------------------------------------------
 
-from histodetect.cli import main  # noqa: E402
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

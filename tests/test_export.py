@@ -18,19 +18,13 @@ from histodetect.errors import UserError
 from histodetect.export import MAX_PROB_DIFF, ExportedModel, export_run, exported_path, load_exported_run
 from histodetect.predict import load_run, predict_patches, predict_to_csv
 from histodetect.train import fit, preset_config
+from conftest import copy_patches
 
 # Small and fast: one epoch of 4 steps is all an export needs to have weights to check.
 TINY = dict(model="histo_tinynet", batch_size=32, epochs=1, max_minutes=0.0, crop_px=48, shift_px=2,
             val_batch_size=128, device="cpu", ema_decay=0.9, warmup_fraction=0.1)
 
 
-def copy_patches(pcam_jpeg: Path, dest: Path, per_class: dict[str, int]) -> Path:
-    for split, n in per_class.items():
-        for label in ("0", "1"):
-            (dest / split / label).mkdir(parents=True)
-            for path in sorted((pcam_jpeg / split / label).glob("*.jpg"))[:n]:
-                shutil.copy(path, dest / split / label / path.name)
-    return dest
 
 
 @pytest.fixture(scope="module")

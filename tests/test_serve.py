@@ -30,19 +30,13 @@ from histodetect.predict import load_run, predict_patches, predict_samples, pred
 from histodetect.serve import ServeConfig, create_app, serve_run
 from histodetect.serve.batcher import PredictionBatcher, ServerBusy
 from histodetect.train import fit, preset_config
+from conftest import copy_patches
 
 # Small and fast: one epoch of 4 steps gives weights whose probabilities differ per patch.
 TINY = dict(model="histo_tinynet", batch_size=32, epochs=1, max_minutes=0.0, crop_px=48, shift_px=2,
             val_batch_size=128, device="cpu", ema_decay=0.9, warmup_fraction=0.1)
 
 
-def copy_patches(pcam_jpeg: Path, dest: Path, per_class: dict[str, int]) -> Path:
-    for split, n in per_class.items():
-        for label in ("0", "1"):
-            (dest / split / label).mkdir(parents=True)
-            for path in sorted((pcam_jpeg / split / label).glob("*.jpg"))[:n]:
-                shutil.copy(path, dest / split / label / path.name)
-    return dest
 
 
 @pytest.fixture(scope="module")

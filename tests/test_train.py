@@ -19,19 +19,13 @@ from histodetect.data.store import open_store, prepare
 from histodetect.errors import UserError
 from histodetect.models import create_model
 from histodetect.train import PRESETS, build_optimizer, fit, load_checkpoint, preset_config, training_loss
+from conftest import copy_patches
 
 # Small and fast: the whole file must run in a few minutes on 2 cores.
 TINY = dict(model="histo_tinynet", batch_size=32, epochs=2, max_minutes=0.0, crop_px=48, shift_px=2,
             val_batch_size=128, device="cpu", ema_decay=0.9, warmup_fraction=0.1)
 
 
-def copy_patches(pcam_jpeg: Path, dest: Path, per_class: dict[str, int]) -> Path:
-    for split, n in per_class.items():
-        for label in ("0", "1"):
-            (dest / split / label).mkdir(parents=True)
-            for path in sorted((pcam_jpeg / split / label).glob("*.jpg"))[:n]:
-                shutil.copy(path, dest / split / label / path.name)
-    return dest
 
 
 @pytest.fixture(scope="module")
