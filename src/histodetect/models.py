@@ -137,21 +137,25 @@ def _histo_tinynet_cfg(input_size_px: int) -> dict:
     }
 
 
-@register_model
-def histo_tinynet(pretrained: bool = False, **kwargs) -> HistoTinyNet:
-    """HistoTinyNet, our CPU network; there are no hub weights for it."""
+def _build_histo_net(name: str, pretrained: bool, input_size_px: int, kwargs: dict) -> HistoTinyNet:
+    """A HistoTinyNet as timm's registry calls it; there are no hub weights for ours."""
     if pretrained:
         raise UserError(
-            "histo_tinynet: there are no published weights for it (pretrained=True); "
-            "train it or pass --weights FILE"
+            f"{name}: there are no published weights for it (pretrained=True); train it or pass --weights FILE"
         )
-    # timm's create_model passes these for hub-backed models; ours has none.
+    # timm's create_model passes these for hub-backed models; ours have none.
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     model = HistoTinyNet(**kwargs)
-    model.pretrained_cfg = _histo_tinynet_cfg(64)  # trained on the centre 64 px of a patch
+    model.pretrained_cfg = {**_histo_tinynet_cfg(input_size_px), "architecture": name}
     model.default_cfg = model.pretrained_cfg
     return model
+
+
+@register_model
+def histo_tinynet(pretrained: bool = False, **kwargs) -> HistoTinyNet:
+    """HistoTinyNet, our CPU network, trained on the centre 64 px of a patch."""
+    return _build_histo_net("histo_tinynet", pretrained, 64, kwargs)
 
 
 @register_model
@@ -159,22 +163,13 @@ def histo_net96(pretrained: bool = False, **kwargs) -> HistoTinyNet:
     """HistoTinyNet for the whole 96 px patch: two stride-2 stem convs (24, 32 wide) take
     it to 24x24, then stages 32-64-128 of two residual blocks each (0.89M parameters).
 
-    The tumour label is about the centre 32x32, but the context around it carries
-    signal: at equal epochs it beat histo_tinynet on the 64 px centre crop on
-    pcam-jpeg valid (AUC 0.872 vs 0.876 after 3 vs 4.7 epochs, BENCHMARKS.md).
+    The label is about the centre 32x32, but the context around it carries signal:
+    per epoch it learns faster than histo_tinynet on the 64 px crop, but per minute of
+    CPU it did not win (10 minutes side by side, one thread each: valid AUC 0.900 vs
+    0.907 with TTA 8, BENCHMARKS.md), so the `cpu` preset keeps histo_tinynet.
     """
-    if pretrained:
-        raise UserError(
-            "histo_net96: there are no published weights for it (pretrained=True); "
-            "train it or pass --weights FILE"
-        )
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
     kwargs = {"stem_widths": (24, 32), "widths": (32, 64, 128), "depths": (2, 2, 2), **kwargs}
-    model = HistoTinyNet(**kwargs)
-    model.pretrained_cfg = {**_histo_tinynet_cfg(96), "architecture": "histo_net96"}
-    model.default_cfg = model.pretrained_cfg
-    return model
+    return _build_histo_net("histo_net96", pretrained, 96, kwargs)
 
 
 def known_model_names() -> list[str]:
