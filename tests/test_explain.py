@@ -127,7 +127,7 @@ def test_maps_equal_the_grad_cam_package_and_are_zero_outside_the_crop(real_run,
 
     from histodetect.augment import preprocess_batch
 
-    run = load_run(real_run, device="cpu")
+    run = load_run(real_run, device="cpu", fp32=True)  # maps and their logits are computed in float32
     patches = valid_patches(real_store)[::8]
     cams, logits, layer = class_activation_maps(run.model, patches, mean=run.mean, std=run.std,
                                                 crop_px=run.crop_px, device=run.device, method=method)

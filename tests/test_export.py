@@ -63,7 +63,7 @@ def test_onnx_export_is_checked_against_pytorch_on_real_patches_of_the_runs_stor
 
 
 def test_onnx_probabilities_equal_pytorchs_for_any_batch_size(onnx_export, trained_run, valid_patches):
-    run = load_run(trained_run, device="cpu")
+    run = load_run(trained_run, device="cpu", fp32=True)  # exports run in float32
     expected = predict_patches(run, valid_patches)
     exported = ExportedModel(onnx_export.path)
     for batch in (1, 7, 50):
@@ -99,7 +99,7 @@ def test_a_calibration_temperature_is_applied_inside_the_export(trained_run, tmp
     assert exported.metadata.temperature == 2.5
     logit, prob = exported(exported.images(valid_patches))
     np.testing.assert_allclose(prob, 1 / (1 + np.exp(-logit / 2.5)), atol=1e-6)
-    np.testing.assert_allclose(prob[:, 0], predict_patches(load_run(calibrated, device="cpu"), valid_patches),
+    np.testing.assert_allclose(prob[:, 0], predict_patches(load_run(calibrated, device="cpu", fp32=True), valid_patches),
                                atol=MAX_PROB_DIFF)
 
 
@@ -109,7 +109,7 @@ def test_torchscript_export_keeps_the_metadata_beside_the_graph_and_matches_pyto
     exported = ExportedModel(report.path)
     assert exported.format == "torchscript"
     assert exported.metadata.crop_px == 48 and exported.metadata.run["preset"] == "cpu"
-    run = load_run(trained_run, device="cpu")
+    run = load_run(trained_run, device="cpu", fp32=True)
     np.testing.assert_allclose(exported.probabilities(valid_patches[:9]), predict_patches(run, valid_patches[:9]),
                                atol=MAX_PROB_DIFF)
 
@@ -119,7 +119,7 @@ def test_predict_through_onnx_runtime_writes_the_csv_pytorch_writes(onnx_export,
     onnx_run = load_exported_run(trained_run)  # the run folder's model.onnx
     assert type(onnx_run.model).__name__ == "ExportedLogits"
     predict_to_csv(onnx_run, files, tmp_path / "onnx.csv", tta=8, progress=False)
-    predict_to_csv(load_run(trained_run, device="cpu"), files, tmp_path / "torch.csv", tta=8, progress=False)
+    predict_to_csv(load_run(trained_run, device="cpu", fp32=True), files, tmp_path / "torch.csv", tta=8, progress=False)
 
     def read(path: Path) -> list[dict]:
         with path.open() as handle:

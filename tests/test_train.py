@@ -121,6 +121,32 @@ def test_predict_writes_id_prob_pred_for_folders_files_stores_and_h5(trained_run
     np.testing.assert_allclose([float(r["prob"]) for r in h5_rows], expected[:7], atol=1e-6)
 
 
+def test_predict_uses_bf16_where_fast_and_fp32_gives_the_plain_float32_model(trained_run, small_store, tmp_path,
+                                                                             capsys):
+    from histodetect.augment import preprocess_batch
+    from histodetect.predict import load_run, predict_patches
+    from histodetect.train import bf16_is_fast
+
+    store = open_store(small_store)
+    rows = store.split_indices("valid")
+    patches = store.read_batch(rows)
+    run, run_fp32 = load_run(trained_run, device="cpu"), load_run(trained_run, device="cpu", fp32=True)
+    with torch.no_grad():
+        x = preprocess_batch(torch.from_numpy(patches), run.mean, run.std, run.crop_px)
+        plain = torch.sigmoid(run_fp32.model(x.contiguous())).reshape(-1).numpy()
+    np.testing.assert_allclose(predict_patches(run_fp32, patches), plain, atol=1e-6)
+    default = predict_patches(run, patches)
+    if bf16_is_fast(torch.device("cpu")):
+        assert 0 < np.abs(default - plain).max() < 0.05, "bf16 autocast should move probabilities a little"
+    else:
+        np.testing.assert_allclose(default, plain, atol=1e-6)
+
+    code, _, _ = run_cli(capsys, "predict", trained_run, small_store, "--split", "valid", "--fp32",
+                         "--out", tmp_path / "fp32.csv")
+    with (tmp_path / "fp32.csv").open() as handle:
+        np.testing.assert_allclose([float(r["prob"]) for r in csv.DictReader(handle)], plain, atol=1e-6)
+
+
 def test_kaggle_submission_is_exactly_id_label_for_the_test_folder(trained_run, kaggle_sample, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "predict", trained_run, kaggle_sample / "test", "--out", tmp_path / "sub.csv",
                            "--kaggle-submission", "--quiet")

@@ -128,7 +128,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     data, split = parse_data_arg(args.data) if args.data else (None, None)
     metrics = evaluate_run(args.run, data, split=split, tta=args.tta, out=args.out, device=args.device,
-                           n_boot=args.bootstrap, mc_passes=args.mc, seed=args.seed)
+                           fp32=args.fp32, n_boot=args.bootstrap, mc_passes=args.mc, seed=args.seed)
     if args.json:
         print(json.dumps(metrics, indent=2))
         return
@@ -159,7 +159,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             raise UserError(f"--engine onnx runs on the CPU (ONNX Runtime); drop --device {args.device}")
         run = load_exported_run(args.run)
     else:
-        run = load_run(args.run, device=args.device)
+        run = load_run(args.run, device=args.device, fp32=args.fp32)
     path, n = predict_to_csv(run, args.inputs, args.out, tta=args.tta, split=args.split,
                              kaggle_submission=args.kaggle_submission, batch_size=args.batch_size,
                              progress=not args.quiet, uncertainty=args.uncertainty, mc_passes=args.mc,
@@ -173,7 +173,7 @@ def _cmd_explain(args: argparse.Namespace) -> None:
     from .explain import write_explanations
     from .predict import load_run
 
-    run = load_run(args.run, device=args.device)
+    run = load_run(args.run, device=args.device, fp32=args.fp32)
     report = write_explanations(run, args.images, args.out, method=args.method, layer=args.layer,
                                 split=args.split, resize=args.resize, progress=not args.quiet)
     sheets = f", {len(report.sheets)} contact sheet(s)" if report.sheets else ""
@@ -186,7 +186,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     from .explain import calibrate_run
 
     data, split = parse_data_arg(args.data) if args.data else (None, None)
-    record = calibrate_run(args.run, data, split=split, tta=args.tta, device=args.device)
+    record = calibrate_run(args.run, data, split=split, tta=args.tta, device=args.device, fp32=args.fp32)
     print(f"{args.run}: temperature {record['temperature']:.4f}, fitted on {record['store']}:{record['split']} "
           f"({record['n']} patches)")
     print(f"  NLL {record['nll_before']:.4f} -> {record['nll_after']:.4f}  ECE {record['ece_before']:.4f} -> "
@@ -212,7 +212,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     limits = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if getattr(args, f.name, None) is not None}
     serve_run(args.run, host=args.host, port=args.port, config=ServeConfig(**limits), device=args.device,
-              threads=args.threads)
+              threads=args.threads, fp32=args.fp32)
 
 
 def _cmd_slide(args: argparse.Namespace) -> None:
@@ -223,7 +223,7 @@ def _cmd_slide(args: argparse.Namespace) -> None:
                    min_tissue_fraction=args.min_tissue, batch_size=args.batch_size, workers=args.workers,
                    roi=parse_roi(args.roi) if args.roi else None)
     config = SlideConfig(**{k: v for k, v in options.items() if v is not None})
-    run = load_run(args.run, device=args.device)
+    run = load_run(args.run, device=args.device, fp32=args.fp32)
     report = analyse_slides(run, args.slides, args.out, config, overwrite=args.overwrite, progress=not args.quiet)
     for result in report.results:
         s = result.summary
@@ -333,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also N MC-dropout passes per patch (needs a model with dropout); adds their spread to triage")
     p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout masks")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--fp32", action="store_true",
+                   help="compute in float32 (default: bf16 autocast where fast: CUDA, CPUs with AMX / AVX512-BF16)")
     p.add_argument("--json", action="store_true", help="print metrics.json")
 
     p = add("predict", "Score patches with a run: a CSV id,prob,pred or a Kaggle submission.",
@@ -346,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kaggle-submission", action="store_true", help="write exactly id,label (label = probability)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--fp32", action="store_true",
+                   help="compute in float32 (default: bf16 autocast where fast: CUDA, CPUs with AMX / AVX512-BF16)")
     p.add_argument("--engine", default="torch", choices=("torch", "onnx"),
                    help="onnx: run RUN/model.onnx (or an exported .onnx file given as RUN) through ONNX Runtime")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -372,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="only this split of a store or folder")
     p.add_argument("--resize", action="store_true", help="resize images that are not 96x96 instead of refusing them")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--fp32", action="store_true",
+                   help="compute in float32 (default: bf16 autocast where fast: CUDA, CPUs with AMX / AVX512-BF16)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add("calibrate", "Fit temperature scaling on a validation split and store it in the run.",
@@ -381,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", type=int, default=1, choices=(1, 4, 8),
                    help="fit on the mean of this many dihedral views (default 1)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--fp32", action="store_true",
+                   help="compute in float32 (default: bf16 autocast where fast: CUDA, CPUs with AMX / AVX512-BF16)")
 
     p = add("export", "Export a run to ONNX or TorchScript, checked against PyTorch on real patches.",
             "histodetect export runs/cpu --format onnx --out runs/cpu/model.onnx", _cmd_export)
@@ -407,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, help="how long a batch waits for more requests (default 2)")
     p.add_argument("--max-queued-patches", type=int, help="queued patches before answering 503 (default 4096)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--fp32", action="store_true",
+                   help="compute in float32 (default: bf16 autocast where fast: CUDA, CPUs with AMX / AVX512-BF16)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: one per core)")
     p = add("slide", "Whole slides: find the tissue, score it tile by tile, write a tumour heatmap, regions and a summary.",
             "histodetect slide runs/cpu slides/node_01.svs --out results/node_01 --stride 48", _cmd_slide)
@@ -428,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="processes reading the slide (default 0: the main process reads, "
                    "fastest on a 2-core CPU, see benchmarks/slide_speed.py)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--fp32", action="store_true",
+                   help="compute in float32 (default: bf16 autocast where fast: CUDA, CPUs with AMX / AVX512-BF16)")
     p.add_argument("--overwrite", action="store_true", help="replace results made with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser

@@ -194,7 +194,7 @@ def load_exported_run(path: Path, *, threads: int = 0) -> LoadedRun:
     return LoadedRun(
         run_dir=exported.path.parent, model=ExportedLogits(exported), device=torch.device("cpu"),
         mean=tuple(meta.mean), std=tuple(meta.std), crop_px=meta.crop_px, threshold=meta.threshold,
-        temperature=meta.temperature, config=meta.run.get("config", {}), run=meta.run,
+        temperature=meta.temperature, config=meta.run.get("config", {}), run=meta.run, bf16=False,
     )
 
 
@@ -283,7 +283,7 @@ def export_run(run_dir: Path, *, format: str = "onnx", out: Path | None = None, 
         raise UserError(f"--out {out}: {format} exports are {suffix} files; name it e.g. {out.with_suffix(suffix).name}")
     if out.is_dir():
         raise UserError(f"--out {out}: is a folder; pass a file name such as {out / ('model' + suffix)}")
-    run = load_run(run_dir, checkpoint=checkpoint, device="cpu")
+    run = load_run(run_dir, checkpoint=checkpoint, device="cpu", fp32=True)  # the exports run in float32
     patches, checked_on = check_patches(run, check_data)
     meta = _metadata(run)
     model = CalibratedModel(copy.deepcopy(run.model).to(memory_format=torch.contiguous_format), run.temperature).eval()

@@ -61,7 +61,7 @@ class HistoTinyNet(nn.Module):
 
     A stride-2 stem, then one stage per width: a stride-2 ConvBnAct followed by
     `depth` residual blocks. `cam_layer_name` names the last stage, the map
-    Grad-CAM reads (4x4 for a 64 px input).
+    Grad-CAM reads (6x6 for the `cpu` preset's 88 px input).
     """
 
     def __init__(
@@ -154,8 +154,8 @@ def _build_histo_net(name: str, pretrained: bool, input_size_px: int, kwargs: di
 
 @register_model
 def histo_tinynet(pretrained: bool = False, **kwargs) -> HistoTinyNet:
-    """HistoTinyNet, our CPU network, trained on the centre 64 px of a patch."""
-    return _build_histo_net("histo_tinynet", pretrained, 64, kwargs)
+    """HistoTinyNet, our CPU network; the `cpu` preset trains it on the centre 88 px of a patch."""
+    return _build_histo_net("histo_tinynet", pretrained, 88, kwargs)
 
 
 @register_model
@@ -166,7 +166,8 @@ def histo_net96(pretrained: bool = False, **kwargs) -> HistoTinyNet:
     The label is about the centre 32x32, but the context around it carries signal:
     per epoch it learns faster than histo_tinynet on the 64 px crop, but per minute of
     CPU it did not win (10 minutes side by side, one thread each: valid AUC 0.900 vs
-    0.907 with TTA 8, BENCHMARKS.md), so the `cpu` preset keeps histo_tinynet.
+    0.907 with TTA 8, BENCHMARKS.md), so the `cpu` preset keeps histo_tinynet, on a
+    larger crop (88 px) since.
     """
     kwargs = {"stem_widths": (24, 32), "widths": (32, 64, 128), "depths": (2, 2, 2), **kwargs}
     return _build_histo_net("histo_net96", pretrained, 96, kwargs)

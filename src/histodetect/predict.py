@@ -33,11 +33,12 @@ from .data.record import UNLABELLED, read_chunk
 from .data.store import is_store, open_store
 from .errors import UserError
 from .models import create_model
-from .train import Dist, load_checkpoint, model_logits, read_run, resolve_device
+from .train import Dist, bf16_is_fast, load_checkpoint, model_logits, read_run, resolve_device
 
-# Measured in benchmarks/predict_speed.py on the 2-core CPU: inference_mode +
-# channels_last + batches of 256 beat timm's eager fp32 model called on batches of
-# 64 (see BENCHMARKS.md).
+# Measured in benchmarks/predict_speed.py on the 2-core CPU (BENCHMARKS.md): bf16
+# autocast on its AMX units, inference_mode, channels_last and batches of 256 score
+# patches 2-3x faster than timm's eager fp32 model called on batches of 64; float32
+# alone (--fp32) gained only 0.9-1.3x there.
 DEFAULT_BATCH_SIZE = 256
 
 # Per-patch uncertainty columns of `predict_to_csv`, all "higher = more doubt":
@@ -72,10 +73,14 @@ class LoadedRun:
     temperature: float  # logits are divided by it (1.0 = uncalibrated)
     config: dict
     run: dict
+    # bf16 autocast where it is fast (`train.bf16_is_fast`: CUDA, CPUs with AMX or
+    # AVX512-BF16), as in training; probabilities move by up to ~1e-2. False: float32.
+    bf16: bool = True
 
 
-def load_run(run_dir: Path, *, checkpoint: str = "best", device: str = "auto", threads: int = 0) -> LoadedRun:
-    """Load a run folder's `best` (or `last`) weights for inference."""
+def load_run(run_dir: Path, *, checkpoint: str = "best", device: str = "auto", threads: int = 0,
+             fp32: bool = False) -> LoadedRun:
+    """Load a run folder's `best` (or `last`) weights for inference; `fp32` turns bf16 autocast off."""
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     state = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
@@ -106,7 +111,7 @@ def load_run(run_dir: Path, *, checkpoint: str = "best", device: str = "auto", t
     return LoadedRun(
         run_dir=run_dir, model=model, device=torch_device, mean=tuple(pre["mean"]), std=tuple(pre["std"]),
         crop_px=int(pre["crop_px"]), threshold=float(threshold),
-        temperature=float(calibration.get("temperature", 1.0)), config=config, run=run,
+        temperature=float(calibration.get("temperature", 1.0)), config=config, run=run, bf16=not fp32,
     )
 
 
@@ -115,7 +120,8 @@ def predict_logits(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1,
     """Logits (N, tta): one column per dihedral view (TTA), before temperature scaling."""
     if tta not in TTA_VIEW_COUNTS:
         raise UserError(f"--tta {tta}: expected one of {', '.join(map(str, TTA_VIEW_COUNTS))}")
-    return model_logits(run.model, patches_uint8, run.mean, run.std, run.crop_px, run.device, batch_size, tta=tta)
+    return model_logits(run.model, patches_uint8, run.mean, run.std, run.crop_px, run.device, batch_size, tta=tta,
+                        bf16=run.bf16)
 
 
 def probabilities(run: LoadedRun, logits: np.ndarray) -> np.ndarray:
@@ -196,7 +202,7 @@ def _mc_logits(run: LoadedRun, patches_uint8: np.ndarray, tta: int, mc_passes: i
         x = preprocess_batch(batch, run.mean, run.std, crop_px=run.crop_px)  # (B, 3, H, W)
         views = dihedral_views(x, tta).flatten(0, 1) if tta > 1 else x  # (tta * B, 3, H, W)
         views = views.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16 and bf16_is_fast(device)):
             if backbone_random is None:
                 backbone_random = _backbone_is_random(run.model, views)
             if backbone_random:

@@ -116,12 +116,14 @@ PRESETS: dict[str, TrainConfig] = {
         dihedral=True, hed_sigma=0.05, hed_bias=0.05, brightness=0.1, contrast=0.1,
         saturation=0.1, hue=0.0, crop_px=0, shift_px=0,
     ),
-    # Best recipe for a 2-core CPU and 10 minutes (benchmarks in BENCHMARKS.md).
+    # Best recipe for a 2-core CPU and 10 minutes (benchmarks in BENCHMARKS.md). The
+    # centre 88 px, shifted by up to 4 px, beat the centre 64 and 80 px (more epochs,
+    # less context) and the whole 96 px patch (no shift: it overfitted) in 10 minutes.
     "cpu": TrainConfig(
         model="histo_tinynet", lr=2e-3, weight_decay=0.05, batch_size=128, epochs=100,
         warmup_fraction=0.05, schedule="cosine", label_smoothing=0.0, ema_decay=0.999,
         dihedral=True, hed_sigma=0.05, hed_bias=0.05, brightness=0.1, contrast=0.1,
-        saturation=0.1, hue=0.0, crop_px=64, shift_px=4, max_minutes=10.0, device="cpu",
+        saturation=0.1, hue=0.0, crop_px=88, shift_px=4, max_minutes=10.0, device="cpu",
     ),
 }
 
@@ -300,15 +302,20 @@ def package_versions() -> dict[str, str]:
 @torch.inference_mode()
 def model_logits(model, patches_uint8, mean, std, crop_px: int, device: torch.device,
                    batch_size: int, *, tta: int = 1, bf16: bool = True) -> np.ndarray:
-    """Logits (N, tta) of uint8 patches (N, 96, 96, 3): one column per dihedral view, batched."""
+    """Logits (N, tta) of uint8 patches (N, 96, 96, 3): one column per dihedral view, batched.
+
+    With `bf16`, the model runs under bf16 autocast where that is fast (`bf16_is_fast`:
+    CUDA, and CPUs with AMX / AVX512-BF16), as training does; elsewhere in float32.
+    """
     from .augment import dihedral_views
 
+    fast_bf16 = bf16 and bf16_is_fast(device)
     columns = []
     for begin in range(0, len(patches_uint8), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(patches_uint8[begin : begin + batch_size])).to(device)
         x = preprocess_batch(batch, mean, std, crop_px=crop_px)  # (B, 3, H, W)
         views = dihedral_views(x, tta).flatten(0, 1) if tta > 1 else x  # (tta * B, 3, H, W)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_bf16):
             logits = model(views.contiguous(memory_format=torch.channels_last)).float()
         columns.append(logits.reshape(tta, -1).T.cpu().numpy())
     return np.concatenate(columns) if columns else np.empty((0, tta), np.float32)

@@ -75,7 +75,7 @@ def _triage_report_rows(tables: dict[str, list[dict]]) -> list[dict]:
 
 def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None = None, tta: int = 1,
                  out: Path | None = None, device: str = "auto", n_boot: int = 1000, mc_passes: int = 0,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, fp32: bool = False) -> dict:
     """Score a run on a labelled split of a store and write metrics.json, PNGs and report.html.
 
     `data` defaults to the store the run trained on; `split` to its 'test' split
@@ -85,7 +85,8 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
     ECE before and after temperature scaling, and selective prediction: the
     accuracy on the most confident patches by each uncertainty (closeness to
     the threshold, entropy, TTA spread with `tta` > 1, MC-dropout spread with
-    `mc_passes`).
+    `mc_passes`). `fp32` scores in float32 instead of bf16 autocast where that is
+    fast (see `predict.LoadedRun.bf16`).
     """
     from ..data.store import open_store
 
@@ -100,7 +101,7 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
         uncertainty_measures,
     )
 
-    run = load_run(run_dir, device=device)
+    run = load_run(run_dir, device=device, fp32=fp32)
     store = open_store(data or Path(run.run["data"]["path"]))
     if split is None:
         test_labelled = "test" in store.split_names and (store.labels[store.splits == "test"] >= 0).any()

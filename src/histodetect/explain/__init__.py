@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from ..data.decode import PATCH_SHAPE, PATCH_SIZE_PX
 from ..errors import UserError
-from ..predict import LoadedRun, count_inputs, iter_inputs, sample_probabilities
+from ..predict import LoadedRun, count_inputs, iter_inputs, predict_patches, sample_probabilities
+from ..train import bf16_is_fast
 from .calibration import (
     calibrate_run,
     calibrated_threshold,
@@ -95,7 +96,11 @@ def explain_patches(run: LoadedRun, patches_uint8: np.ndarray, *, method: str = 
     cams, logits, layer_name = class_activation_maps(
         run.model, patches_uint8, mean=run.mean, std=run.std, crop_px=run.crop_px, device=run.device,
         method=method, layer=layer)
-    probs = sample_probabilities(logits, run.temperature).astype(np.float32)
+    if run.bf16 and bf16_is_fast(run.device):
+        # The maps are float32; the probability shown is the one predict gives (bf16 autocast).
+        probs = predict_patches(run, patches_uint8).astype(np.float32)
+    else:
+        probs = sample_probabilities(logits, run.temperature).astype(np.float32)
     return CamResult(cams=cams, probs=probs, overlays=render_overlays(patches_uint8, cams, probs), layer=layer_name)
 
 

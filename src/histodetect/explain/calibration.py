@@ -69,7 +69,7 @@ def calibrated_threshold(threshold: float, temperature: float) -> float:
 
 
 def calibrate_run(run_dir: Path, data: Path | None = None, *, split: str | None = None, tta: int = 1,
-                  device: str = "auto") -> dict:
+                  device: str = "auto", fp32: bool = False) -> dict:
     """Fit temperature scaling on a labelled split and store it under "calibration" in the run's run.json.
 
     `data` defaults to the store the run trained on, `split` to its validation
@@ -78,7 +78,7 @@ def calibrate_run(run_dir: Path, data: Path | None = None, *, split: str | None 
     the store's fingerprint, and where the decision threshold moves to.
     """
     run_dir = Path(run_dir)
-    run = load_run(run_dir, device=device)
+    run = load_run(run_dir, device=device, fp32=fp32)
     store = open_store(data or Path(run.run["data"]["path"]))
     split = split or run.config["val_split"]
     if split == run.config["train_split"] and store.fingerprint == run.run["data"]["fingerprint"]:

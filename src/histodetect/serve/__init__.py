@@ -21,13 +21,13 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def serve_run(run_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
-              device: str = "auto", threads: int = 0, access_log: bool = True) -> None:
+              device: str = "auto", threads: int = 0, access_log: bool = True, fp32: bool = False) -> None:
     """Load a run and serve it with uvicorn until interrupted (one process, one model, batched)."""
     import uvicorn
 
     from ..predict import load_run
 
-    run = load_run(Path(run_dir), device=device, threads=threads)
+    run = load_run(Path(run_dir), device=device, threads=threads, fp32=fp32)
     app = create_app(run, config or ServeConfig())
     if host not in LOOPBACK_HOSTS:
         warnings.warn(f"--host {host}: serving beyond this machine, without authentication or TLS; "
