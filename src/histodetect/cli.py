@@ -276,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    def add_device_options(p: argparse.ArgumentParser) -> None:
+        """--device and --fp32, for every command that runs a model."""
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        p.add_argument("--fp32", action="store_true",
+                       help="compute in float32 (default: bf16 autocast where fast: CUDA, CPUs with AMX / AVX512-BF16)")
+
     p = add("synth", "Write synthetic H&E-like patches (not tissue: for demos and tests).",
             "histodetect synth --out synth --n 2000 --format kaggle", _cmd_synth)
     p.add_argument("--out", type=Path, required=True, help="folder to create")
@@ -332,9 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mc", type=int, default=0, metavar="N",
                    help="also N MC-dropout passes per patch (needs a model with dropout); adds their spread to triage")
     p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout masks")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--fp32", action="store_true",
-                   help="compute in float32 (default: bf16 autocast where fast: CUDA, CPUs with AMX / AVX512-BF16)")
+    add_device_options(p)
     p.add_argument("--json", action="store_true", help="print metrics.json")
 
     p = add("predict", "Score patches with a run: a CSV id,prob,pred or a Kaggle submission.",
@@ -347,9 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="only this split of a store or folder")
     p.add_argument("--kaggle-submission", action="store_true", help="write exactly id,label (label = probability)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--fp32", action="store_true",
-                   help="compute in float32 (default: bf16 autocast where fast: CUDA, CPUs with AMX / AVX512-BF16)")
+    add_device_options(p)
     p.add_argument("--engine", default="torch", choices=("torch", "onnx"),
                    help="onnx: run RUN/model.onnx (or an exported .onnx file given as RUN) through ONNX Runtime")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -375,9 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", help="module to explain at (default: the backbone's last feature map)")
     p.add_argument("--split", help="only this split of a store or folder")
     p.add_argument("--resize", action="store_true", help="resize images that are not 96x96 instead of refusing them")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--fp32", action="store_true",
-                   help="compute in float32 (default: bf16 autocast where fast: CUDA, CPUs with AMX / AVX512-BF16)")
+    add_device_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add("calibrate", "Fit temperature scaling on a validation split and store it in the run.",
@@ -386,9 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="STORE[:split] (default: the run's store and validation split)")
     p.add_argument("--tta", type=int, default=1, choices=(1, 4, 8),
                    help="fit on the mean of this many dihedral views (default 1)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--fp32", action="store_true",
-                   help="compute in float32 (default: bf16 autocast where fast: CUDA, CPUs with AMX / AVX512-BF16)")
+    add_device_options(p)
 
     p = add("export", "Export a run to ONNX or TorchScript, checked against PyTorch on real patches.",
             "histodetect export runs/cpu --format onnx --out runs/cpu/model.onnx", _cmd_export)
@@ -414,9 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-patches", type=int, help="patches the model scores at once across requests (default 256)")
     p.add_argument("--max-wait-ms", type=float, help="how long a batch waits for more requests (default 2)")
     p.add_argument("--max-queued-patches", type=int, help="queued patches before answering 503 (default 4096)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--fp32", action="store_true",
-                   help="compute in float32 (default: bf16 autocast where fast: CUDA, CPUs with AMX / AVX512-BF16)")
+    add_device_options(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: one per core)")
     p = add("slide", "Whole slides: find the tissue, score it tile by tile, write a tumour heatmap, regions and a summary.",
             "histodetect slide runs/cpu slides/node_01.svs --out results/node_01 --stride 48", _cmd_slide)
@@ -437,9 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="tiles per inference batch (default 256)")
     p.add_argument("--workers", type=int, help="processes reading the slide (default 0: the main process reads, "
                    "fastest on a 2-core CPU, see benchmarks/slide_speed.py)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--fp32", action="store_true",
-                   help="compute in float32 (default: bf16 autocast where fast: CUDA, CPUs with AMX / AVX512-BF16)")
+    add_device_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace results made with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser

@@ -158,12 +158,7 @@ def open_slide(path: Path, *, mpp: float | None = None) -> SlideGeometry:
                         f"expected a pyramidal TIFF or SVS") from exc
     with slide:
         properties = dict(slide.properties)
-        geometry = SlideGeometry(
-            path=str(path), backend="tiffslide",
-            level_dimensions=tuple((int(w), int(h)) for w, h in slide.level_dimensions),
-            level_downsamples=tuple(float(d) for d in slide.level_downsamples),
-            mpp=0.0, mpp_source="",
-        )
+        geometry = _geometry(path, "tiffslide", slide)
         axes = properties.get("tiffslide.series-axes", "YXS")
         if axes not in ("YXS", "CYX", "YX"):
             raise UserError(f"{path}: image axes {axes!r}; expected a 2-D RGB slide (YXS)")
@@ -177,6 +172,16 @@ def open_slide(path: Path, *, mpp: float | None = None) -> SlideGeometry:
     return _with_mpp(geometry, properties.get("tiffslide.mpp-x"), properties.get("tiffslide.mpp-y"), mpp)
 
 
+def _geometry(path: Path, backend: str, slide) -> SlideGeometry:
+    """The levels of an open tiffslide or openslide slide; the resolution is filled in by `_with_mpp`."""
+    return SlideGeometry(
+        path=str(path), backend=backend,
+        level_dimensions=tuple((int(w), int(h)) for w, h in slide.level_dimensions),
+        level_downsamples=tuple(float(d) for d in slide.level_downsamples),
+        mpp=0.0, mpp_source="",
+    )
+
+
 def _open_with_openslide(path: Path, mpp: float | None) -> SlideGeometry:
     import openslide
 
@@ -186,12 +191,7 @@ def _open_with_openslide(path: Path, mpp: float | None) -> SlideGeometry:
         raise UserError(f"{path}: not a readable whole-slide image (openslide: {exc})") from exc
     with slide:
         properties = dict(slide.properties)
-        geometry = SlideGeometry(
-            path=str(path), backend="openslide",
-            level_dimensions=tuple((int(w), int(h)) for w, h in slide.level_dimensions),
-            level_downsamples=tuple(float(d) for d in slide.level_downsamples),
-            mpp=0.0, mpp_source="",
-        )
+        geometry = _geometry(path, "openslide", slide)
     return _with_mpp(geometry, properties.get("openslide.mpp-x"), properties.get("openslide.mpp-y"), mpp)
 
 
