@@ -38,6 +38,7 @@ from histodetect.predict import (
     predict_patches,
     predict_samples,
     predict_to_csv,
+    run_thresholds,
     uncertainty_measures,
 )
 from histodetect.train import fit, load_checkpoint, preset_config, save_atomic
@@ -382,7 +383,19 @@ def test_calibration_does_not_raise_validation_nll_and_keeps_decisions(copied_ru
     after = load_run(copied_run, device="cpu")
     assert after.temperature == record["temperature"] and after.threshold == record["threshold"]
     np.testing.assert_array_equal(predict_patches(after, patches) >= after.threshold, decisions_before)
+    for views in (1, 4, 8):  # every TTA view count's threshold moves with the temperature
+        assert after.threshold_for(views) == pytest.approx(
+            calibrated_threshold(before.threshold_for(views), record["temperature"]))
     assert not list(copied_run.glob("*.tmp-*")), "run.json is replaced, not half-written"
+
+
+def test_runs_from_before_per_tta_thresholds_use_their_one_threshold_for_every_view_count():
+    assert run_thresholds({"threshold": 0.3}) == {1: 0.3}
+    assert run_thresholds({}) == {1: 0.5}
+    calibrated = {"threshold": 0.3, "thresholds": {"1": 0.3, "8": 0.45},
+                  "calibration": {"threshold": 0.35, "thresholds": {"1": 0.35, "8": 0.5}}}
+    assert run_thresholds(calibrated) == {1: 0.35, 8: 0.5}
+    assert run_thresholds(calibrated, calibrated=False) == {1: 0.3, 8: 0.45}
 
 
 def test_calibration_lowers_nll_of_a_deliberately_over_confident_model(copied_run, real_store):

@@ -82,6 +82,9 @@ def test_the_onnx_file_carries_preprocessing_threshold_and_temperature(onnx_expo
     assert props["threshold"] == pytest.approx(run.threshold) and props["temperature"] == 1.0
     assert props["model"] == "histo_tinynet" and props["preset"] == "cpu"
     assert props["data_fingerprint"] == run.run["data"]["fingerprint"]
+    exported = load_exported_run(onnx_export.path)  # TTA thresholds travel in the run record
+    assert {views: exported.threshold_for(views) for views in (1, 4, 8)} == pytest.approx(
+        {views: run.threshold_for(views) for views in (1, 4, 8)})
     (image,) = graph.graph.input
     dims = image.type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, 48, 48]

@@ -143,8 +143,11 @@ def test_multipart_probabilities_equal_predicts_csv_for_the_same_files(client, r
 
 
 def test_base64_json_answers_the_same_as_multipart_and_tta_adds_a_spread(client, run, patch_files):
-    by_files = client.post("/v1/predict?tta=8", files=multipart(patch_files)).json()["results"]
+    answer = client.post("/v1/predict?tta=8", files=multipart(patch_files)).json()
+    by_files = answer["results"]
     by_json = client.post("/v1/predict?tta=8", json=as_json(patch_files)).json()["results"]
+    assert answer["threshold"] == pytest.approx(run.threshold_for(8))  # the threshold chosen for 8 views
+    assert all(r["label"] == int(r["prob_tumour"] >= answer["threshold"]) for r in by_files)
     assert [r["id"] for r in by_json] == [p.name for p in patch_files]
     np.testing.assert_allclose([r["prob_tumour"] for r in by_json], [r["prob_tumour"] for r in by_files], atol=1e-9)
     patches = np.stack([decode_patch_file(p).patch for p in patch_files])

@@ -69,12 +69,68 @@ def test_a_run_folder_holds_config_fingerprint_versions_metrics_and_checkpoints(
     assert not list(trained_run.rglob("*.tmp-*")), "no temporary checkpoint is left"
 
 
+def test_the_run_chooses_one_threshold_per_tta_view_count_on_validation(trained_run, small_store):
+    """Each threshold maximises the balanced accuracy of that many views' mean probability on validation."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from histodetect.evaluate import choose_threshold
+    from histodetect.predict import load_run, predict_logits
+
+    run_json = json.loads((trained_run / "run.json").read_text())
+    assert set(run_json["thresholds"]) == {"1", "4", "8"}
+    assert run_json["thresholds"]["1"] == run_json["threshold"]
+    run = load_run(trained_run, device="cpu")
+    store = open_store(small_store)
+    rows = store.split_indices("valid")
+    view_probs = 1 / (1 + np.exp(-predict_logits(run, store.read_batch(rows), tta=8).astype(np.float64)))
+    labels = store.labels[rows]
+    for views in (1, 4, 8):
+        probs = view_probs[:, :views].mean(axis=1)
+        best = balanced_accuracy_score(labels, probs >= choose_threshold(labels, probs))
+        chosen = run_json["thresholds"][str(views)]
+        # Two patches' worth of slack (1/64 each): training scored validation in other batches
+        # than predict does, and bf16 results may move with the batch.
+        assert balanced_accuracy_score(labels, probs >= chosen) >= best - 1 / 32, views
+        assert run.threshold_for(views) == chosen
+
+
+def test_progressive_crop_grows_the_training_crop_on_schedule(small_store, tmp_path, monkeypatch):
+    import histodetect.train as train_module
+
+    crops = []
+    real_augment = train_module.augment_batch
+
+    def recording_augment(patches, config, *args, **kwargs):
+        crops.append(config.crop_px)
+        return real_augment(patches, config, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "augment_batch", recording_augment)
+    cfg = preset_config("cpu", **{**TINY, "epochs": 2, "progressive_crop": "32@0.25,40@0.5"})
+    fit(cfg, small_store, tmp_path / "run", preset="cpu", progress=False)
+    n = len(crops)  # steps; progress is the step count over all steps (no time limit)
+    assert crops == [32] * (n // 4) + [40] * (n // 2 - n // 4) + [48] * (n - n // 2)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["preprocessing"]["crop_px"] == 48, "validation and prediction use the final crop"
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("64", "found '64'"),
+    ("64@0.7,76@0.4", "the fractions must rise strictly between 0 and 1"),
+    ("128@0.5", "each size must be between 1 and 96 px"),
+])
+def test_a_malformed_progressive_crop_is_one_line_before_anything_is_written(small_store, tmp_path, text, problem):
+    with pytest.raises(UserError, match=problem) as caught:
+        fit(preset_config("cpu", **{**TINY, "progressive_crop": text}), small_store, tmp_path / "run", progress=False)
+    assert "\n" not in str(caught.value) and not (tmp_path / "run").exists()
+
+
 def test_evaluate_writes_metrics_plots_and_one_self_contained_report(trained_run, small_store, capsys):
     code, out, _ = run_cli(capsys, "evaluate", trained_run, "--data", f"{small_store}:valid", "--tta", "8",
                            "--json", "--bootstrap", "200")
     assert code == 0
     metrics = json.loads(out)
     assert metrics["n"] == 64 and metrics["split"] == "valid" and metrics["tta"] == 8
+    assert metrics["threshold"] == json.loads((trained_run / "run.json").read_text())["thresholds"]["8"]
     for key in ("accuracy", "balanced_accuracy", "roc_auc", "f1", "sensitivity", "specificity", "brier", "ece"):
         assert 0 <= metrics[key] <= 1, key
     assert metrics["nll"] > 0
@@ -97,6 +153,8 @@ def test_predict_writes_id_prob_pred_for_folders_files_stores_and_h5(trained_run
         rows = list(csv.DictReader(handle))
     assert [r["id"] for r in rows] == [f.stem for f in files]
     assert all(0 <= float(r["prob"]) <= 1 and r["pred"] in ("0", "1") for r in rows)
+    threshold = json.loads((trained_run / "run.json").read_text())["thresholds"]["4"]  # the one for 4 views
+    assert all(r["pred"] == str(int(float(r["prob"]) >= threshold)) for r in rows)
 
     from histodetect.predict import load_run, predict_patches
 

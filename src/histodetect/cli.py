@@ -190,7 +190,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"{args.run}: temperature {record['temperature']:.4f}, fitted on {record['store']}:{record['split']} "
           f"({record['n']} patches)")
     print(f"  NLL {record['nll_before']:.4f} -> {record['nll_after']:.4f}  ECE {record['ece_before']:.4f} -> "
-          f"{record['ece_after']:.4f}  threshold {record['uncalibrated_threshold']:.3f} -> {record['threshold']:.3f}")
+          f"{record['ece_after']:.4f}  threshold (TTA {args.tta}) {record['uncalibrated_thresholds'][str(args.tta)]:.3f} -> "
+          f"{record['thresholds'][str(args.tta)]:.3f}")
     print("  stored in run.json: predict, evaluate and explain apply it from now on")
 
 
@@ -427,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(0.25 at 40x, 0.5 at 20x)")
     p.add_argument("--roi", metavar="X,Y,W,H", help="only this region, in level-0 pixels")
     p.add_argument("--threshold", type=float, help="tumour regions are tiles with at least this probability "
-                   "(default: the run's threshold, chosen on validation)")
+                   "(default: the run's threshold for --tta views, chosen on validation)")
     p.add_argument("--min-tissue", type=float, help="score a tile when at least this share of it is tissue (default 0.25)")
     p.add_argument("--tta", type=int, choices=(1, 4, 8), help="dihedral views averaged per tile (default 1)")
     p.add_argument("--batch-size", type=int, help="tiles per inference batch (default 256)")

@@ -32,7 +32,7 @@ from .augment import preprocess_batch
 from .data.decode import PATCH_SIZE_PX
 from .data.store import is_store, open_store
 from .errors import UserError
-from .predict import LoadedRun, iter_inputs, load_run, predict_patches
+from .predict import LoadedRun, iter_inputs, load_run, predict_patches, run_thresholds
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -191,9 +191,11 @@ def load_exported_run(path: Path, *, threads: int = 0) -> LoadedRun:
     """
     exported = ExportedModel(exported_path(path), threads=threads)
     meta = exported.metadata
+    thresholds = {**run_thresholds(meta.run), 1: meta.threshold}  # the run's, for TTA; the export's own for 1 view
     return LoadedRun(
         run_dir=exported.path.parent, model=ExportedLogits(exported), device=torch.device("cpu"),
         mean=tuple(meta.mean), std=tuple(meta.std), crop_px=meta.crop_px, threshold=meta.threshold,
+        thresholds=thresholds,
         temperature=meta.temperature, config=meta.run.get("config", {}), run=meta.run, bf16=False,
     )
 

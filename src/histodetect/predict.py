@@ -18,7 +18,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +69,34 @@ class LoadedRun:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     crop_px: int
-    threshold: float  # decision threshold chosen on validation (0.5 until one was chosen)
+    threshold: float  # decision threshold chosen on validation for TTA 1 (0.5 until one was chosen)
     temperature: float  # logits are divided by it (1.0 = uncalibrated)
     config: dict
     run: dict
     # bf16 autocast where it is fast (`train.bf16_is_fast`: CUDA, CPUs with AMX or
     # AVX512-BF16), as in training; probabilities move by up to ~1e-2. False: float32.
     bf16: bool = True
+    # Thresholds chosen on validation for other TTA view counts; threshold_for() falls
+    # back to `threshold` (runs trained before these existed have only that one).
+    thresholds: dict[int, float] = field(default_factory=dict)
+
+    def threshold_for(self, tta: int) -> float:
+        """The decision threshold chosen on validation for predictions averaged over `tta` views."""
+        return self.thresholds.get(tta, self.threshold)
+
+
+def run_thresholds(run: dict, *, calibrated: bool = True) -> dict[int, float]:
+    """run.json's decision thresholds by TTA view count, moved by the temperature when calibrated.
+
+    Temperature scaling moves every probability, so a threshold chosen on the
+    uncalibrated ones moves with it (`calibrate_run` stores where they land):
+    without TTA, every patch gets the same decision as before calibrating.
+    `calibrated=False` gives the thresholds chosen at the end of training.
+    """
+    source = (run.get("calibration") if calibrated else None) or run
+    thresholds = {int(views): float(t) for views, t in (source.get("thresholds") or {}).items()}
+    thresholds.setdefault(1, float(source.get("threshold", 0.5)))
+    return thresholds
 
 
 def load_run(run_dir: Path, *, checkpoint: str = "best", device: str = "auto", threads: int = 0,
@@ -104,13 +125,10 @@ def load_run(run_dir: Path, *, checkpoint: str = "best", device: str = "auto", t
     model.to(torch_device).eval().to(memory_format=torch.channels_last)
     pre = state["preprocessing"]
     calibration = run.get("calibration") or {}
-    # Temperature scaling moves every probability, so the threshold chosen on the
-    # uncalibrated ones moves with it (`calibrate_run` stores where it lands):
-    # without TTA, every patch gets the same decision as before calibrating.
-    threshold = calibration.get("threshold", run.get("threshold", 0.5))
+    thresholds = run_thresholds(run)
     return LoadedRun(
         run_dir=run_dir, model=model, device=torch_device, mean=tuple(pre["mean"]), std=tuple(pre["std"]),
-        crop_px=int(pre["crop_px"]), threshold=float(threshold),
+        crop_px=int(pre["crop_px"]), threshold=thresholds[1], thresholds=thresholds,
         temperature=float(calibration.get("temperature", 1.0)), config=config, run=run, bf16=not fp32,
     )
 
@@ -391,6 +409,7 @@ def predict_to_csv(run: LoadedRun, inputs: list[Path], out: Path, *, tta: int = 
     columns = [name for name in UNCERTAINTY_COLUMNS
                if name in ("doubt", "entropy") or (name == "tta_sd" and tta > 1) or (name == "mc_sd" and mc_passes)]
     rows: list[tuple] = []
+    threshold = run.threshold_for(tta)
     total = count_inputs(inputs, split)
     with tqdm(total=total, unit="patch", desc="predict", disable=not progress) as bar:
         for index, chunk in enumerate(iter_inputs(inputs, split=split, resize=resize)):
@@ -405,10 +424,10 @@ def predict_to_csv(run: LoadedRun, inputs: list[Path], out: Path, *, tta: int = 
             if kaggle_submission:
                 rows += [(i, f"{p:.6f}") for i, p in zip(ids, probs)]
             elif not with_uncertainty:
-                rows += [(i, f"{p:.6f}", int(p >= run.threshold)) for i, p in zip(ids, probs)]
+                rows += [(i, f"{p:.6f}", int(p >= threshold)) for i, p in zip(ids, probs)]
             else:
-                measures = uncertainty_measures(sample_probs, run.threshold)
-                preds = (probs >= run.threshold).astype(int)
+                measures = uncertainty_measures(sample_probs, threshold)
+                preds = (probs >= threshold).astype(int)
                 extra = [[f"{u:.6f}" for u in measures[name]] for name in columns]
                 if review_above is not None:
                     decisions = np.where(preds == 1, "tumour", "normal").astype(object)

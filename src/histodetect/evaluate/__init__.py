@@ -80,8 +80,8 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
 
     `data` defaults to the store the run trained on; `split` to its 'test' split
     when that is labelled, else the run's validation split. The decision
-    threshold is the one chosen on validation at the end of training (moved
-    with the temperature when the run is calibrated). The report shows NLL and
+    threshold is the one chosen on validation at the end of training for `tta`
+    views (moved with the temperature when the run is calibrated). The report shows NLL and
     ECE before and after temperature scaling, and selective prediction: the
     accuracy on the most confident patches by each uncertainty (closeness to
     the threshold, entropy, TTA spread with `tta` > 1, MC-dropout spread with
@@ -117,7 +117,8 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
     probs = sample_probs.reshape(len(rows), -1).mean(axis=1)
     uncalibrated_probs = sample_probabilities(logits).reshape(len(rows), -1).mean(axis=1)
     labels = store.labels[rows].astype(np.int64)
-    metrics = binary_metrics(labels, probs, threshold=run.threshold)
+    threshold = run.threshold_for(tta)
+    metrics = binary_metrics(labels, probs, threshold=threshold)
     uncalibrated = binary_metrics(labels, uncalibrated_probs)
     slides = store.slides[rows]
     groups = slides if all(slides) else None
@@ -130,8 +131,8 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
                    run=str(run.run_dir), store=str(store.path), split=split, tta=tta, mc_passes=mc_passes,
                    store_fingerprint=store.fingerprint, trained_on=run.run["data"]["fingerprint"],
                    temperature=run.temperature, bootstrap="slide-grouped" if groups is not None else "patch")
-    preds = (probs >= run.threshold).astype(np.int64)
-    measures = uncertainty_measures(sample_probs, run.threshold)
+    preds = (probs >= threshold).astype(np.int64)
+    measures = uncertainty_measures(sample_probs, threshold)
     triage = _triage_tables(labels, preds, measures)
     metrics["triage_uncertainty"] = DEFAULT_UNCERTAINTY
 
@@ -150,16 +151,17 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
             images["Reliability diagram before temperature scaling"] = plot_reliability(
                 labels, uncalibrated_probs, uncalibrated["ece"], 15, partial / "reliability_uncalibrated.png")
         images[f"Accuracy on the most confident patches (by {DEFAULT_UNCERTAINTY})"] = plot_accuracy_coverage(
-            labels, probs, measures[DEFAULT_UNCERTAINTY], partial / "accuracy_coverage.png", threshold=run.threshold)
+            labels, probs, measures[DEFAULT_UNCERTAINTY], partial / "accuracy_coverage.png", threshold=threshold)
         metrics_csv = run.run_dir / "metrics.csv"
         if len(read_training_curves(metrics_csv)["epoch"]):
             images["Training curves"] = plot_training_curves(metrics_csv, partial / "training_curves.png")
         write_json_atomic(partial / "metrics.json", {**metrics, "accuracy_coverage": triage[DEFAULT_UNCERTAINTY],
                                                      "accuracy_coverage_by_uncertainty": triage})
-        threshold_note = (f"Decision threshold {run.threshold:.3f}: the one chosen on the validation split at the end of training"
-                          )
+        threshold_note = (f"Decision threshold {threshold:.3f}: the one chosen on the validation split at the end "
+                          f"of training for {tta}-view predictions")
         if calibration:
-            threshold_note += f" ({calibration['uncalibrated_threshold']:.3f}), moved by the temperature."
+            before = (calibration.get("uncalibrated_thresholds") or {}).get(str(tta), calibration["uncalibrated_threshold"])
+            threshold_note += f" ({before:.3f}), moved by the temperature."
             notes = [threshold_note,
                      (f"Temperature scaling T = {run.temperature:.3f}, fitted on {calibration['split']} "
                       f"({calibration['n']} patches): NLL {uncalibrated['nll']:.4f} -> {metrics['nll']:.4f}, "

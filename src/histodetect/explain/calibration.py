@@ -20,7 +20,7 @@ from scipy.optimize import minimize_scalar
 from ..data.store import open_store
 from ..errors import UserError
 from ..evaluate.metrics import NLL_CLIP_EPS, binary_metrics
-from ..predict import load_run, predict_logits, sample_probabilities
+from ..predict import load_run, predict_logits, run_thresholds, sample_probabilities
 from ..train import RUN_FILE, read_run, write_text_atomic
 
 # T is searched in [1/100, 100] on a log scale: beyond that a model is not
@@ -62,10 +62,19 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return temperature
 
 
+TIE_MARGIN = 1e-12  # see calibrated_threshold
+
+
 def calibrated_threshold(threshold: float, temperature: float) -> float:
-    """Where a decision threshold on uncalibrated probabilities lands after dividing the logits by T."""
+    """Where a decision threshold on uncalibrated probabilities lands after dividing the logits by T.
+
+    A threshold chosen on validation is one of its probabilities, so some patch (and
+    its duplicates) sits exactly on it and counts as tumour. Rounding in the mapping
+    could move such a tie to either side; lowering the result by 1e-12, far below
+    any difference between real patches, keeps it on the tumour side.
+    """
     p = min(max(threshold, NLL_CLIP_EPS), 1 - NLL_CLIP_EPS)
-    return float(1 / (1 + math.exp(-math.log(p / (1 - p)) / temperature)))
+    return float(1 / (1 + math.exp(-math.log(p / (1 - p)) / temperature))) - TIE_MARGIN
 
 
 def calibrate_run(run_dir: Path, data: Path | None = None, *, split: str | None = None, tta: int = 1,
@@ -94,15 +103,18 @@ def calibrate_run(run_dir: Path, data: Path | None = None, *, split: str | None 
     temperature = fit_temperature(logits, labels)
     before = binary_metrics(labels, sample_probabilities(logits).mean(axis=1))
     after = binary_metrics(labels, sample_probabilities(logits, temperature).mean(axis=1))
-    uncalibrated_threshold = float(run.run.get("threshold", 0.5))
+    uncalibrated = {str(views): t for views, t in run_thresholds(run.run, calibrated=False).items()}
     record = {
         "temperature": temperature,
         "nll_before": before["nll"], "nll_after": after["nll"],
         "ece_before": before["ece"], "ece_after": after["ece"],
         "split": split, "store": str(store.path.resolve()), "store_fingerprint": store.fingerprint,
         "n": len(rows), "tta": tta,
-        "threshold": calibrated_threshold(uncalibrated_threshold, temperature),
-        "uncalibrated_threshold": uncalibrated_threshold,
+        "threshold": calibrated_threshold(uncalibrated["1"], temperature),
+        "uncalibrated_threshold": uncalibrated["1"],
+        # one per TTA view count (see train._validation_thresholds)
+        "thresholds": {views: calibrated_threshold(t, temperature) for views, t in uncalibrated.items()},
+        "uncalibrated_thresholds": uncalibrated,
         "fitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     # Read again just before writing: the run may have changed while the logits were computed.

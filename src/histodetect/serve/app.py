@@ -56,7 +56,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 class PatchResult(BaseModel):
     id: str = Field(description="the file name (multipart) or the JSON item's id (else patchN)")
     prob_tumour: float = Field(description="calibrated probability of tumour in the centre 32x32, mean over TTA views")
-    label: int = Field(description="1 (tumour) when prob_tumour >= the run's threshold, else 0")
+    label: int = Field(description="1 (tumour) when prob_tumour >= `threshold`, else 0")
     entropy_bits: float = Field(description="uncertainty: predictive entropy of prob_tumour in bits (0 certain, 1 = 0.5)")
     prob_sd_tta: float | None = Field(None, description="uncertainty: spread of the probability over the dihedral "
                                                          "views (only with tta 4 or 8)")
@@ -68,7 +68,7 @@ class PatchResult(BaseModel):
 
 class PredictResponse(BaseModel):
     model: str
-    threshold: float
+    threshold: float = Field(description="the decision threshold chosen on validation for this many TTA views")
     temperature: float
     tta: int
     results: list[PatchResult]
@@ -162,6 +162,7 @@ def model_card(run: LoadedRun, config: ServeConfig) -> dict:
         "preprocessing": {"mean": list(run.mean), "std": list(run.std), "crop_px": run.crop_px,
                           "patch_size_px": 96},
         "threshold": run.threshold,
+        "thresholds_by_tta": {str(views): t for views, t in sorted(run.thresholds.items())},
         "calibration": {"temperature": run.temperature, **(info.get("calibration") or {})},
         "validation": {"best_epoch": best_epoch(run.run_dir), "best_val_auc": info.get("best_val_auc")},
         "training": {key: info.get(key) for key in ("started", "finished", "epochs_run", "stopped_because",
@@ -185,18 +186,19 @@ def _results(run: LoadedRun, decoded: DecodedUploads, logits: np.ndarray, overla
     """The same arithmetic as predict_to_csv: mean of the calibrated views' probabilities."""
     sample_probs = sample_probabilities(logits, run.temperature)  # (N, 1, tta)
     probs = sample_probs.reshape(len(logits), -1).mean(axis=1)
-    measures = uncertainty_measures(sample_probs, run.threshold)
+    threshold = run.threshold_for(tta)
+    measures = uncertainty_measures(sample_probs, threshold)
     results = []
     for i, name in enumerate(decoded.names):
         resized = decoded.resized_from[i]
         results.append(PatchResult(
-            id=name, prob_tumour=float(probs[i]), label=int(probs[i] >= run.threshold),
+            id=name, prob_tumour=float(probs[i]), label=int(probs[i] >= threshold),
             entropy_bits=float(measures["entropy"][i]),
             prob_sd_tta=float(measures["tta_sd"][i]) if "tta_sd" in measures else None,
             resized_from=list(resized) if resized else None, converted_from=decoded.converted_from[i],
             overlay_png_base64=_png_base64(overlays[i]) if overlays is not None else None,
         ))
-    return PredictResponse(model=str(run.config.get("model")), threshold=run.threshold,
+    return PredictResponse(model=str(run.config.get("model")), threshold=threshold,
                            temperature=run.temperature, tta=tta, results=results)
 
 
