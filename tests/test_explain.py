@@ -497,6 +497,19 @@ def test_cli_calibrate_explain_predict_and_evaluate(copied_run, real_store, pcam
     assert "(before temperature scaling: NLL" in out and "accuracy on the most confident half, by doubt" in out
 
 
+def test_a_run_from_before_tta_thresholds_calibrates_and_evaluates_with_tta_8(copied_run, real_store, capsys):
+    run_json = json.loads((copied_run / "run.json").read_text())
+    del run_json["thresholds"]  # as runs trained before per-TTA thresholds were written
+    (copied_run / "run.json").write_text(json.dumps(run_json))
+    code, out, err = run_cli(capsys, "calibrate", copied_run, "--data", f"{real_store}:valid", "--tta", "8")
+    assert code == 0, err
+    assert "threshold (TTA 1)" in out
+    record = json.loads((copied_run / "run.json").read_text())["calibration"]
+    assert set(record["thresholds"]) == {"1"}
+    metrics = evaluate_run(copied_run, real_store, split="valid", tta=8, n_boot=20, device="cpu")
+    assert metrics["threshold"] == pytest.approx(record["threshold"]), "the 1-view threshold serves every view count"
+
+
 def test_cli_bad_input_is_one_line_and_exit_status_2(real_run, pcam_jpeg, tmp_path, capsys):
     file = min((pcam_jpeg / "valid" / "1").glob("*.jpg"))
     code, _, err = run_cli(capsys, "explain", real_run, file, "--out", tmp_path / "ex", "--layer", "stage.3")

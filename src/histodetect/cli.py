@@ -189,9 +189,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     record = calibrate_run(args.run, data, split=split, tta=args.tta, device=args.device, fp32=args.fp32)
     print(f"{args.run}: temperature {record['temperature']:.4f}, fitted on {record['store']}:{record['split']} "
           f"({record['n']} patches)")
+    views = str(args.tta) if str(args.tta) in record["thresholds"] else "1"  # runs trained before TTA thresholds
     print(f"  NLL {record['nll_before']:.4f} -> {record['nll_after']:.4f}  ECE {record['ece_before']:.4f} -> "
-          f"{record['ece_after']:.4f}  threshold (TTA {args.tta}) {record['uncalibrated_thresholds'][str(args.tta)]:.3f} -> "
-          f"{record['thresholds'][str(args.tta)]:.3f}")
+          f"{record['ece_after']:.4f}  threshold (TTA {views}) {record['uncalibrated_thresholds'][views]:.3f} -> "
+          f"{record['thresholds'][views]:.3f}")
     print("  stored in run.json: predict, evaluate and explain apply it from now on")
 
 

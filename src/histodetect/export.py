@@ -191,11 +191,10 @@ def load_exported_run(path: Path, *, threads: int = 0) -> LoadedRun:
     """
     exported = ExportedModel(exported_path(path), threads=threads)
     meta = exported.metadata
-    thresholds = {**run_thresholds(meta.run), 1: meta.threshold}  # the run's, for TTA; the export's own for 1 view
     return LoadedRun(
         run_dir=exported.path.parent, model=ExportedLogits(exported), device=torch.device("cpu"),
-        mean=tuple(meta.mean), std=tuple(meta.std), crop_px=meta.crop_px, threshold=meta.threshold,
-        thresholds=thresholds,
+        mean=tuple(meta.mean), std=tuple(meta.std), crop_px=meta.crop_px,
+        thresholds={**run_thresholds(meta.run), 1: meta.threshold},  # the run's for TTA; the export's own for 1 view
         temperature=meta.temperature, config=meta.run.get("config", {}), run=meta.run, bf16=False,
     )
 

@@ -69,16 +69,20 @@ class LoadedRun:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     crop_px: int
-    threshold: float  # decision threshold chosen on validation for TTA 1 (0.5 until one was chosen)
     temperature: float  # logits are divided by it (1.0 = uncalibrated)
     config: dict
     run: dict
     # bf16 autocast where it is fast (`train.bf16_is_fast`: CUDA, CPUs with AMX or
     # AVX512-BF16), as in training; probabilities move by up to ~1e-2. False: float32.
     bf16: bool = True
-    # Thresholds chosen on validation for other TTA view counts; threshold_for() falls
-    # back to `threshold` (runs trained before these existed have only that one).
-    thresholds: dict[int, float] = field(default_factory=dict)
+    # Decision thresholds chosen on validation, by TTA view count (`run_thresholds`);
+    # always holds 1. Runs trained before 4 and 8 had their own use the 1-view one.
+    thresholds: dict[int, float] = field(default_factory=lambda: {1: 0.5})
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold for one view (0.5 until one was chosen)."""
+        return self.thresholds[1]
 
     def threshold_for(self, tta: int) -> float:
         """The decision threshold chosen on validation for predictions averaged over `tta` views."""
@@ -125,10 +129,10 @@ def load_run(run_dir: Path, *, checkpoint: str = "best", device: str = "auto", t
     model.to(torch_device).eval().to(memory_format=torch.channels_last)
     pre = state["preprocessing"]
     calibration = run.get("calibration") or {}
-    thresholds = run_thresholds(run)
+    thresholds = run_thresholds(run)  # moved by the temperature when calibrated
     return LoadedRun(
         run_dir=run_dir, model=model, device=torch_device, mean=tuple(pre["mean"]), std=tuple(pre["std"]),
-        crop_px=int(pre["crop_px"]), threshold=thresholds[1], thresholds=thresholds,
+        crop_px=int(pre["crop_px"]), thresholds=thresholds,
         temperature=float(calibration.get("temperature", 1.0)), config=config, run=run, bf16=not fp32,
     )
 

@@ -594,7 +594,7 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                 if crop_stages:
                     crop_now = scheduled_crop(crop_stages, progress_now(), cfg.crop_px)
                     if crop_now != augment_cfg.crop_px:
-                        augment_cfg = dataclasses.replace(cfg.augment(), crop_px=crop_now)
+                        augment_cfg = dataclasses.replace(augment_cfg, crop_px=crop_now)
                 x = augment_batch(patches, augment_cfg, mean, std, generator=aug_generator)  # (B, 3, H, W)
                 if cfg.profile:
                     if device.type == "cuda":

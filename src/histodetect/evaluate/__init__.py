@@ -97,6 +97,7 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
         DEFAULT_UNCERTAINTY,
         load_run,
         predict_samples,
+        run_thresholds,
         sample_probabilities,
         uncertainty_measures,
     )
@@ -160,8 +161,8 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
         threshold_note = (f"Decision threshold {threshold:.3f}: the one chosen on the validation split at the end "
                           f"of training for {tta}-view predictions")
         if calibration:
-            before = (calibration.get("uncalibrated_thresholds") or {}).get(str(tta), calibration["uncalibrated_threshold"])
-            threshold_note += f" ({before:.3f}), moved by the temperature."
+            chosen = run_thresholds(run.run, calibrated=False)
+            threshold_note += f" ({chosen.get(tta, chosen[1]):.3f}), moved by the temperature."
             notes = [threshold_note,
                      (f"Temperature scaling T = {run.temperature:.3f}, fitted on {calibration['split']} "
                       f"({calibration['n']} patches): NLL {uncalibrated['nll']:.4f} -> {metrics['nll']:.4f}, "
