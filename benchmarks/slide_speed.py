@@ -1,7 +1,8 @@
 """Whole-slide speed: tiles/s split into tissue masking, reading and inference; peak memory; reading workers.
 
     .venv/bin/python benchmarks/slide_speed.py RUN [--slide /tmp/slide20k.tif] [--size-px 20000]
-        [--workers 0 1 2] [--compare-px 4096] [--rounds 3] [--batch-size 256]
+        [--whole-workers 0] [--workers 0 1 2] [--compare-px 4096] [--rounds 3] [--batch-size 256]
+        [--patches ../shared/data/pcam-jpeg]
 
 RUN is a run folder (speed does not depend on the weights: one epoch of
 `histodetect train --preset cpu --epochs 1` will do). The slide is synthetic
@@ -10,7 +11,8 @@ but made of real tissue: a pyramidal, JPEG-compressed TIFF whose level 0 is
 patches (../shared/data/pcam-jpeg, train split) on glass, built once and reused.
 
 1. The whole slide with reading inline (workers 0): the summary's seconds for
-   masking, reading and inference are then each step's own time.
+   masking, reading and inference are then each step's own time; and with each
+   other `--whole-workers` value.
 2. A central `--compare-px` square (`--roi`) with each `--workers` value, in
    interleaved rounds (the best and the median round reported): whether reading in
    worker processes, overlapped with inference, pays on this machine.
@@ -41,15 +43,15 @@ GLASS = 245
 TILE = 256  # the TIFF's own tile size
 
 
-def build_slide(path: Path, size_px: int, n_levels: int = 5, n_patches: int = 2000) -> None:
+def build_slide(path: Path, size_px: int, patches: Path = PCAM_JPEG, n_levels: int = 5, n_patches: int = 2000) -> None:
     """Write the synthetic slide tile by tile (never the whole level in memory)."""
     import tifffile
     from PIL import Image
 
-    files = sorted((PCAM_JPEG / "train" / "0").glob("*.jpg"))[: n_patches // 2]
-    files += sorted((PCAM_JPEG / "train" / "1").glob("*.jpg"))[: n_patches // 2]
+    files = sorted((patches / "train" / "0").glob("*.jpg"))[: n_patches // 2]
+    files += sorted((patches / "train" / "1").glob("*.jpg"))[: n_patches // 2]
     if not files:
-        sys.exit(f"{PCAM_JPEG}: no patches; the benchmark builds its slide from the shared PCam patches")
+        sys.exit(f"{patches}: no patches; the benchmark builds its slide from the shared PCam patches")
     rng = np.random.default_rng(0)
     bank = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]
                     + [np.clip(GLASS + rng.normal(0, 2, (PATCH, PATCH, 3)), 0, 255).astype(np.uint8)])
@@ -160,24 +162,30 @@ def main() -> None:
     parser.add_argument("--compare-px", type=int, default=4096, help="side of the central region for --workers")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the --workers comparison")
+    parser.add_argument("--whole-workers", type=int, nargs="+", default=[0],
+                        help="reading workers for the whole-slide runs (0: inline, each step's own time)")
     parser.add_argument("--skip-whole", action="store_true", help="only the --workers comparison")
+    parser.add_argument("--patches", type=Path, default=PCAM_JPEG, help="the pcam-jpeg folder the slide is built from")
     args = parser.parse_args()
     if not args.slide.exists():
         started = time.perf_counter()
-        build_slide(args.slide, args.size_px)
+        build_slide(args.slide, args.size_px, args.patches)
         print(f"built {args.slide} ({args.slide.stat().st_size / 2**20:.0f} MiB) "
               f"in {time.perf_counter() - started:.0f} s")
     print(f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
           f"{time.strftime('%Y-%m-%d')}; slide {args.size_px} px square at 0.972 um/px; run {args.run}")
-    if not args.skip_whole:
-        whole = run_in_subprocess(args, 0, None)
-        print(f"whole slide, reading inline: {whole['tiles']} tiles in {whole['seconds']:.1f} s = "
+    for workers in [] if args.skip_whole else args.whole_workers:
+        whole = run_in_subprocess(args, workers, None)
+        how = f"{workers} reading workers" if workers else "reading inline"
+        print(f"whole slide, {how}: {whole['tiles']} tiles in {whole['seconds']:.1f} s = "
               f"{whole['tiles_per_s']:.0f} tiles/s on {whole['device']}")
         for step in ("mask", "read", "inference"):
             seconds = whole[f"seconds_{step}"]
             rate = f", {whole['tiles'] / seconds:,.0f} tiles/s" if step != "mask" and seconds > 0 else ""
-            print(f"  {step:<10} {seconds:7.1f} s{rate}")
-        print(f"  peak RSS {whole['peak_rss_mib']:.0f} MiB")
+            label = "waiting for tiles" if step == "read" and workers else step
+            print(f"  {label:<17} {seconds:7.1f} s{rate}")
+        print(f"  peak RSS {whole['peak_rss_mib']:.0f} MiB" +
+              (f", a worker {whole['peak_rss_worker_mib']:.0f} MiB" if workers else ""))
     side = min(args.compare_px, args.size_px)
     roi = [(args.size_px - side) // 2, (args.size_px - side) // 2, side, side]
     print(f"central {side} px square (--roi {','.join(map(str, roi))}), reading workers, "

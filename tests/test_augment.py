@@ -373,6 +373,17 @@ def test_preprocess_batch_names_bad_normalisation_statistics(mean, std, message:
         preprocess_batch(torch.zeros(2, 96, 96, 3, dtype=torch.uint8), mean, std)
 
 
+def test_augment_makes_its_constant_tensors_once(real_patches_uint8: torch.Tensor) -> None:
+    # torch.tensor(..., device="cuda") waits for the GPU to drain; made per batch it stalls training.
+    from histodetect.augment import _constant
+
+    augment_batch(real_patches_uint8, EVERYTHING_ON, MEAN, STD, seeded(0))
+    made = _constant.cache_info().misses
+    second = augment_batch(real_patches_uint8, EVERYTHING_ON, MEAN, STD, seeded(0))
+    assert _constant.cache_info().misses == made
+    assert torch.equal(second, augment_batch(real_patches_uint8, EVERYTHING_ON, MEAN, STD, seeded(0)))
+
+
 # --- GPU -------------------------------------------------------------------------------
 
 
@@ -383,3 +394,17 @@ def test_augment_batch_on_the_gpu_matches_the_cpu_for_a_cpu_generator(real_patch
     on_gpu = augment_batch(real_patches_uint8.cuda(), EVERYTHING_ON, MEAN, STD, seeded(3))
     assert on_gpu.device.type == "cuda" and on_gpu.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_augment_batch_never_waits_for_the_gpu(real_patches_uint8: torch.Tensor) -> None:
+    on_gpu = real_patches_uint8.cuda()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    augment_batch(on_gpu, EVERYTHING_ON, MEAN, STD, generator)  # first call: constants are made
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            augment_batch(on_gpu, EVERYTHING_ON, MEAN, STD, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -18,7 +18,15 @@ from histodetect.cli import main
 from histodetect.data.store import open_store, prepare
 from histodetect.errors import UserError
 from histodetect.models import create_model
-from histodetect.train import PRESETS, build_optimizer, fit, load_checkpoint, preset_config, training_loss
+from histodetect.train import (
+    PRESETS,
+    DeviceBatches,
+    build_optimizer,
+    fit,
+    load_checkpoint,
+    preset_config,
+    training_loss,
+)
 from conftest import copy_patches
 
 # Small and fast: the whole file must run in a few minutes on 2 cores.
@@ -350,3 +358,36 @@ def test_out_pointing_at_an_existing_run_is_refused_unless_overwrite(trained_run
                            "--epochs", "1", "--batch-size", "64", "--crop-px", "48")
     assert code == 0, err
     assert json.loads((run / "run.json").read_text())["epochs_run"] == 1
+
+
+def test_device_batches_follow_the_epochs_order_from_any_step(small_store):
+    store = open_store(small_store)
+    rows = store.split_indices("train")
+    batches = DeviceBatches(store, rows, torch.device("cpu"), 32, seed=3, resident_fraction=0.5)
+    order = batches.order(1).numpy()
+    whole = list(batches.epoch(1))
+    assert len(whole) == len(rows) // 32 == batches.steps_per_epoch
+    for s, (patches, labels) in enumerate(whole):
+        expected = rows[order[s * 32 : (s + 1) * 32]]
+        assert np.array_equal(patches.numpy(), store.read_batch(expected))
+        assert np.array_equal(labels.numpy(), store.labels[expected].astype(np.float32))
+    resumed = list(batches.epoch(1, first_step=2))
+    assert len(resumed) == len(whole) - 2 and torch.equal(resumed[0][0], whole[2][0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("resident_fraction", [0.5, 0.0], ids=["resident", "streamed"])
+def test_device_batches_never_wait_for_the_gpu_within_an_epoch(small_store, resident_fraction):
+    store = open_store(small_store)
+    rows = store.split_indices("train")
+    batches = DeviceBatches(store, rows, torch.device("cuda"), 32, seed=0, resident_fraction=resident_fraction)
+    assert batches.resident == (resident_fraction > 0)
+    epoch = batches.epoch(0)
+    next(epoch)  # the epoch's order goes to the GPU once, here
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [patches.float().mean() + labels.sum() for patches, labels in epoch]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(got) == batches.steps_per_epoch - 1

@@ -9,6 +9,7 @@ and returns tensors on the input's device; randomness comes from an optional
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,14 +24,14 @@ from histodetect.errors import UserError
 _RGB_FROM_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
 # Inverted once here on the CPU: torch.linalg.inv on a GPU checks for errors with a
 # host sync, which would stall every batch.
-_HED_FROM_RGB = torch.linalg.inv(torch.tensor(_RGB_FROM_HED, dtype=torch.float64)).tolist()
+_HED_FROM_RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(_RGB_FROM_HED, dtype=torch.float64)).tolist()))
 # Intensities are floored here before the log, as rgb2hed does, so black stays finite.
 _RGB_FLOOR = 1e-6
 # ITU-R BT.601 luma, the weights torchvision's rgb_to_grayscale uses.
 _LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 # NTSC RGB -> YIQ; the I and Q rows sum to zero, so greys stay grey under a hue turn.
 _YIQ_FROM_RGB = (_LUMA_WEIGHTS, (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
-_RGB_FROM_YIQ = torch.linalg.inv(torch.tensor(_YIQ_FROM_RGB, dtype=torch.float64)).tolist()
+_RGB_FROM_YIQ = tuple(map(tuple, torch.linalg.inv(torch.tensor(_YIQ_FROM_RGB, dtype=torch.float64)).tolist()))
 TTA_VIEW_COUNTS = (1, 4, 8)
 
 
@@ -168,8 +169,8 @@ def hed_jitter(
     n = images.shape[0]
     alpha = _uniform((n, 3), 1 - sigma, 1 + sigma, images, generator)
     beta = _uniform((n, 3), -bias, bias, images, generator)
-    rgb_from_hed = torch.tensor(_RGB_FROM_HED, dtype=torch.float64, device=images.device)
-    hed_from_rgb = torch.tensor(_HED_FROM_RGB, dtype=torch.float64, device=images.device)
+    rgb_from_hed = _constant(_RGB_FROM_HED, torch.float64, images.device)
+    hed_from_rgb = _constant(_HED_FROM_RGB, torch.float64, images.device)
     # rgb2hed works on row vectors: stains = od @ hed_from_rgb, od = stains @ rgb_from_hed.
     # Scaling the stains and going back is one 3x3 map of the optical density per
     # image. Written as I + (alpha - 1) terms it is exactly I when alpha == 1, so at
@@ -206,7 +207,7 @@ def color_jitter(
     contrast_factor = _uniform((n,), max(0.0, 1 - contrast), 1 + contrast, images, generator)
     saturation_factor = _uniform((n,), max(0.0, 1 - saturation), 1 + saturation, images, generator)
     hue_turn = _uniform((n,), -hue, hue, images, generator)
-    luma = torch.tensor(_LUMA_WEIGHTS, dtype=images.dtype, device=images.device)
+    luma = _constant(_LUMA_WEIGHTS, images.dtype, images.device)
     # All four are linear in the pixel (contrast adds a per-image constant), so they
     # compose into one 3x3 matrix and one offset per image: a single pass over the
     # pixels instead of four, at the price of torchvision's clamp between steps.
@@ -233,8 +234,8 @@ def _hue_rotation(hue_turn: Tensor) -> Tensor:
     turns used in training the two look alike. Written as I + (change) so a zero
     turn is exactly the identity.
     """
-    yiq_from_rgb = torch.tensor(_YIQ_FROM_RGB, dtype=torch.float64, device=hue_turn.device)
-    rgb_from_yiq = torch.tensor(_RGB_FROM_YIQ, dtype=torch.float64, device=hue_turn.device)
+    yiq_from_rgb = _constant(_YIQ_FROM_RGB, torch.float64, hue_turn.device)
+    rgb_from_yiq = _constant(_RGB_FROM_YIQ, torch.float64, hue_turn.device)
     angle = 2 * math.pi * hue_turn.double()
     cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
     # Rotation of (I, Q) minus the identity; the Y row and column stay zero.
@@ -371,12 +372,24 @@ def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> None:
 
 def _normalise(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """(images - mean) / std per channel, returned in channels_last memory format. images: (N, 3, H, W)."""
-    scale = torch.tensor([1 / s for s in std], dtype=images.dtype, device=images.device)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=images.dtype, device=images.device)
+    scale = _constant(tuple(1 / s for s in std), images.dtype, images.device)
+    shift = _constant(tuple(-m / s for m, s in zip(mean, std)), images.dtype, images.device)
     # One pass that normalises and writes channels_last, instead of two in-place
     # passes and a layout copy.
     normalised = torch.empty_like(images, memory_format=torch.channels_last)
     return torch.addcmul(shift.view(1, 3, 1, 1), images, scale.view(1, 3, 1, 1), out=normalised)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor, made once per values, dtype and device; never modify it in place.
+
+    torch.tensor(..., device="cuda") copies from pageable host memory and then waits
+    for the GPU to finish everything queued before it. Made on every augmentation
+    step, such constants stalled GPU training: the CPU launched each step onto an
+    idle GPU (resnet18's data path ran at 0.74 of pure compute on an H200, BENCHMARKS.md).
+    """
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _draw_device(like: Tensor, generator: torch.Generator | None) -> torch.device:
