@@ -1,0 +1,38 @@
+# Everything issues #3 and #5 measure on a GPU machine, as it was run on a lent H200
+# (BENCHMARKS.md). The machine has python3 with torch, timm, h5py, tifffile, pytest;
+# not this project's other packages, hence PYTHONPATH=src.
+#
+#   OUT=results PCAM=/path/to/pcam-jpeg bash benchmarks/gpu_session.sh train
+#       the GPU tests, then benchmarks/gpu.py: throughput, and the presets and
+#       variants trained 8 at a time (each capped at CAP minutes); about 6.5 minutes.
+#   OUT=results PCAM=/path/to/pcam-jpeg RUN=a-cpu-run bash benchmarks/gpu_session.sh slide
+#       benchmarks/slide_speed.py on a 20,000 px slide built there; about 1.5 minutes.
+#       Needs tiffslide, zarr, numcodecs and imagecodecs (carried there as wheels,
+#       with tifffile: an older tifffile cannot serve zarr 3).
+set -u
+mode=${1:?train or slide}
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import sys, torch, timm; print(sys.version.split()[0], torch.__version__, timm.__version__)"
+case $mode in
+train)
+    # The tests find the shared data beside the repository: link it there if it is missing.
+    [ -e ../shared/data/pcam-jpeg ] || { mkdir -p ../shared/data && ln -s "$PCAM" ../shared/data/pcam-jpeg; }
+    timeout 120 python3 -m pytest tests -q -m gpu -p no:cacheprovider 2>&1 | tail -3
+    timeout "${LIMIT:-470}" python3 benchmarks/gpu.py --data "$PCAM" --work /tmp/hd-gpu --out "$OUT/gpu.json" \
+        --jobs 8 --cap-minutes "${CAP:-3}" \
+        --variant "net96c=default --model histo_net96" \
+        --variant "net=default --model histo_net" \
+        --variant "net-ls=default --model histo_net --label-smoothing 0.1 --drop-rate 0.2" \
+        --variant "r18=default --model resnet18 --epochs 100" \
+        --variant "old-default=default --model histo_net96 --crop-px 0 --shift-px 0 --batch-size 256 --epochs 80" \
+        2>&1 | tee "$OUT/log.txt"
+    (cd /tmp/hd-gpu && tar czf "$OUT/runs.tgz" ./*.log run-*/run.json run-*/metrics.csv run-*/eval-*/metrics.json)
+    ;;
+slide)
+    python3 benchmarks/slide_speed.py "${RUN:?a run folder}" --slide /tmp/slide20k.tif --patches "$PCAM" \
+        --whole-workers 0 8 --workers 0 8 --rounds 1 --batch-size 1024 2>&1 | tee "$OUT/slide.txt"
+    ;;
+*) echo "gpu_session.sh: mode must be train or slide, not $mode" >&2; exit 2 ;;
+esac
