@@ -85,32 +85,28 @@ def make_trainer(device: torch.device):
     return train_step
 
 
-def throughput(store_path: Path, device: torch.device, n_steps: int, rounds: int, warmup: int) -> dict:
-    from torch.utils.data import DataLoader, Dataset
-    from torchvision import transforms
-
-    store = open_store(store_path)
-    rows = store.split_indices("train")
-
-    x = torch.randn(BATCH, 3, 96, 96, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 2, (BATCH,), device=device).float()
-    pure_step = make_trainer(device)
-
-    # The default preset's augmentations, without its crop: the model sees 96 px, as in a.
-    aug = dataclasses.replace(PRESETS["default"].augment(), crop_px=0, shift_px=0)
-    batches = DeviceBatches(store, rows, device, BATCH, seed=0, resident_fraction=0.5)
+def data_path_step(batches: DeviceBatches, aug, device: torch.device):
+    """One training step on the next batch of `batches`, augmented on the device (variants b and d)."""
+    train_step = make_trainer(device)
     generator = torch.Generator(device=device).manual_seed(0)
-    ours_step = make_trainer(device)
-    state = {"stream": iter(()), "epoch": 0, "iterator": None}
+    state = {"epoch": 0, "stream": iter(())}
 
-    def data_path_step():
+    def step():
         try:
             patches, labels = next(state["stream"])
         except StopIteration:
             state["epoch"] += 1
             state["stream"] = batches.epoch(state["epoch"])
             patches, labels = next(state["stream"])
-        ours_step(augment_batch(patches, aug, MEAN, STD, generator=generator), labels)
+        train_step(augment_batch(patches, aug, MEAN, STD, generator=generator), labels)
+
+    return step
+
+
+def dataloader_step(store, rows: np.ndarray, device: torch.device):
+    """One training step on the next batch of a reference DataLoader with per-sample transforms (variant c)."""
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
 
     class StoreDataset(Dataset):
         transform = transforms.Compose([
@@ -127,36 +123,38 @@ def throughput(store_path: Path, device: torch.device, n_steps: int, rounds: int
 
     loader = DataLoader(StoreDataset(), batch_size=BATCH, shuffle=True, num_workers=8, pin_memory=True,
                         drop_last=True, persistent_workers=True)
-    loader_step_fn = make_trainer(device)
+    train_step = make_trainer(device)
+    state = {"iterator": iter(())}
 
-    def dataloader_step():
-        if state["iterator"] is None:
-            state["iterator"] = iter(loader)
+    def step():
         try:
             xb, yb = next(state["iterator"])
         except StopIteration:
             state["iterator"] = iter(loader)
             xb, yb = next(state["iterator"])
-        loader_step_fn(xb.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
-                       yb.to(device, non_blocking=True).float())
+        train_step(xb.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+                   yb.to(device, non_blocking=True).float())
 
-    variants = {"pure_compute": lambda: pure_step(x, y), "histodetect_data_path": data_path_step,
-                "reference_dataloader": dataloader_step}
+    return step
+
+
+def throughput(store_path: Path, device: torch.device, n_steps: int, rounds: int, warmup: int) -> dict:
+    store = open_store(store_path)
+    rows = store.split_indices("train")
+
+    x = torch.randn(BATCH, 3, 96, 96, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (BATCH,), device=device).float()
+    pure_step = make_trainer(device)
+    # The default preset's augmentations, without its crop: the model sees 96 px, as in a.
+    aug = dataclasses.replace(PRESETS["default"].augment(), crop_px=0, shift_px=0)
+    resident = DeviceBatches(store, rows, device, BATCH, seed=0, resident_fraction=0.5)
+    variants = {"pure_compute": lambda: pure_step(x, y),
+                "histodetect_data_path": data_path_step(resident, aug, device),
+                "reference_dataloader": dataloader_step(store, rows, device)}
     if device.type == "cuda":
         # The path for stores too big for the GPU: pinned batches gathered in a thread, copied on a side stream.
         streamed = DeviceBatches(store, rows, device, BATCH, seed=0, resident_fraction=0.0)
-        streamed_step_fn = make_trainer(device)
-        state["streamed"] = iter(())
-
-        def streamed_step():
-            try:
-                patches, labels = next(state["streamed"])
-            except StopIteration:
-                state["streamed"] = streamed.epoch(int(np.random.randint(1 << 20)))
-                patches, labels = next(state["streamed"])
-            streamed_step_fn(augment_batch(patches, aug, MEAN, STD, generator=generator), labels)
-
-        variants["histodetect_data_path_streamed"] = streamed_step
+        variants["histodetect_data_path_streamed"] = data_path_step(streamed, aug, device)
     measured: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(rounds):
         for name, step in variants.items():
@@ -166,7 +164,7 @@ def throughput(store_path: Path, device: torch.device, n_steps: int, rounds: int
     return {
         **best,
         "rounds": measured,
-        "resident_on_gpu": batches.resident,
+        "resident_on_gpu": resident.resident,
         "streamed_vs_compute": best.get("histodetect_data_path_streamed", float("nan")) / best["pure_compute"],
         "data_path_vs_compute": best["histodetect_data_path"] / best["pure_compute"],
         "data_path_vs_dataloader": best["histodetect_data_path"] / best["reference_dataloader"],
