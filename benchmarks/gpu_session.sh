@@ -1,6 +1,7 @@
 # Everything issues #3 and #5 measure on a GPU machine, as it was run on a lent H200
 # (BENCHMARKS.md); this script itself, with the variants rewritten for the new
-# `default`, has not been run there yet. The machine has python3 with torch, timm, h5py, tifffile, pytest;
+# `default` (its seed spread, and the augmentations tried on the CPU since), has not
+# been run there yet. The machine has python3 with torch, timm, h5py, tifffile, pytest;
 # not this project's other packages, hence PYTHONPATH=src.
 #
 #   OUT=results PCAM=/path/to/pcam-jpeg bash benchmarks/gpu_session.sh train
@@ -25,11 +26,11 @@ train)
     timeout 120 python3 -m pytest tests/test_augment.py tests/test_train.py -q -m gpu -p no:cacheprovider 2>&1 | tail -3
     timeout "${LIMIT:-470}" python3 benchmarks/gpu.py --data "$PCAM" --work /tmp/hd-gpu --out "$OUT/gpu.json" \
         --jobs 8 --cap-minutes "${CAP:-3}" \
+        --variant "seed1=default --seed 1" \
+        --variant "seed2=default --seed 2" \
+        --variant "turn=default --rotate-deg 180 --scale 0.1" \
+        --variant "mixup=default --mixup 0.2" \
         --variant "net96c=default --model histo_net96" \
-        --variant "net=default --model histo_net" \
-        --variant "net-ls=default --model histo_net --label-smoothing 0.1 --drop-rate 0.2" \
-        --variant "r18=default --model resnet18 --epochs 100" \
-        --variant "old-default=default --model histo_net96 --crop-px 0 --shift-px 0 --batch-size 256 --epochs 80" \
         2>&1 | tee "$OUT/log.txt"
     (cd /tmp/hd-gpu && tar czf "$OUT/runs.tgz" ./*.log run-*/run.json run-*/metrics.csv run-*/eval-*/metrics.json)
     ;;

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +14,12 @@ from torchvision.transforms.v2 import functional as TF
 
 from histodetect.augment import (
     AugmentConfig,
+    _turned_window,
     augment_batch,
     color_jitter,
     dihedral_views,
     hed_jitter,
+    mixup_batch,
     preprocess_batch,
     random_dihedral,
 )
@@ -34,6 +38,7 @@ EVERYTHING_ON = AugmentConfig(
     dihedral=True, hed_sigma=0.2, hed_bias=0.2, brightness=0.2, contrast=0.2,
     saturation=0.2, hue=0.05, crop_px=64, shift_px=8,
 )
+TURNED_TOO = dataclasses.replace(EVERYTHING_ON, rotate_deg=180.0, scale=0.2)
 
 
 def seeded(seed: int = 0) -> torch.Generator:
@@ -322,6 +327,60 @@ def test_crop_shift_and_dihedral_show_a_symmetry_of_a_window_near_the_centre() -
     assert len(offsets_seen) > 10, "the window should move between patches"
 
 
+def test_turned_window_with_no_turn_or_zoom_is_the_centre_crop_and_a_quarter_turn_is_counterclockwise(
+    real_images: torch.Tensor,
+) -> None:
+    n = real_images.shape[0]
+    plain = _turned_window(real_images, 64, torch.zeros(n), torch.ones(n))
+    quarter = _turned_window(real_images, 64, torch.full((n,), math.pi / 2), torch.ones(n))
+    centre = real_images[..., 16:80, 16:80]
+    assert torch.allclose(plain, centre, atol=1e-5)
+    assert torch.allclose(quarter, dihedral_views(centre, 4)[1], atol=1e-5)
+
+
+def test_turned_window_turns_and_zooms_a_ramp_exactly() -> None:
+    # Bilinear sampling reproduces a linear image exactly, so the result is known in
+    # closed form: the value at offset (u, v) from the centre is that of the input at
+    # rotation(angle) @ (u, v) / zoom.
+    side_px, window_px = 64, 16
+    offsets = torch.arange(side_px) + 0.5 - side_px / 2  # pixel centres about the patch centre
+    ramp = offsets.expand(side_px, side_px)  # value = column offset
+    angle = torch.tensor([0.3, -1.2, 2.5, math.pi])
+    zoom = torch.tensor([1.0, 0.8, 1.25, 1.1])
+    out = _turned_window(ramp.expand(4, 1, side_px, side_px), window_px, angle, zoom)
+    u = (torch.arange(window_px) + 0.5 - window_px / 2).expand(window_px, window_px)  # column offset
+    v = u.T  # row offset
+    expected = (torch.cos(angle)[:, None, None] * u - torch.sin(angle)[:, None, None] * v) / zoom[:, None, None]
+    assert torch.allclose(out[:, 0], expected, atol=1e-4)
+
+
+def test_rotation_and_zoom_keep_a_plain_patch_plain_and_real_patches_in_range(
+    real_patches_uint8: torch.Tensor,
+) -> None:
+    plain = torch.full((8, 96, 96, 3), 200, dtype=torch.uint8)
+    config = AugmentConfig(crop_px=88, shift_px=4, rotate_deg=180.0, scale=0.3)
+    out = augment_batch(plain, config, IDENTITY_MEAN, IDENTITY_STD, seeded())
+    assert torch.allclose(out, torch.full_like(out, 200 / 255), atol=1e-5), "mirroring fills the corners with tissue"
+    real = augment_batch(real_patches_uint8, TURNED_TOO, IDENTITY_MEAN, IDENTITY_STD, seeded())
+    assert real.shape == (real_patches_uint8.shape[0], 3, 64, 64) and 0 <= real.min() and real.max() <= 1
+    assert torch.equal(real, augment_batch(real_patches_uint8, TURNED_TOO, IDENTITY_MEAN, IDENTITY_STD, seeded()))
+    unturned = augment_batch(real_patches_uint8, EVERYTHING_ON, IDENTITY_MEAN, IDENTITY_STD, seeded())
+    assert not torch.allclose(real, unturned)
+
+
+def test_mixup_blends_each_patch_and_label_with_the_reversed_batch(real_images: torch.Tensor) -> None:
+    labels = torch.arange(real_images.shape[0], dtype=torch.float32) % 2
+    labels[:3] = 1.0  # not symmetric under reversal
+    mixed, soft = mixup_batch(real_images, labels, 0.3)
+    assert torch.allclose(mixed, 0.3 * real_images + 0.7 * real_images.flip(0))
+    assert torch.allclose(soft, 0.3 * labels + 0.7 * labels.flip(0))
+    kept, same = mixup_batch(real_images, labels, 1.0)
+    assert torch.equal(kept, real_images) and torch.equal(same, labels)
+    assert real_images.min() >= 0 and mixed.max() <= 1  # the inputs are untouched, the blend stays in range
+    with pytest.raises(ValueError, match="mixup weight must be in"):
+        mixup_batch(real_images, labels, 1.5)
+
+
 # --- user mistakes ----------------------------------------------------------------------
 
 
@@ -330,6 +389,10 @@ def test_augment_config_names_the_setting_out_of_range() -> None:
         AugmentConfig(hue=0.7)
     with pytest.raises(UserError, match=r"augment hed_sigma: expected a value in \[0.0, 1.0\], found -0.1"):
         AugmentConfig(hed_sigma=-0.1)
+    with pytest.raises(UserError, match=r"augment rotate_deg: expected a value in \[0.0, 180.0\], found 270"):
+        AugmentConfig(rotate_deg=270)
+    with pytest.raises(UserError, match=r"augment scale: expected a value in \[0.0, 0.5\], found 0.6"):
+        AugmentConfig(scale=0.6)
 
 
 def test_augment_config_needs_a_crop_for_a_shift() -> None:
@@ -356,9 +419,11 @@ def test_augment_batch_rejects_float_patches() -> None:
         preprocess_batch(torch.zeros(2, 96, 96, 3), MEAN, STD)
 
 
-def test_augment_batch_needs_square_patches_for_dihedral() -> None:
+def test_augment_batch_needs_square_patches_for_dihedral_and_turns() -> None:
     with pytest.raises(UserError, match="dihedral augmentation needs square patches, found 64x96; set crop_px"):
         augment_batch(torch.zeros(2, 64, 96, 3, dtype=torch.uint8), AugmentConfig(dihedral=True), MEAN, STD)
+    with pytest.raises(UserError, match="rotate_deg augmentation needs square patches, found 64x96; set crop_px"):
+        augment_batch(torch.zeros(2, 64, 96, 3, dtype=torch.uint8), AugmentConfig(rotate_deg=10), MEAN, STD)
 
 
 @pytest.mark.parametrize(
@@ -398,13 +463,14 @@ def test_augment_batch_on_the_gpu_matches_the_cpu_for_a_cpu_generator(real_patch
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_augment_batch_never_waits_for_the_gpu(real_patches_uint8: torch.Tensor) -> None:
+@pytest.mark.parametrize("config", [EVERYTHING_ON, TURNED_TOO], ids=["dihedral", "turned"])
+def test_augment_batch_never_waits_for_the_gpu(real_patches_uint8: torch.Tensor, config: AugmentConfig) -> None:
     on_gpu = real_patches_uint8.cuda()
     generator = torch.Generator(device="cuda").manual_seed(0)
-    augment_batch(on_gpu, EVERYTHING_ON, MEAN, STD, generator)  # first call: constants are made
+    augment_batch(on_gpu, config, MEAN, STD, generator)  # first call: constants are made
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            augment_batch(on_gpu, EVERYTHING_ON, MEAN, STD, generator)
+            augment_batch(on_gpu, config, MEAN, STD, generator)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -246,8 +247,9 @@ def test_seed_presets_are_the_notebooks_recipe(preset, backbone):
 
 
 def test_a_killed_then_resumed_run_ends_with_the_same_weights(small_store, tmp_path, capsys):
-    # The crop grows from 32 to 48 px in the resumed epoch (its last 3 of 6 steps).
-    cfg = preset_config("cpu", **{**TINY, "progressive_crop": "32@0.75"})
+    # The crop grows from 32 to 48 px in the resumed epoch (its last 3 of 6 steps);
+    # mixup's weights and the turns come from generators the checkpoint must restore.
+    cfg = preset_config("cpu", **{**TINY, "progressive_crop": "32@0.75", "mixup": 0.4, "rotate_deg": 30.0, "scale": 0.1})
     fit(cfg, small_store, tmp_path / "straight", progress=False)
     fit(cfg, small_store, tmp_path / "resumed", progress=False, stop_after_epochs=1)
     assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["state"]["epoch"] == 1
@@ -320,6 +322,18 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(small_
     with pytest.raises(UserError, match=r"loss became nan at step 7 \(epoch 2\).*last.pt holds the last good weights"):
         fit(preset_config("cpu", **TINY), small_store, tmp_path / "r", progress=False)
     assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["state"]["epoch"] == 1
+
+
+@pytest.mark.parametrize("flag, value, problem", [
+    ("--hue", "0.7", r"augment hue: expected a value in \[0.0, 0.5\], found 0.7"),
+    ("--rotate-deg", "-5", r"augment rotate_deg: expected a value in \[0.0, 180.0\], found -5.0"),
+    ("--mixup", "-0.2", r"--mixup -0.2: expected an alpha >= 0"),
+])
+def test_a_setting_out_of_range_is_one_line_and_writes_no_run(small_store, tmp_path, capsys, flag, value, problem):
+    code, _, err = run_cli(capsys, "train", "--data", small_store, "--preset", "cpu", "--out", tmp_path / "run",
+                           flag, value)
+    assert code == 2 and re.search(problem, err) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_from_a_corrupt_or_foreign_checkpoint_is_one_line(trained_run, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Batched augmentation on the device: dihedral symmetries, stain and colour jitter.
+"""Batched augmentation on the device: dihedral symmetries, rotation and zoom, stain and colour jitter.
 
 Training keeps patches as uint8 until they reach the device and calls
 `augment_batch` once per batch; evaluation and prediction call `preprocess_batch`,
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from histodetect.errors import UserError
@@ -51,6 +52,11 @@ class AugmentConfig:
     # centre 32x32 of a 96-pixel patch, so keep crop_px / 2 - shift_px >= 16 to keep
     # the labelled region inside every crop.
     shift_px: int = 0
+    # Rotation by any angle ~ U(-rotate_deg, rotate_deg) and zoom ~ U(1 - scale, 1 + scale)
+    # about the patch centre, one bilinear resampling of the whole patch per image;
+    # pixels the turned window needs from beyond the patch are mirrored back in.
+    rotate_deg: float = 0.0
+    scale: float = 0.0
 
     def __post_init__(self) -> None:
         for name, low, high in (
@@ -62,6 +68,8 @@ class AugmentConfig:
             ("hue", 0.0, 0.5),  # half a turn each way already covers the wheel
             ("crop_px", 0, math.inf),
             ("shift_px", 0, math.inf),
+            ("rotate_deg", 0.0, 180.0),  # a half turn each way covers every angle
+            ("scale", 0.0, 0.5),  # beyond that, tissue at another magnification
         ):
             value = getattr(self, name)
             if not low <= value <= high:
@@ -86,9 +94,10 @@ def augment_batch(
     """Turn a uint8 batch into an augmented, normalised float32 batch: the one call training makes.
 
     patches_uint8: (N, H, W, 3) or (N, 3, H, W) uint8 on any device. mean, std: the
-    model's per-channel normalisation on the [0, 1] scale. Steps: centre crop to
-    `crop_px` with its position jittered by up to `shift_px`, dihedral, HED stain
-    jitter, colour jitter, then (x - mean) / std. Returns (N, 3, crop, crop)
+    model's per-channel normalisation on the [0, 1] scale. Steps: rotation and
+    zoom about the centre (if on), centre crop to `crop_px` with its position
+    jittered by up to `shift_px`, dihedral, HED stain jitter, colour jitter, then
+    (x - mean) / std. Returns (N, 3, crop, crop)
     float32 in channels_last memory format on the input's device. The same
     generator seed gives the same batch; random draws are made on the generator's
     device, so a CPU generator gives the same augmentations on a GPU batch.
@@ -96,14 +105,19 @@ def augment_batch(
     images = _as_nchw(patches_uint8)  # (N, 3, H, W) uint8, a view
     _check_mean_std(mean, std)
     window_px = _crop_window_px(config, images.shape)
-    images = _centre_crop(images, window_px)
+    if config.rotate_deg or config.scale:
+        # Resampled straight into the crop window, in float (0-255), from the whole patch.
+        images = _rotate_and_zoom(images.float(), window_px, config.rotate_deg, config.scale, generator)
+    else:
+        images = _centre_crop(images, window_px)
     out_px = config.crop_px or window_px
     # Crop shift and dihedral only move pixels: their index maps compose into one
-    # gather, run on the uint8 pixels before the conversion to float.
+    # gather, run on the uint8 pixels before the conversion to float (unless the
+    # rotation has already made them float).
     source_index = _spatial_source_index(config, images.shape[0], out_px, window_px, images, generator)
     if source_index is not None:
         images = _gather_pixels(images, source_index, out_px)
-    images = images.float().div_(255)
+    images = images.float().div_(255)  # a new tensor: uint8 input, or the float resampled window
     if config.hed_sigma or config.hed_bias:
         images = hed_jitter(images, config.hed_sigma, config.hed_bias, generator)
     if config.brightness or config.contrast or config.saturation or config.hue:
@@ -111,6 +125,22 @@ def augment_batch(
             images, config.brightness, config.contrast, config.saturation, config.hue, generator
         )
     return _normalise(images, mean, std)
+
+
+def mixup_batch(images: Tensor, labels: Tensor, weight: float) -> tuple[Tensor, Tensor]:
+    """Mixup (Zhang et al. 2018): blend each image and its label with the batch's reverse.
+
+    images: (N, C, H, W) float; labels: (N,) float. Returns weight * own +
+    (1 - weight) * partner for both, the partner of image i being image N - 1 - i.
+    Pairing with the reversed batch, as timm's Mixup does, needs no random draw
+    besides the weight: training batches already come in random order.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"mixup weight must be in [0, 1], found {weight}")
+    return (
+        images.mul(weight).add_(images.flip(0), alpha=1.0 - weight),
+        labels.mul(weight).add_(labels.flip(0), alpha=1.0 - weight),
+    )
 
 
 def preprocess_batch(
@@ -251,6 +281,41 @@ def _hue_rotation(hue_turn: Tensor) -> Tensor:
     return (torch.eye(3, dtype=torch.float64, device=hue_turn.device) + change).to(hue_turn.dtype)
 
 
+def _rotate_and_zoom(
+    images: Tensor, window_px: int, rotate_deg: float, scale: float, generator: torch.Generator | None
+) -> Tensor:
+    """Each image turned by ~U(-rotate_deg, rotate_deg) and zoomed by ~U(1 - scale, 1 + scale) about its centre.
+
+    images: (N, C, H, W) float. Returns the centre window_px square of each
+    transformed image, (N, C, window_px, window_px): one bilinear grid_sample
+    reads it from the whole patch, so a turned window takes real tissue from the
+    patch's margin and mirrors only what lies beyond the patch. Zoom > 1 magnifies.
+    """
+    n = images.shape[0]
+    angle = _uniform((n,), -math.radians(rotate_deg), math.radians(rotate_deg), images, generator)
+    zoom = _uniform((n,), 1 - scale, 1 + scale, images, generator)
+    return _turned_window(images, window_px, angle, zoom)
+
+
+def _turned_window(images: Tensor, window_px: int, angle: Tensor, zoom: Tensor) -> Tensor:
+    """The centre window_px square of each image turned by angle (radians, (N,)) and zoomed by zoom ((N,))."""
+    n, _, height_px, width_px = images.shape
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # affine_grid maps output coordinates in [-1, 1] (the window) to input ones (the
+    # patch). In pixels about the centre, input = rotation @ output / zoom; the
+    # window / side factors convert between the two normalised scales.
+    along_x = window_px / (width_px * zoom)
+    along_y = window_px / (height_px * zoom)
+    zero = torch.zeros_like(angle)
+    theta = torch.stack(
+        [torch.stack([cos * along_x, -sin * along_x, zero], dim=-1),
+         torch.stack([sin * along_y, cos * along_y, zero], dim=-1)],
+        dim=-2,
+    )  # (N, 2, 3)
+    grid = F.affine_grid(theta, [n, images.shape[1], window_px, window_px], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
 def _mix_channels(images: Tensor, matrix: Tensor, offset: Tensor) -> Tensor:
     """Per-image affine map of the channels: out[n, i] = sum_j matrix[n, i, j] * images[n, j] + offset[n, i]."""
     return torch.einsum("nij,njhw->nihw", matrix, images) + offset[:, :, None, None]
@@ -339,10 +404,11 @@ def _crop_window_px(config: AugmentConfig, nchw_shape: torch.Size) -> int:
     """Side of the square centre window the crop (and its shift) may read from."""
     height_px, width_px = nchw_shape[-2:]
     if not config.crop_px:
-        if config.dihedral and height_px != width_px:
+        turned = [name for name in ("dihedral", "rotate_deg", "scale") if getattr(config, name)]
+        if turned and height_px != width_px:
             raise UserError(
-                f"patches_uint8: dihedral augmentation needs square patches, found "
-                f"{height_px}x{width_px}; set crop_px to crop a square, or turn dihedral off"
+                f"patches_uint8: {' and '.join(turned)} augmentation needs square patches, found "
+                f"{height_px}x{width_px}; set crop_px to crop a square, or turn {' and '.join(turned)} off"
             )
         return height_px
     window_px = config.crop_px + 2 * config.shift_px

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import __version__
-from .augment import AugmentConfig, augment_batch, preprocess_batch
+from .augment import AugmentConfig, augment_batch, mixup_batch, preprocess_batch
 from .data.decode import PATCH_SIZE_PX
 from .data.store import PatchStore, open_store
 from .errors import UserError
@@ -64,6 +64,7 @@ class TrainConfig:
     warmup_fraction: float = 0.05  # of all steps, linear from 0
     schedule: str = "cosine"  # "cosine" (to 0 after warm-up), "onecycle" (cosine up, then down) or "constant"
     label_smoothing: float = 0.0
+    mixup: float = 0.0  # mixup alpha: each batch is blended with itself reversed by a weight ~ Beta(alpha, alpha); 0 = off
     ema_decay: float = 0.0  # 0 = no EMA; validation and `best` use the EMA weights when on
     grad_clip_norm: float = 0.0  # 0 = no clipping
     # Augmentation, on the device, on whole batches (augment.AugmentConfig).
@@ -76,6 +77,8 @@ class TrainConfig:
     hue: float = 0.0
     crop_px: int = 0  # train and predict on the centre crop of this size; 0 = the whole 96 px
     shift_px: int = 0  # random shift of that crop, in pixels
+    rotate_deg: float = 0.0  # random rotation by any angle up to this, on top of the dihedral ones
+    scale: float = 0.0  # random zoom by a factor in [1 - scale, 1 + scale]
     # Progressive resizing: "64@0.4,76@0.7" trains on 64 px crops until 40% of the
     # schedule, 76 px until 70%, then crop_px (never above it); smaller crops make early
     # steps cheaper. "" = crop_px throughout. Validation and prediction use crop_px.
@@ -102,6 +105,7 @@ class TrainConfig:
             dihedral=self.dihedral, hed_sigma=self.hed_sigma, hed_bias=self.hed_bias,
             brightness=self.brightness, contrast=self.contrast, saturation=self.saturation,
             hue=self.hue, crop_px=self.crop_px, shift_px=self.shift_px,
+            rotate_deg=self.rotate_deg, scale=self.scale,
         )
 
 
@@ -468,7 +472,11 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
         data = Path(run["data"]["path"])
     else:
         _check_run_folder(out, overwrite)
+    # Every setting is checked before anything is written.
     crop_stages = parse_progressive_crop(cfg.progressive_crop)
+    augment_cfg = cfg.augment()
+    if not cfg.mixup >= 0:
+        raise UserError(f"--mixup {cfg.mixup}: expected an alpha >= 0 (0 turns mixup off, 0.2-0.4 is usual)")
 
     dist = init_distributed("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     device = resolve_device(cfg.device, dist)
@@ -605,7 +613,6 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
     stopped_because = "finished all epochs"
     epochs_this_process = 0
     last_checkpoint_time = time.perf_counter()
-    augment_cfg = cfg.augment()
     try:
         while state["epoch"] < cfg.epochs:
             epoch = state["epoch"]
@@ -623,6 +630,9 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                     if crop_now != augment_cfg.crop_px:
                         augment_cfg = dataclasses.replace(augment_cfg, crop_px=crop_now)
                 x = augment_batch(patches, augment_cfg, mean, std, generator=aug_generator)  # (B, 3, H, W)
+                if cfg.mixup:
+                    # The weight comes from numpy's global generator, which checkpoints restore.
+                    x, labels = mixup_batch(x, labels, float(np.random.beta(cfg.mixup, cfg.mixup)))
                 if cfg.profile:
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
