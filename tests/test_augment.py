@@ -371,12 +371,14 @@ def test_rotation_and_zoom_keep_a_plain_patch_plain_and_real_patches_in_range(
 def test_mixup_blends_each_patch_and_label_with_the_reversed_batch(real_images: torch.Tensor) -> None:
     labels = torch.arange(real_images.shape[0], dtype=torch.float32) % 2
     labels[:3] = 1.0  # not symmetric under reversal
+    images_before, labels_before = real_images.clone(), labels.clone()
     mixed, soft = mixup_batch(real_images, labels, 0.3)
+    assert torch.equal(real_images, images_before) and torch.equal(labels, labels_before), "the inputs are untouched"
     assert torch.allclose(mixed, 0.3 * real_images + 0.7 * real_images.flip(0))
     assert torch.allclose(soft, 0.3 * labels + 0.7 * labels.flip(0))
     kept, same = mixup_batch(real_images, labels, 1.0)
     assert torch.equal(kept, real_images) and torch.equal(same, labels)
-    assert real_images.min() >= 0 and mixed.max() <= 1  # the inputs are untouched, the blend stays in range
+    assert mixed.min() >= 0 and mixed.max() <= 1, "a blend of images in [0, 1] stays in range"
     with pytest.raises(ValueError, match="mixup weight must be in"):
         mixup_batch(real_images, labels, 1.5)
 
