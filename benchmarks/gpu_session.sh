@@ -1,6 +1,6 @@
 # Everything issues #3 and #5 measure on a GPU machine, as it was run on a lent H200
 # (BENCHMARKS.md); this script itself, with the variants rewritten for the new
-# `default` (its seed spread, and the augmentations tried on the CPU since), has not
+# `default` (its seed spread, and with each patch standardised, two seeds), has not
 # been run there yet. The machine has python3 with torch, timm, h5py, tifffile, pytest;
 # not this project's other packages, hence PYTHONPATH=src.
 #
@@ -28,8 +28,8 @@ train)
         --jobs 8 --cap-minutes "${CAP:-3}" \
         --variant "seed1=default --seed 1" \
         --variant "seed2=default --seed 2" \
-        --variant "turn=default --rotate-deg 180 --scale 0.1" \
-        --variant "mixup=default --mixup 0.2" \
+        --variant "std=default --model histo_tinynet_std" \
+        --variant "std1=default --model histo_tinynet_std --seed 1" \
         --variant "net96c=default --model histo_net96" \
         2>&1 | tee "$OUT/log.txt"
     (cd /tmp/hd-gpu && tar czf "$OUT/runs.tgz" ./*.log run-*/run.json run-*/metrics.csv run-*/eval-*/metrics.json)

@@ -13,9 +13,10 @@ from histodetect.models import (
     create_model,
     describe_model,
     load_weights,
+    standardise_each_patch,
 )
 
-MODEL_NAMES = ["histo_tinynet", "histo_net96", "xception", "mobilenetv2_100"]
+MODEL_NAMES = ["histo_tinynet", "histo_tinynet_std", "histo_net96", "xception", "mobilenetv2_100"]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,27 @@ def test_head_is_global_average_pooling_dropout_and_one_logit(name):
     assert model.global_pool.pool_type == "avg"
     assert model.drop_rate == 0.5
     assert model.get_classifier().out_features == 1
+
+
+def test_each_patch_is_standardised_on_its_own_and_a_blank_patch_stays_finite():
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 16, 16) * torch.tensor([0.5, 1.0, 5.0]).view(3, 1, 1, 1) + 2.0
+    images[2] = 0.7  # a blank patch: no spread to divide by
+    out = standardise_each_patch(images)
+    assert torch.allclose(out[:2].mean(dim=(2, 3)), torch.zeros(2, 3), atol=1e-5)
+    assert torch.allclose(out[:2].std(dim=(2, 3)), torch.ones(2, 3), atol=1e-2)  # eps 1e-3 vs spreads >= 0.14
+    assert out[2].abs().max() < 1e-3  # rounding of the mean, not stretched noise
+
+
+def test_histo_tinynet_std_ignores_a_per_channel_brightness_and_contrast_shift(patches):
+    # What it is for: a slide scanned or stained lighter or darker scores the same.
+    torch.manual_seed(0)
+    model = create_model("histo_tinynet_std").eval()
+    gain, offset = torch.tensor([0.8, 1.1, 1.3]).view(1, 3, 1, 1), torch.tensor([0.3, -0.2, 0.1]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(model(patches * gain + offset), model(patches), atol=1e-4)
+        plain = create_model("histo_tinynet").eval()
+        assert not torch.allclose(plain(patches * gain + offset), plain(patches), atol=1e-4)
 
 
 def test_xception_is_the_original_keras_architecture():
