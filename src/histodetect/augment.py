@@ -117,7 +117,9 @@ def augment_batch(
     source_index = _spatial_source_index(config, images.shape[0], out_px, window_px, images, generator)
     if source_index is not None:
         images = _gather_pixels(images, source_index, out_px)
-    images = images.float().div_(255)  # a new tensor: uint8 input, or the float resampled window
+    # In place is safe: .float() copies uint8 input, and a float window is grid_sample's
+    # (or the gather's) own new tensor, never the caller's.
+    images = images.float().div_(255)
     if config.hed_sigma or config.hed_bias:
         images = hed_jitter(images, config.hed_sigma, config.hed_bias, generator)
     if config.brightness or config.contrast or config.saturation or config.hue:
