@@ -45,7 +45,8 @@ def main() -> None:
         row = {"preset": name, "model": run["config"]["model"], "train_minutes": round(run["train_seconds"] / 60, 2),
                "epochs": result.epochs_run, "stopped": result.stopped_because,
                "load_average_after": round(os.getloadavg()[0], 1)}
-        for tta in (1, 8):
+        # 72 views (crops moved by the training shift) where the run was trained on a shifted crop.
+        for tta in [t for t in (1, 8, 72) if t <= 8 or str(t) in (run.get("thresholds") or {})]:
             m = evaluate_run(out, store, split="valid", tta=tta, n_boot=1000)
             row[f"tta{tta}"] = {"accuracy": round(m["accuracy"], 4), "threshold": round(m["threshold"], 3),
                                 "accuracy_at_0.5": round(m["accuracy_at_0.5"], 4),

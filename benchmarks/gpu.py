@@ -200,7 +200,8 @@ def train_and_score(name: str, preset: str, flags: list[str], store: Path, work:
     with (out / "metrics.csv").open() as handle:
         result["curve"] = [[int(r["epoch"]), round(float(r["val_auc"]), 4), round(float(r["val_acc"]), 4),
                             round(float(r["train_loss"]), 4)] for r in csv.DictReader(handle)]
-    for tta in (1, 8):
+    # 72 views (crops moved by the training shift) where the run was trained on a shifted crop.
+    for tta in [t for t in (1, 8, 72) if t <= 8 or str(t) in (run.get("thresholds") or {})]:
         scored = _run_cli(["evaluate", str(out), "--data", f"{store}:valid", "--tta", str(tta), "--json"], log)
         if scored.returncode != 0:
             result[f"tta{tta}"] = {"error": log.read_text()[-2000:]}
@@ -223,7 +224,7 @@ def accuracy(store: Path, work: Path, jobs: list[tuple[str, str, list[str]]], n_
             results[name] = result
             save()
         summary = {k: result.get(k) for k in ("epochs_run", "stopped_because", "wall_minutes", "tta1", "tta8",
-                                              "error")}
+                                              "tta72", "error")}
         print(name, json.dumps(summary), flush=True)
 
     with ThreadPoolExecutor(max_workers=n_parallel) as pool:

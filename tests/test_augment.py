@@ -16,12 +16,15 @@ from histodetect.augment import (
     AugmentConfig,
     _turned_window,
     augment_batch,
+    check_tta,
     color_jitter,
     dihedral_views,
     hed_jitter,
     mixup_batch,
     preprocess_batch,
     random_dihedral,
+    tta_crop_offsets,
+    tta_view_groups,
 )
 from histodetect.errors import UserError
 
@@ -137,8 +140,49 @@ def test_dihedral_views_four_are_the_rotations_and_one_is_the_input() -> None:
 
 
 def test_dihedral_views_name_the_allowed_view_counts() -> None:
-    with pytest.raises(UserError, match=r"n_views: expected one of \(1, 4, 8\) test-time views, found 3; use 1"):
+    with pytest.raises(UserError, match=r"n_views: expected one of \(1, 4, 8\) dihedral views, found 3; use 1"):
         dihedral_views(torch.zeros(1, 3, 4, 4), 3)
+
+
+# --- test-time views: dihedral, and moved crops -------------------------------------
+
+
+def test_tta_crops_are_the_centre_then_its_moves_by_the_shift_along_the_axes_then_the_diagonals() -> None:
+    assert tta_crop_offsets(1, 4) == tta_crop_offsets(8, 4) == [(0, 0)]
+    assert tta_crop_offsets(40, 4) == [(0, 0), (-4, 0), (4, 0), (0, -4), (0, 4)]
+    assert sorted(tta_crop_offsets(72, 4)) == [(dy, dx) for dy in (-4, 0, 4) for dx in (-4, 0, 4)]
+    assert tta_crop_offsets(72, 4)[:5] == tta_crop_offsets(40, 4)
+    with pytest.raises(UserError, match=r"--tta 16: expected one of 1, 4, 8, 40, 72"):
+        tta_crop_offsets(16, 4)
+
+
+@pytest.mark.parametrize("n_views", [1, 4, 8, 40, 72])
+def test_tta_views_are_the_dihedral_views_of_each_moved_crop_and_smaller_ttas_are_their_prefix(
+    real_patches_uint8: torch.Tensor, n_views: int
+) -> None:
+    patches = real_patches_uint8[:6]
+    views = torch.cat(list(tta_view_groups(patches, n_views, MEAN, STD, crop_px=80, shift_px=6)))
+    assert views.shape == (n_views, 6, 3, 80, 80)
+    centre = preprocess_batch(patches, MEAN, STD, crop_px=80)
+    # The centre crop's views are bit for bit those TTA 8 always used.
+    assert torch.equal(views[: min(n_views, 8)], dihedral_views(centre, min(n_views, 8)))
+    for k, (down, right) in enumerate(tta_crop_offsets(n_views, 6)[1:], start=1):
+        moved = patches[:, 8 + down : 88 + down, 8 + right : 88 + right]  # the crop, moved, from the uint8 patch
+        expected = dihedral_views(preprocess_batch(moved, MEAN, STD), 8)
+        assert torch.allclose(views[8 * k : 8 * (k + 1)], expected, atol=1e-6), (down, right)
+    if n_views == 72:
+        smaller = torch.cat(list(tta_view_groups(patches, 40, MEAN, STD, crop_px=80, shift_px=6)))
+        assert torch.equal(views[:40], smaller)
+
+
+def test_moved_crop_views_need_a_run_trained_on_a_shifted_crop_and_crops_that_fit() -> None:
+    check_tta(8, crop_px=0, shift_px=0, source="runs/whole")  # dihedral views need nothing
+    check_tta(72, crop_px=88, shift_px=4, source="runs/default")
+    with pytest.raises(UserError, match=r"--tta 40: runs/whole was trained without a shifted crop "
+                                        r"\(crop_px 0, shift_px 0\).*use --tta 8"):
+        check_tta(40, crop_px=0, shift_px=0, source="runs/whole")
+    with pytest.raises(UserError, match=r"--tta 72: crops of 88 px moved by 8 px do not fit in 96x96 px patches"):
+        list(tta_view_groups(torch.zeros(2, 96, 96, 3, dtype=torch.uint8), 72, MEAN, STD, crop_px=88, shift_px=8))
 
 
 # --- HED stain jitter -------------------------------------------------------------

@@ -155,6 +155,16 @@ def test_base64_json_answers_the_same_as_multipart_and_tta_adds_a_spread(client,
     assert all(r["prob_sd_tta"] > 0 for r in by_json)
 
 
+def test_moved_crop_tta_is_offered_and_served_for_a_run_trained_on_a_shifted_crop(client, run, patch_files):
+    card = client.get("/v1/model").json()
+    assert card["serving"]["tta_choices"] == [1, 4, 8, 40, 72]
+    answer = client.post("/v1/predict?tta=72", files=multipart(patch_files)).json()
+    patches = np.stack([decode_patch_file(p).patch for p in patch_files])
+    np.testing.assert_allclose([r["prob_tumour"] for r in answer["results"]], predict_patches(run, patches, tta=72),
+                               atol=1e-5)
+    assert answer["threshold"] == pytest.approx(run.threshold_for(72)) and answer["tta"] == 72
+
+
 def test_a_data_url_is_accepted_as_base64(client, patch_files):
     data_url = "data:image/jpeg;base64," + base64.b64encode(patch_files[0].read_bytes()).decode()
     response = client.post("/v1/predict", json={"patches": [{"image_base64": data_url}]})

@@ -86,14 +86,14 @@ def test_the_run_chooses_one_threshold_per_tta_view_count_on_validation(trained_
     from histodetect.predict import load_run, predict_logits
 
     run_json = json.loads((trained_run / "run.json").read_text())
-    assert set(run_json["thresholds"]) == {"1", "4", "8"}
+    assert set(run_json["thresholds"]) == {"1", "4", "8", "40", "72"}  # 40, 72: the run has a shifted crop
     assert run_json["thresholds"]["1"] == run_json["threshold"]
     run = load_run(trained_run, device="cpu")
     store = open_store(small_store)
     rows = store.split_indices("valid")
-    view_probs = 1 / (1 + np.exp(-predict_logits(run, store.read_batch(rows), tta=8).astype(np.float64)))
+    view_probs = 1 / (1 + np.exp(-predict_logits(run, store.read_batch(rows), tta=72).astype(np.float64)))
     labels = store.labels[rows]
-    for views in (1, 4, 8):
+    for views in (1, 4, 8, 40, 72):
         probs = view_probs[:, :views].mean(axis=1)
         best = balanced_accuracy_score(labels, probs >= choose_threshold(labels, probs))
         chosen = run_json["thresholds"][str(views)]
@@ -101,6 +101,31 @@ def test_the_run_chooses_one_threshold_per_tta_view_count_on_validation(trained_
         # than predict does, and bf16 results may move with the batch.
         assert balanced_accuracy_score(labels, probs >= chosen) >= best - 1 / 32, views
         assert run.threshold_for(views) == chosen
+
+
+def test_moved_crop_thresholds_are_chosen_on_a_subset_of_a_large_validation_split(trained_run, small_store,
+                                                                                  monkeypatch):
+    import histodetect.train as train_module
+
+    checkpoint = load_checkpoint(trained_run / "checkpoints" / "best.pt")
+    cfg, pre = train_module.TrainConfig(**checkpoint["config"]), checkpoint["preprocessing"]
+    store = open_store(small_store)
+    rows = store.split_indices("valid")
+    seen = []
+    real_model_logits = train_module.model_logits
+    monkeypatch.setattr(train_module, "model_logits",
+                        lambda model, patches, *a, **k: seen.append((len(patches), k["tta"])) or
+                        real_model_logits(model, patches, *a, **k))
+    whole = train_module._validation_thresholds(trained_run, store, rows, cfg, pre["mean"], pre["std"],
+                                                torch.device("cpu"))
+    assert seen == [(len(rows), 72)]  # one pass serves every count
+    monkeypatch.setattr(train_module, "MOVED_CROP_THRESHOLD_ROWS", 16)
+    seen.clear()
+    subset = train_module._validation_thresholds(trained_run, store, rows, cfg, pre["mean"], pre["std"],
+                                                 torch.device("cpu"))
+    assert seen == [(len(rows), 8), (16, 72)]
+    assert set(subset) == set(whole) == {"1", "4", "8", "40", "72"}
+    assert all(subset[n] == pytest.approx(whole[n], abs=1e-6) for n in ("1", "4", "8"))
 
 
 def test_progressive_crop_grows_the_training_crop_on_schedule(small_store, tmp_path, monkeypatch):
@@ -186,6 +211,41 @@ def test_predict_writes_id_prob_pred_for_folders_files_stores_and_h5(trained_run
         h5_rows = list(csv.DictReader(handle))
     assert [r["id"] for r in h5_rows] == [str(i) for i in range(7)]
     np.testing.assert_allclose([float(r["prob"]) for r in h5_rows], expected[:7], atol=1e-6)
+
+
+def test_moved_crop_tta_extends_the_eight_dihedral_views_and_needs_a_shifted_crop(trained_run, small_store, capsys,
+                                                                                  tmp_path):
+    import dataclasses
+
+    from histodetect.augment import TTA_VIEW_COUNTS
+    from histodetect.cli import TTA_CHOICES
+    from histodetect.predict import load_run, predict_logits, predict_patches
+
+    assert TTA_CHOICES == TTA_VIEW_COUNTS  # the CLI's copy, kept free of torch
+    run = load_run(trained_run, device="cpu")
+    assert run.shift_px == 2 and run.tta_choices == (1, 4, 8, 40, 72)
+    patches = open_store(small_store).read_batch(np.arange(12))
+    logits = predict_logits(run, patches, tta=72)
+    assert logits.shape == (12, 72)
+    np.testing.assert_allclose(logits[:, :8], predict_logits(run, patches, tta=8), atol=1e-6)
+    assert np.abs(logits[:, 8:] - logits[:, :8].repeat(8, axis=1)).max() > 1e-3  # moved crops are other views
+
+    unshifted = dataclasses.replace(run, config={**run.config, "shift_px": 0})
+    assert unshifted.tta_choices == (1, 4, 8)
+    with pytest.raises(UserError, match=rf"--tta 40: {re.escape(str(trained_run))} was trained without a shifted "
+                                        r"crop \(crop_px 48, shift_px 0\).*use --tta 8"):
+        predict_patches(unshifted, patches, tta=40)
+    # A run trained before 40 and 72 had thresholds decides with the largest smaller count's.
+    older = dataclasses.replace(run, thresholds={1: 0.3, 4: 0.4, 8: 0.45})
+    assert older.threshold_for(72) == older.threshold_for(40) == 0.45 and older.threshold_for(4) == 0.4
+
+    code, _, _ = run_cli(capsys, "predict", trained_run, small_store, "--split", "valid", "--tta", "72",
+                         "--out", tmp_path / "p72.csv")
+    assert code == 0
+    with (tmp_path / "p72.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    threshold = json.loads((trained_run / "run.json").read_text())["thresholds"]["72"]
+    assert all(r["pred"] == str(int(float(r["prob"]) >= threshold)) for r in rows)
 
 
 def test_predict_uses_bf16_where_fast_and_fp32_gives_the_plain_float32_model(trained_run, small_store, tmp_path,

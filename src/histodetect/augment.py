@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +33,10 @@ _LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 # NTSC RGB -> YIQ; the I and Q rows sum to zero, so greys stay grey under a hue turn.
 _YIQ_FROM_RGB = (_LUMA_WEIGHTS, (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 _RGB_FROM_YIQ = tuple(map(tuple, torch.linalg.inv(torch.tensor(_YIQ_FROM_RGB, dtype=torch.float64)).tolist()))
-TTA_VIEW_COUNTS = (1, 4, 8)
+# Test-time views per patch (`tta_view_groups`): 1, 4 or 8 dihedral views of the centre
+# crop; 40 and 72 add the 8 dihedral views of 4 and 8 crops moved by the run's shift_px.
+TTA_VIEW_COUNTS = (1, 4, 8, 40, 72)
+DIHEDRAL_VIEW_COUNTS = (1, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -175,12 +178,73 @@ def dihedral_views(images: Tensor, n_views: int = 8) -> Tensor:
     alone, 4 the four rotations, 8 the whole group. Average the model's predictions
     over the first axis: `model(views.flatten(0, 1)).view(n_views, N, -1).mean(0)`.
     """
-    if n_views not in TTA_VIEW_COUNTS:
+    if n_views not in DIHEDRAL_VIEW_COUNTS:
         raise UserError(
-            f"n_views: expected one of {TTA_VIEW_COUNTS} test-time views, found {n_views}; "
+            f"n_views: expected one of {DIHEDRAL_VIEW_COUNTS} dihedral views, found {n_views}; "
             f"use 1 (none), 4 (rotations) or 8 (rotations and mirrors)"
         )
     return torch.stack([_dihedral(images, k) for k in range(n_views)])
+
+
+def tta_crop_offsets(n_views: int, shift_px: int) -> list[tuple[int, int]]:
+    """(down, right) offsets from the centre of the crops that `n_views` test-time views read.
+
+    1, 4 and 8 views read the centre crop; 40 add the crops moved by `shift_px` up,
+    down, left and right; 72 add the four diagonal moves too: the corners and edge
+    midpoints of the square a training crop's centre wanders over (`shift_px`).
+    """
+    if n_views not in TTA_VIEW_COUNTS:
+        raise UserError(f"--tta {n_views}: expected one of {', '.join(map(str, TTA_VIEW_COUNTS))}")
+    s = shift_px
+    offsets = [(0, 0)]
+    if n_views >= 40:
+        offsets += [(-s, 0), (s, 0), (0, -s), (0, s)]
+    if n_views >= 72:
+        offsets += [(-s, -s), (-s, s), (s, -s), (s, s)]
+    return offsets
+
+
+def check_tta(n_views: int, crop_px: int, shift_px: int, source: str) -> None:
+    """Raise UserError unless `n_views` test-time views can be made for a model trained on this crop.
+
+    40 and 72 views move the crop by the training shift, so they need one (`source`
+    names the run or export in the message).
+    """
+    if len(tta_crop_offsets(n_views, shift_px)) > 1 and not (crop_px and shift_px):
+        raise UserError(
+            f"--tta {n_views}: {source} was trained without a shifted crop (crop_px {crop_px}, "
+            f"shift_px {shift_px}), and 40 or 72 views read crops moved by that shift; use --tta 8"
+        )
+
+
+def tta_view_groups(
+    patches_uint8: Tensor, n_views: int, mean: Sequence[float], std: Sequence[float],
+    crop_px: int = 0, shift_px: int = 0,
+) -> Iterator[Tensor]:
+    """The `n_views` test-time views of a uint8 batch, preprocessed, one crop at a time.
+
+    Yields (V, N, 3, crop, crop) float32 stacks: first `dihedral_views` of the centre
+    crop (V = min(n_views, 8); the same tensors `preprocess_batch` gives), then for
+    40 and 72 views the 8 dihedral views of each moved crop (`tta_crop_offsets`).
+    Concatenated they are the views in order, and each view count's views are the
+    first n of 72's, so one 72-view pass holds every smaller TTA. One crop at a time
+    keeps memory at 8 views' worth of the batch.
+    """
+    offsets = tta_crop_offsets(n_views, shift_px)
+    yield dihedral_views(preprocess_batch(patches_uint8, mean, std, crop_px=crop_px), min(n_views, 8))
+    if len(offsets) == 1:
+        return
+    check_tta(n_views, crop_px, shift_px, "the model")
+    whole = preprocess_batch(patches_uint8, mean, std)  # normalising is per pixel: crop after it
+    top, left = (whole.shape[-2] - crop_px) // 2, (whole.shape[-1] - crop_px) // 2
+    if min(top, left) < shift_px:
+        raise UserError(
+            f"--tta {n_views}: crops of {crop_px} px moved by {shift_px} px do not fit in "
+            f"{whole.shape[-2]}x{whole.shape[-1]} px patches; use --tta 8"
+        )
+    for down, right in offsets[1:]:
+        window = whole[..., top + down : top + down + crop_px, left + right : left + right + crop_px]
+        yield dihedral_views(window, 8)
 
 
 def hed_jitter(

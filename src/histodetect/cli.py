@@ -16,6 +16,11 @@ from pathlib import Path
 from . import __version__
 from .errors import UserError
 
+# augment.TTA_VIEW_COUNTS, spelt here so that --help does not import torch (a test keeps them equal).
+TTA_CHOICES = (1, 4, 8, 40, 72)
+TTA_HELP = ("test-time views averaged per patch: 1, 4 or 8 dihedral views of the centre crop; "
+            "40 or 72 add those of crops moved by the training shift")
+
 
 def _example(text: str) -> str:
     return "example:\n  " + text
@@ -189,7 +194,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     record = calibrate_run(args.run, data, split=split, tta=args.tta, device=args.device, fp32=args.fp32)
     print(f"{args.run}: temperature {record['temperature']:.4f}, fitted on {record['store']}:{record['split']} "
           f"({record['n']} patches)")
-    views = str(args.tta) if str(args.tta) in record["thresholds"] else "1"  # runs trained before TTA thresholds
+    # runs trained before a view count had its own threshold use the largest smaller count's
+    views = str(max(int(v) for v in record["thresholds"] if int(v) <= args.tta))
     print(f"  NLL {record['nll_before']:.4f} -> {record['nll_after']:.4f}  ECE {record['ece_before']:.4f} -> "
           f"{record['ece_after']:.4f}  threshold (TTA {views}) {record['uncalibrated_thresholds'][views]:.3f} -> "
           f"{record['thresholds'][views]:.3f}")
@@ -334,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
             "histodetect evaluate runs/cpu --data stores/pcam-jpeg:valid --tta 8", _cmd_evaluate)
     p.add_argument("run", type=Path, help="a run folder made by 'histodetect train'")
     p.add_argument("--data", help="STORE[:split] (default: the run's store; its test split if labelled, else valid)")
-    p.add_argument("--tta", type=int, default=1, choices=(1, 4, 8), help="dihedral views averaged per patch")
+    p.add_argument("--tta", type=int, default=1, choices=TTA_CHOICES, help=TTA_HELP)
     p.add_argument("--out", type=Path, help="folder for the report (default: RUN/eval-SPLIT-ttaN)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the AUC interval")
     p.add_argument("--mc", type=int, default=0, metavar="N",
@@ -349,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
                    help="a store, an image folder, image files or a PCam h5 file")
     p.add_argument("--out", type=Path, required=True, help="CSV file to write")
-    p.add_argument("--tta", type=int, default=1, choices=(1, 4, 8), help="dihedral views averaged per patch")
+    p.add_argument("--tta", type=int, default=1, choices=TTA_CHOICES, help=TTA_HELP)
     p.add_argument("--split", help="only this split of a store or folder")
     p.add_argument("--kaggle-submission", action="store_true", help="write exactly id,label (label = probability)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -386,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
             "histodetect calibrate runs/cpu --data stores/pcam-jpeg:valid", _cmd_calibrate)
     p.add_argument("run", type=Path, help="a run folder made by 'histodetect train'")
     p.add_argument("--data", help="STORE[:split] (default: the run's store and validation split)")
-    p.add_argument("--tta", type=int, default=1, choices=(1, 4, 8),
-                   help="fit on the mean of this many dihedral views (default 1)")
+    p.add_argument("--tta", type=int, default=1, choices=TTA_CHOICES,
+                   help="fit on the mean of this many test-time views (default 1; see evaluate --tta)")
     add_device_options(p)
 
     p = add("export", "Export a run to ONNX or TorchScript, checked against PyTorch on real patches.",
@@ -406,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--resize", action="store_true", default=None,
                    help="resize images that are not 96x96 (default: refuse them with 422)")
-    p.add_argument("--tta", type=int, choices=(1, 4, 8), help="dihedral views per patch when a request does not say (default 1)")
+    p.add_argument("--tta", type=int, choices=TTA_CHOICES,
+                   help="test-time views per patch when a request does not say (default 1; see evaluate --tta)")
     p.add_argument("--max-upload-bytes", type=int, help="bigger request bodies get 413 (default 16 MiB)")
     p.add_argument("--max-files", type=int, help="patches per request (default 256)")
     p.add_argument("--max-image-pixels", type=int,
@@ -431,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="tumour regions are tiles with at least this probability "
                    "(default: the run's threshold for --tta views, chosen on validation)")
     p.add_argument("--min-tissue", type=float, help="score a tile when at least this share of it is tissue (default 0.25)")
-    p.add_argument("--tta", type=int, choices=(1, 4, 8), help="dihedral views averaged per tile (default 1)")
+    p.add_argument("--tta", type=int, choices=TTA_CHOICES,
+                   help="test-time views averaged per tile (default 1; see evaluate --tta)")
     p.add_argument("--batch-size", type=int, help="tiles per inference batch (default 256)")
     p.add_argument("--workers", type=int, help="processes reading the slide (default 0: the main process reads, "
                    "fastest on a 2-core CPU, see benchmarks/slide_speed.py)")

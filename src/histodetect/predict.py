@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .augment import TTA_VIEW_COUNTS, dihedral_views, preprocess_batch
+from .augment import TTA_VIEW_COUNTS, check_tta, tta_view_groups
 from .data.decode import IMAGE_SUFFIXES
 from .data.folder import list_image_files
 from .data.formats import open_source
@@ -84,9 +84,26 @@ class LoadedRun:
         """The decision threshold for one view (0.5 until one was chosen)."""
         return self.thresholds[1]
 
+    @property
+    def shift_px(self) -> int:
+        """How far training moved its crop: 40 and 72 test-time views move it as far."""
+        return int(self.config.get("shift_px", 0) or 0)
+
     def threshold_for(self, tta: int) -> float:
-        """The decision threshold chosen on validation for predictions averaged over `tta` views."""
-        return self.thresholds.get(tta, self.threshold)
+        """The decision threshold chosen on validation for predictions averaged over `tta` views.
+
+        A run trained before a view count had its own uses the largest smaller count's.
+        """
+        return self.thresholds[max((n for n in self.thresholds if n <= tta), default=1)]
+
+    @property
+    def tta_choices(self) -> tuple[int, ...]:
+        """The test-time view counts this run can make: 40 and 72 need a shifted training crop."""
+        return tuple(n for n in TTA_VIEW_COUNTS if n <= 8 or (self.crop_px and self.shift_px))
+
+    def check_tta(self, tta: int) -> None:
+        """Raise UserError unless this run can make `tta` test-time views (`augment.check_tta`)."""
+        check_tta(tta, self.crop_px, self.shift_px, str(self.run_dir))
 
 
 def run_thresholds(run: dict, *, calibrated: bool = True) -> dict[int, float]:
@@ -139,11 +156,10 @@ def load_run(run_dir: Path, *, checkpoint: str = "best", device: str = "auto", t
 
 def predict_logits(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1,
                    batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-    """Logits (N, tta): one column per dihedral view (TTA), before temperature scaling."""
-    if tta not in TTA_VIEW_COUNTS:
-        raise UserError(f"--tta {tta}: expected one of {', '.join(map(str, TTA_VIEW_COUNTS))}")
+    """Logits (N, tta): one column per test-time view (`augment.tta_view_groups`), before temperature scaling."""
+    run.check_tta(tta)
     return model_logits(run.model, patches_uint8, run.mean, run.std, run.crop_px, run.device, batch_size, tta=tta,
-                        bf16=run.bf16)
+                        shift_px=run.shift_px, bf16=run.bf16)
 
 
 def probabilities(run: LoadedRun, logits: np.ndarray) -> np.ndarray:
@@ -221,34 +237,33 @@ def _mc_logits(run: LoadedRun, patches_uint8: np.ndarray, tta: int, mc_passes: i
     columns, backbone_random = [], None
     for begin in range(0, len(patches_uint8), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(patches_uint8[begin : begin + batch_size])).to(device)
-        x = preprocess_batch(batch, run.mean, run.std, crop_px=run.crop_px)  # (B, 3, H, W)
-        views = dihedral_views(x, tta).flatten(0, 1) if tta > 1 else x  # (tta * B, 3, H, W)
-        views = views.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16 and bf16_is_fast(device)):
-            if backbone_random is None:
-                backbone_random = _backbone_is_random(run.model, views)
-            if backbone_random:
-                logits = torch.stack([run.model(views) for _ in range(mc_passes)])
-            else:
-                # timm heads drop units only after pooling: the backbone runs once and
-                # the cheap head once per pass. 20 passes of a cpu-preset model took 4.0 s
-                # per 1,000 patches against 36 s for 20 full passes and 1.7 s for one plain
-                # pass (benchmarks/uncertainty.py, shared 2-core CPU).
-                features = run.model.forward_features(views)
-                logits = torch.stack([run.model.forward_head(features) for _ in range(mc_passes)])
-        # (P, tta * B, 1) -> (B, P, tta)
-        columns.append(logits.float().reshape(mc_passes, tta, -1).permute(2, 0, 1).cpu().numpy())
+        parts = []
+        for views in tta_view_groups(batch, tta, run.mean, run.std, run.crop_px, run.shift_px):  # (V, B, 3, H, W)
+            flat = views.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16 and bf16_is_fast(device)):
+                if backbone_random is None:
+                    backbone_random = _backbone_is_random(run.model, flat)
+                if backbone_random:
+                    logits = torch.stack([run.model(flat) for _ in range(mc_passes)])
+                else:
+                    # timm heads drop units only after pooling: the backbone runs once and
+                    # the cheap head once per pass. 20 passes of a cpu-preset model took 4.0 s
+                    # per 1,000 patches against 36 s for 20 full passes and 1.7 s for one plain
+                    # pass (benchmarks/uncertainty.py, shared 2-core CPU).
+                    features = run.model.forward_features(flat)
+                    logits = torch.stack([run.model.forward_head(features) for _ in range(mc_passes)])
+            parts.append(logits.float().reshape(mc_passes, len(views), -1))  # (P, V, B)
+        columns.append(torch.cat(parts, dim=1).permute(2, 0, 1).cpu().numpy())  # (B, P, tta)
     return np.concatenate(columns) if columns else np.empty((0, mc_passes, tta), np.float32)
 
 
 def predict_samples(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1, mc_passes: int = 0,
                     batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> np.ndarray:
-    """Logits (N, P, V) before temperature scaling: P MC-dropout passes (1 without MC) of V dihedral views.
+    """Logits (N, P, V) before temperature scaling: P MC-dropout passes (1 without MC) of V test-time views.
 
     With `mc_passes`, the dropout masks come from `seed`: the same call gives the same logits.
     """
-    if tta not in TTA_VIEW_COUNTS:
-        raise UserError(f"--tta {tta}: expected one of {', '.join(map(str, TTA_VIEW_COUNTS))}")
+    run.check_tta(tta)
     _check_mc_passes(run, mc_passes)
     if not mc_passes:
         return predict_logits(run, patches_uint8, tta=tta, batch_size=batch_size)[:, None, :]

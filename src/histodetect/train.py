@@ -349,23 +349,26 @@ def package_versions() -> dict[str, str]:
 
 @torch.inference_mode()
 def model_logits(model, patches_uint8, mean, std, crop_px: int, device: torch.device,
-                   batch_size: int, *, tta: int = 1, bf16: bool = True) -> np.ndarray:
-    """Logits (N, tta) of uint8 patches (N, 96, 96, 3): one column per dihedral view, batched.
+                   batch_size: int, *, tta: int = 1, shift_px: int = 0, bf16: bool = True) -> np.ndarray:
+    """Logits (N, tta) of uint8 patches (N, 96, 96, 3): one column per test-time view, batched.
 
-    With `bf16`, the model runs under bf16 autocast where that is fast (`bf16_is_fast`:
-    CUDA, and CPUs with AMX / AVX512-BF16), as training does; elsewhere in float32.
+    The views are `augment.tta_view_groups`'s: dihedral views of the centre crop, and
+    for 40 or 72 of crops moved by `shift_px` (the training crop's shift). With `bf16`,
+    the model runs under bf16 autocast where that is fast (`bf16_is_fast`: CUDA, and
+    CPUs with AMX / AVX512-BF16), as training does; elsewhere in float32.
     """
-    from .augment import dihedral_views
+    from .augment import tta_view_groups
 
     fast_bf16 = bf16 and bf16_is_fast(device)
     columns = []
     for begin in range(0, len(patches_uint8), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(patches_uint8[begin : begin + batch_size])).to(device)
-        x = preprocess_batch(batch, mean, std, crop_px=crop_px)  # (B, 3, H, W)
-        views = dihedral_views(x, tta).flatten(0, 1) if tta > 1 else x  # (tta * B, 3, H, W)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_bf16):
-            logits = model(views.contiguous(memory_format=torch.channels_last)).float()
-        columns.append(logits.reshape(tta, -1).T.cpu().numpy())
+        parts = []
+        for views in tta_view_groups(batch, tta, mean, std, crop_px, shift_px):  # (V, B, 3, H, W)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_bf16):
+                logits = model(views.flatten(0, 1).contiguous(memory_format=torch.channels_last)).float()
+            parts.append(logits.reshape(len(views), -1))
+        columns.append(torch.cat(parts).T.cpu().numpy())
     return np.concatenate(columns) if columns else np.empty((0, tta), np.float32)
 
 
@@ -749,6 +752,9 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
     return FitResult(out, state["best_auc"], state["epoch"], stopped_because, state["history"])
 
 
+MOVED_CROP_THRESHOLD_ROWS = 4096  # see _validation_thresholds
+
+
 def _validation_thresholds(out: Path, store: PatchStore, val_rows: np.ndarray, cfg: TrainConfig,
                            mean, std, device: torch.device) -> dict[str, float]:
     """The best checkpoint's decision thresholds, chosen on the validation split: one per TTA view count.
@@ -756,23 +762,36 @@ def _validation_thresholds(out: Path, store: PatchStore, val_rows: np.ndarray, c
     Averaging views pulls probabilities towards the middle, so the threshold that
     suits one view does not suit eight (on pcam-jpeg's valid split, 1-view
     thresholds of 0.30-0.44 cost 8-view accuracy up to 0.8 points against 8-view
-    ones of 0.37-0.50, 2026-11-27). The first 4 of the 8 dihedral views are the
-    rotations TTA 4 uses and the first is the patch itself, so one 8-view pass
-    serves all three.
+    ones of 0.37-0.50, 2026-11-27). Each TTA's views are the first n of the 72
+    (`augment.tta_view_groups`), so one pass serves them all. 40 and 72 only for a
+    run trained on a shifted crop, and chosen on at most MOVED_CROP_THRESHOLD_ROWS
+    evenly spaced validation patches: 72 views cost 9 times 8 (on a CPU, PCam's whole
+    valid split would take minutes).
     """
-    from .augment import TTA_VIEW_COUNTS
+    from .augment import DIHEDRAL_VIEW_COUNTS, TTA_VIEW_COUNTS
     from .evaluate.metrics import choose_threshold
 
     best = load_checkpoint(out / "checkpoints" / "best.pt")
     model = create_model(cfg.model, drop_rate=cfg.drop_rate)
     model.load_state_dict(best["model"])
     model.to(device).eval().to(memory_format=torch.channels_last)
-    views = max(TTA_VIEW_COUNTS)  # 8 images a patch: batches of an eighth keep validation's memory
-    logits = model_logits(model, store.read_batch(val_rows), mean, std, cfg.crop_px, device,
-                          max(1, cfg.val_batch_size // views), tta=views, bf16=cfg.bf16)  # (N, 8)
-    view_probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
-    labels = store.labels[val_rows]
-    return {str(n): float(choose_threshold(labels, view_probs[:, :n].mean(axis=1))) for n in TTA_VIEW_COUNTS}
+    moved = [n for n in TTA_VIEW_COUNTS if n not in DIHEDRAL_VIEW_COUNTS] if cfg.crop_px and cfg.shift_px else []
+    subset = val_rows
+    if len(val_rows) > MOVED_CROP_THRESHOLD_ROWS:
+        subset = val_rows[np.linspace(0, len(val_rows) - 1, MOVED_CROP_THRESHOLD_ROWS).round().astype(np.int64)]
+    if moved and len(subset) == len(val_rows):
+        passes = [(val_rows, max(moved), [*DIHEDRAL_VIEW_COUNTS, *moved])]
+    else:
+        passes = [(val_rows, 8, list(DIHEDRAL_VIEW_COUNTS))] + ([(subset, max(moved), moved)] if moved else [])
+    thresholds = {}
+    for rows, views, counts in passes:
+        # Each crop's 8 views at a time: batches of an eighth keep validation's memory.
+        logits = model_logits(model, store.read_batch(rows), mean, std, cfg.crop_px, device,
+                              max(1, cfg.val_batch_size // 8), tta=views, shift_px=cfg.shift_px, bf16=cfg.bf16)
+        view_probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+        labels = store.labels[rows]
+        thresholds.update({str(n): float(choose_threshold(labels, view_probs[:, :n].mean(axis=1))) for n in counts})
+    return thresholds
 
 
 def read_run(run_dir: Path) -> dict:

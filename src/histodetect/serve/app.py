@@ -33,7 +33,6 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..augment import TTA_VIEW_COUNTS
 from ..errors import UserError
 from ..explain import explain_patches
 from ..predict import LoadedRun, predict_samples, sample_probabilities, uncertainty_measures
@@ -170,7 +169,7 @@ def model_card(run: LoadedRun, config: ServeConfig) -> dict:
         "versions": info.get("versions"),
         "serving": {"histodetect": __version__, "max_upload_bytes": config.max_upload_bytes,
                     "max_files": config.max_files, "max_image_pixels": config.max_image_pixels,
-                    "resize": config.resize, "tta": config.tta, "tta_choices": list(TTA_VIEW_COUNTS),
+                    "resize": config.resize, "tta": config.tta, "tta_choices": list(run.tta_choices),
                     "overlay": "gradcam"},
     }
 
@@ -205,6 +204,7 @@ def _results(run: LoadedRun, decoded: DecodedUploads, logits: np.ndarray, overla
 def create_app(run: LoadedRun, config: ServeConfig | None = None) -> FastAPI:
     """The app serving `run` (a torch model: Grad-CAM needs its gradients) within `config`'s limits."""
     config = config or ServeConfig()
+    run.check_tta(config.tta)
     batcher = PredictionBatcher(
         lambda patches, tta: predict_samples(run, patches, tta=tta),
         lambda patches: explain_patches(run, patches, method="gradcam").overlays,
@@ -263,11 +263,11 @@ def create_app(run: LoadedRun, config: ServeConfig | None = None) -> FastAPI:
               summary="Score patches: multipart image files, or JSON {patches: [{id, image_base64}]}")
     async def predict(
         request: Request,
-        tta: int | None = Query(None, description="dihedral views averaged per patch: 1, 4 or 8 "
-                                                  "(default: the server's --tta)"),
+        tta: int | None = Query(None, description="test-time views averaged per patch: 1, 4 or 8 dihedral "
+                                                  "views, 40 or 72 with moved crops (default: the server's --tta)"),
         overlay: bool = Query(False, description="also return a Grad-CAM overlay PNG per patch"),
     ) -> PredictResponse:
-        tta = check_tta(tta, config)
+        tta = check_tta(tta, config, run.tta_choices)
         uploads = await read_uploads(request, config)
         decoded = await run_in_threadpool(decode_uploads, uploads, config)
         scored = await asyncio.wrap_future(batcher.submit(decoded.patches, tta, overlay))

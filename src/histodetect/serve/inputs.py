@@ -13,6 +13,7 @@ import io
 import json
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ class ServeConfig:
     # before decoding (a small PNG can announce 50,000x50,000 pixels: 7.5 GB decoded).
     max_image_pixels: int = 1024 * 1024
     resize: bool = False  # resize images that are not 96x96 (else refuse them with 422)
-    tta: int = 1  # dihedral views per patch when a request does not say (1, 4 or 8)
+    tta: int = 1  # test-time views per patch when a request does not say (TTA_VIEW_COUNTS)
     # Request batching: the model runs on up to this many queued patches at once,
     # waiting at most max_wait_ms for more to arrive after the first.
     max_batch_patches: int = 256
@@ -90,13 +91,13 @@ MULTIPART = "multipart/form-data"
 JSON_TYPE = "application/json"
 
 
-def check_tta(tta: int | None, config: ServeConfig) -> int:
-    """The request's `tta` query parameter, or the server's default."""
+def check_tta(tta: int | None, config: ServeConfig, choices: Sequence[int] = TTA_VIEW_COUNTS) -> int:
+    """The request's `tta` query parameter, or the server's default; `choices` are those the run can make."""
     if tta is None:
         return config.tta
-    if tta not in TTA_VIEW_COUNTS:
-        raise RequestError(f"query parameter tta={tta}: expected one of {', '.join(map(str, TTA_VIEW_COUNTS))} "
-                           "dihedral views per patch", 422)
+    if tta not in choices:
+        raise RequestError(f"query parameter tta={tta}: expected one of {', '.join(map(str, choices))} "
+                           "test-time views per patch", 422)
     return tta
 
 

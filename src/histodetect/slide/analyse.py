@@ -227,8 +227,9 @@ def analyse_slide(run: LoadedRun, slide_path: Path, out_dir: Path, config: Slide
     config = config or SlideConfig()
     started = time.perf_counter()
     slide_path, out_dir = Path(slide_path), Path(out_dir)
+    check_config(config, 0.5 if config.threshold is None else config.threshold)
+    run.check_tta(config.tta)
     threshold = run.threshold_for(config.tta) if config.threshold is None else config.threshold
-    check_config(config, threshold)
     geometry = open_slide(slide_path, mpp=config.mpp)
     grid = plan_grid(geometry, stride_px=config.stride_px, target_mpp=config.target_mpp, roi=config.roi)
     key = _settings_key(run, slide_path, config, threshold)

@@ -32,6 +32,8 @@ async function loadModelCard() {
       card.data.fingerprint ? `data ${card.data.fingerprint.slice(0, 12)}` : null,
     ];
     $("#model-card").textContent = "Model: " + parts.filter(Boolean).join(" · ");
+    const choices = card.serving.tta_choices || [1, 4, 8];
+    $("#tta").replaceChildren(...choices.map((n) => new Option(String(n), String(n))));
     $("#tta").value = String(card.serving.tta);
   } catch (error) {
     $("#model-card").textContent = `Could not load the model card (${error}).`;
