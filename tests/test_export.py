@@ -117,12 +117,15 @@ def test_torchscript_export_keeps_the_metadata_beside_the_graph_and_matches_pyto
                                atol=MAX_PROB_DIFF)
 
 
-def test_predict_through_onnx_runtime_writes_the_csv_pytorch_writes(onnx_export, trained_run, pcam_jpeg, tmp_path):
+@pytest.mark.parametrize("tta", [8, 72])  # 72: crops moved by the training shift, which the export's metadata keeps
+def test_predict_through_onnx_runtime_writes_the_csv_pytorch_writes(onnx_export, trained_run, pcam_jpeg, tmp_path,
+                                                                     tta):
     files = sorted((pcam_jpeg / "valid" / "1").glob("*.jpg"))[:6] + sorted((pcam_jpeg / "valid" / "0").glob("*.jpg"))[:6]
     onnx_run = load_exported_run(trained_run)  # the run folder's model.onnx
     assert type(onnx_run.model).__name__ == "ExportedLogits"
-    predict_to_csv(onnx_run, files, tmp_path / "onnx.csv", tta=8, progress=False)
-    predict_to_csv(load_run(trained_run, device="cpu", fp32=True), files, tmp_path / "torch.csv", tta=8, progress=False)
+    predict_to_csv(onnx_run, files, tmp_path / "onnx.csv", tta=tta, progress=False)
+    predict_to_csv(load_run(trained_run, device="cpu", fp32=True), files, tmp_path / "torch.csv", tta=tta,
+                   progress=False)
 
     def read(path: Path) -> list[dict]:
         with path.open() as handle:

@@ -347,6 +347,20 @@ def test_a_region_of_interest_limits_the_work_and_the_grid_starts_there(trained_
     assert np.load(tmp_path / "roi" / "heatmap.npy").shape == (3, 4)
 
 
+def test_tiles_can_be_scored_with_moved_crop_views_and_a_run_without_a_shift_refuses_them(trained_run, slide_path,
+                                                                                         tmp_path):
+    import dataclasses
+
+    roi = (2 * PATCH * 8, 2 * PATCH * 5, 2 * PATCH * 4, 2 * PATCH * 3)
+    result = analyse_slide(trained_run, slide_path, tmp_path / "tta72", SlideConfig(roi=roi, tta=72), progress=False)
+    assert result.summary["tta"] == 72 and result.summary["threshold"] == trained_run.threshold_for(72)
+    assert len(read_tiles_csv(tmp_path / "tta72")) == 12
+    unshifted = dataclasses.replace(trained_run, config={**trained_run.config, "shift_px": 0})
+    with pytest.raises(UserError, match=r"--tta 40: .* was trained without a shifted crop"):
+        analyse_slide(unshifted, slide_path, tmp_path / "tta40", SlideConfig(roi=roi, tta=40), progress=False)
+    assert not (tmp_path / "tta40").exists()
+
+
 def test_stride_32_gives_one_cell_per_pcam_label_region(trained_run, slide_path, tmp_path):
     roi = (2 * PATCH * 8, 2 * PATCH * 5, 2 * PATCH * 2, 2 * PATCH * 2)
     result = analyse_slide(trained_run, slide_path, tmp_path / "s32", SlideConfig(roi=roi, stride_px=32),
