@@ -204,13 +204,19 @@ def tta_crop_offsets(n_views: int, shift_px: int) -> list[tuple[int, int]]:
     return offsets
 
 
+def tta_view_counts(crop_px: int, shift_px: int) -> tuple[int, ...]:
+    """The test-time view counts a model trained on this crop can use: 40 and 72 need a shifted crop."""
+    return TTA_VIEW_COUNTS if crop_px and shift_px else DIHEDRAL_VIEW_COUNTS
+
+
 def check_tta(n_views: int, crop_px: int, shift_px: int, source: str) -> None:
     """Raise UserError unless `n_views` test-time views can be made for a model trained on this crop.
 
     40 and 72 views move the crop by the training shift, so they need one (`source`
     names the run or export in the message).
     """
-    if len(tta_crop_offsets(n_views, shift_px)) > 1 and not (crop_px and shift_px):
+    tta_crop_offsets(n_views, shift_px)  # names an unknown count
+    if n_views not in tta_view_counts(crop_px, shift_px):
         raise UserError(
             f"--tta {n_views}: {source} was trained without a shifted crop (crop_px {crop_px}, "
             f"shift_px {shift_px}), and 40 or 72 views read crops moved by that shift; use --tta 8"
@@ -224,25 +230,26 @@ def tta_view_groups(
     """The `n_views` test-time views of a uint8 batch, preprocessed, one crop at a time.
 
     Yields (V, N, 3, crop, crop) float32 stacks: first `dihedral_views` of the centre
-    crop (V = min(n_views, 8); the same tensors `preprocess_batch` gives), then for
+    crop (V = min(n_views, 8); the values `preprocess_batch` gives), then for
     40 and 72 views the 8 dihedral views of each moved crop (`tta_crop_offsets`).
     Concatenated they are the views in order, and each view count's views are the
     first n of 72's, so one 72-view pass holds every smaller TTA. One crop at a time
     keeps memory at 8 views' worth of the batch.
     """
     offsets = tta_crop_offsets(n_views, shift_px)
-    yield dihedral_views(preprocess_batch(patches_uint8, mean, std, crop_px=crop_px), min(n_views, 8))
     if len(offsets) == 1:
+        yield dihedral_views(preprocess_batch(patches_uint8, mean, std, crop_px=crop_px), n_views)
         return
     check_tta(n_views, crop_px, shift_px, "the model")
-    whole = preprocess_batch(patches_uint8, mean, std)  # normalising is per pixel: crop after it
+    # Normalised once, whole; every crop is a slice of it (normalising is per pixel).
+    whole = preprocess_batch(patches_uint8, mean, std)
     top, left = (whole.shape[-2] - crop_px) // 2, (whole.shape[-1] - crop_px) // 2
     if min(top, left) < shift_px:
         raise UserError(
             f"--tta {n_views}: crops of {crop_px} px moved by {shift_px} px do not fit in "
             f"{whole.shape[-2]}x{whole.shape[-1]} px patches; use --tta 8"
         )
-    for down, right in offsets[1:]:
+    for down, right in offsets:
         window = whole[..., top + down : top + down + crop_px, left + right : left + right + crop_px]
         yield dihedral_views(window, 8)
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .augment import TTA_VIEW_COUNTS, check_tta, tta_view_groups
+from .augment import check_tta, tta_view_counts, tta_view_groups
 from .data.decode import IMAGE_SUFFIXES
 from .data.folder import list_image_files
 from .data.formats import open_source
@@ -99,7 +99,7 @@ class LoadedRun:
     @property
     def tta_choices(self) -> tuple[int, ...]:
         """The test-time view counts this run can make: 40 and 72 need a shifted training crop."""
-        return tuple(n for n in TTA_VIEW_COUNTS if n <= 8 or (self.crop_px and self.shift_px))
+        return tta_view_counts(self.crop_px, self.shift_px)
 
     def check_tta(self, tta: int) -> None:
         """Raise UserError unless this run can make `tta` test-time views (`augment.check_tta`)."""

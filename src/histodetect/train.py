@@ -768,14 +768,14 @@ def _validation_thresholds(out: Path, store: PatchStore, val_rows: np.ndarray, c
     evenly spaced validation patches: 72 views cost 9 times 8 (on a CPU, PCam's whole
     valid split would take minutes).
     """
-    from .augment import DIHEDRAL_VIEW_COUNTS, TTA_VIEW_COUNTS
+    from .augment import DIHEDRAL_VIEW_COUNTS, tta_view_counts
     from .evaluate.metrics import choose_threshold
 
     best = load_checkpoint(out / "checkpoints" / "best.pt")
     model = create_model(cfg.model, drop_rate=cfg.drop_rate)
     model.load_state_dict(best["model"])
     model.to(device).eval().to(memory_format=torch.channels_last)
-    moved = [n for n in TTA_VIEW_COUNTS if n not in DIHEDRAL_VIEW_COUNTS] if cfg.crop_px and cfg.shift_px else []
+    moved = [n for n in tta_view_counts(cfg.crop_px, cfg.shift_px) if n not in DIHEDRAL_VIEW_COUNTS]
     subset = val_rows
     if len(val_rows) > MOVED_CROP_THRESHOLD_ROWS:
         subset = val_rows[np.linspace(0, len(val_rows) - 1, MOVED_CROP_THRESHOLD_ROWS).round().astype(np.int64)]
