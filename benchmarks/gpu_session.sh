@@ -1,7 +1,7 @@
 # Everything issues #3 and #5 measure on a GPU machine, as it was run on a lent H200
 # (BENCHMARKS.md); this script itself, with the variants rewritten for the new
-# `default` (its seed spread, and with each patch standardised, two seeds), has not
-# been run there yet. The machine has python3 with torch, timm, h5py, tifffile, pytest;
+# `default` (its seed spread, with each patch standardised, and the larger histo_net
+# with SAM), has not been run there yet. The machine has python3 with torch, timm, h5py, tifffile, pytest;
 # not this project's other packages, hence PYTHONPATH=src.
 #
 #   OUT=results PCAM=/path/to/pcam-jpeg bash benchmarks/gpu_session.sh train
@@ -29,7 +29,7 @@ train)
         --variant "seed1=default --seed 1" \
         --variant "seed2=default --seed 2" \
         --variant "std=default --model histo_tinynet_std" \
-        --variant "std1=default --model histo_tinynet_std --seed 1" \
+        --variant "netsam=default --model histo_net --sam-rho 0.05" \
         --variant "net96c=default --model histo_net96" \
         2>&1 | tee "$OUT/log.txt"
     (cd /tmp/hd-gpu && tar czf "$OUT/runs.tgz" ./*.log run-*/run.json run-*/metrics.csv run-*/eval-*/metrics.json)

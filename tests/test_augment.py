@@ -19,6 +19,8 @@ from histodetect.augment import (
     check_tta,
     color_jitter,
     dihedral_views,
+    gaussian_blur,
+    gaussian_noise,
     hed_jitter,
     mixup_batch,
     preprocess_batch,
@@ -42,6 +44,7 @@ EVERYTHING_ON = AugmentConfig(
     saturation=0.2, hue=0.05, crop_px=64, shift_px=8,
 )
 TURNED_TOO = dataclasses.replace(EVERYTHING_ON, rotate_deg=180.0, scale=0.2)
+BLURRED_TOO = dataclasses.replace(EVERYTHING_ON, blur_sigma=1.5, noise_std=0.05)
 
 
 def seeded(seed: int = 0) -> torch.Generator:
@@ -321,7 +324,7 @@ def test_augment_batch_reads_channels_first_and_channels_last_patches_alike(
 @pytest.mark.parametrize(
     ("config", "size_px"),
     [(AugmentConfig(), 96), (AugmentConfig(dihedral=True), 96), (EVERYTHING_ON, 64),
-     (AugmentConfig(crop_px=72, shift_px=12, dihedral=True), 72)],
+     (AugmentConfig(crop_px=72, shift_px=12, dihedral=True), 72), (BLURRED_TOO, 64)],
 )
 def test_augment_batch_returns_float32_channels_last_on_the_input_device(
     real_patches_uint8: torch.Tensor, config: AugmentConfig, size_px: int
@@ -342,9 +345,12 @@ def test_augment_batch_is_reproducible_for_a_seed(real_patches_uint8: torch.Tens
     assert not torch.allclose(first, other)
 
 
-def test_augment_batch_jitters_real_patches_within_the_unit_range(real_patches_uint8: torch.Tensor) -> None:
+@pytest.mark.parametrize("config", [EVERYTHING_ON, BLURRED_TOO], ids=["colour", "blurred"])
+def test_augment_batch_jitters_real_patches_within_the_unit_range(
+    real_patches_uint8: torch.Tensor, config: AugmentConfig
+) -> None:
     plain = preprocess_batch(real_patches_uint8, IDENTITY_MEAN, IDENTITY_STD, crop_px=64)
-    out = augment_batch(real_patches_uint8, EVERYTHING_ON, IDENTITY_MEAN, IDENTITY_STD, seeded())
+    out = augment_batch(real_patches_uint8, config, IDENTITY_MEAN, IDENTITY_STD, seeded())
     assert 0 <= out.min() and out.max() <= 1
     assert ((out - plain).abs().amax(dim=(1, 2, 3)) > 0.02).all(), "every patch should change"
 
@@ -412,6 +418,49 @@ def test_rotation_and_zoom_keep_a_plain_patch_plain_and_real_patches_in_range(
     assert not torch.allclose(real, unturned)
 
 
+def test_gaussian_blur_blurs_each_image_with_its_own_drawn_sigma_as_torchvision_does(
+    real_images: torch.Tensor,
+) -> None:
+    max_sigma = 1.5
+    out = gaussian_blur(real_images, max_sigma, seeded(4))
+    sigmas = max_sigma * torch.rand(real_images.shape[0], generator=seeded(4))  # the draws it makes
+    assert sigmas.min() < 0.5 and sigmas.max() > 1.0, "the seed should draw weak and strong blurs"
+    for image, sigma, blurred in zip(real_images, sigmas.tolist(), out):
+        expected = TF.gaussian_blur(image, kernel_size=[11, 11], sigma=[sigma, sigma])  # 2 * ceil(3 * 1.5) + 1
+        assert torch.allclose(blurred, expected, atol=1e-5), sigma
+
+
+def test_gaussian_blur_at_zero_sigma_is_the_identity_and_keeps_a_plain_patch_plain(
+    real_images: torch.Tensor,
+) -> None:
+    tiny = gaussian_blur(real_images, 1e-4, seeded())
+    assert torch.allclose(tiny, real_images, atol=1e-6)
+    plain = torch.full((4, 3, 40, 40), 0.6)
+    assert torch.allclose(gaussian_blur(plain, 2.0, seeded()), plain, atol=1e-6)
+
+
+def test_gaussian_blur_only_softens_real_patches(real_images: torch.Tensor) -> None:
+    def edge_energy(images: torch.Tensor) -> torch.Tensor:  # mean absolute difference of neighbours, per image
+        return (images[..., 1:] - images[..., :-1]).abs().mean(dim=(1, 2, 3))
+
+    out = gaussian_blur(real_images, 2.0, seeded())
+    assert (edge_energy(out) <= edge_energy(real_images) + 1e-6).all()
+    assert (edge_energy(out) < 0.8 * edge_energy(real_images)).float().mean() > 0.5
+    assert torch.allclose(out.mean(dim=(2, 3)), real_images.mean(dim=(2, 3)), atol=0.01), "blur keeps the colour"
+
+
+def test_gaussian_noise_adds_zero_mean_noise_of_each_images_drawn_strength() -> None:
+    grey = torch.full((16, 3, 64, 64), 0.5)
+    out = gaussian_noise(grey, 0.1, seeded(2))
+    stds = 0.1 * torch.rand(16, generator=seeded(2))  # the per-image draws it makes, first
+    residual = out - grey
+    assert torch.allclose(residual.std(dim=(1, 2, 3)), stds, rtol=0.05, atol=1e-3)
+    assert residual.mean().abs() < 2e-3
+    assert torch.equal(out, gaussian_noise(grey, 0.1, seeded(2)))
+    dark = gaussian_noise(torch.zeros(4, 3, 32, 32), 0.2, seeded())
+    assert dark.min() == 0 and dark.max() <= 1 and dark.max() > 0, "clamped to the unit range"
+
+
 def test_mixup_blends_each_patch_and_label_with_the_reversed_batch(real_images: torch.Tensor) -> None:
     labels = torch.arange(real_images.shape[0], dtype=torch.float32) % 2
     labels[:3] = 1.0  # not symmetric under reversal
@@ -439,6 +488,16 @@ def test_augment_config_names_the_setting_out_of_range() -> None:
         AugmentConfig(rotate_deg=270)
     with pytest.raises(UserError, match=r"augment scale: expected a value in \[0.0, 0.5\], found 0.6"):
         AugmentConfig(scale=0.6)
+    with pytest.raises(UserError, match=r"augment blur_sigma: expected a value in \[0.0, 4.0\], found 5"):
+        AugmentConfig(blur_sigma=5)
+    with pytest.raises(UserError, match=r"augment noise_std: expected a value in \[0.0, 0.5\], found -0.1"):
+        AugmentConfig(noise_std=-0.1)
+
+
+def test_augment_batch_names_a_blur_too_wide_for_the_crop(real_patches_uint8: torch.Tensor) -> None:
+    config = AugmentConfig(crop_px=8, blur_sigma=3.0)
+    with pytest.raises(UserError, match="augment blur_sigma=3.0: the 19-pixel kernel does not fit 8x8 images"):
+        augment_batch(real_patches_uint8, config, MEAN, STD, seeded())
 
 
 def test_augment_config_needs_a_crop_for_a_shift() -> None:
@@ -509,7 +568,7 @@ def test_augment_batch_on_the_gpu_matches_the_cpu_for_a_cpu_generator(real_patch
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("config", [EVERYTHING_ON, TURNED_TOO], ids=["dihedral", "turned"])
+@pytest.mark.parametrize("config", [EVERYTHING_ON, TURNED_TOO, BLURRED_TOO], ids=["dihedral", "turned", "blurred"])
 def test_augment_batch_never_waits_for_the_gpu(real_patches_uint8: torch.Tensor, config: AugmentConfig) -> None:
     on_gpu = real_patches_uint8.cuda()
     generator = torch.Generator(device="cuda").manual_seed(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -26,6 +27,7 @@ from histodetect.train import (
     fit,
     load_checkpoint,
     preset_config,
+    sam_second_pass,
     training_loss,
 )
 from conftest import copy_patches
@@ -306,10 +308,40 @@ def test_seed_presets_are_the_notebooks_recipe(preset, backbone):
     assert training_loss(logits, labels, cfg.label_smoothing) == pytest.approx(float(seed_loss), abs=1e-6)
 
 
+def test_sam_takes_the_gradient_at_the_moved_weights_then_puts_the_weights_back():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.GELU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 1))
+    x, labels = torch.randn(8, 3, 12, 12), torch.tensor([0.0, 1.0] * 4)
+    cfg = preset_config("cpu", sam_rho=0.1)
+    training_loss(model(x).reshape(-1), labels, 0.0).backward()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = [p.grad.clone() for p in model.parameters()]
+    norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in first]))
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, g in zip(moved.parameters(), first):
+            p.add_(0.1 * g / norm)
+    moved.zero_grad()
+    training_loss(moved(x).reshape(-1), labels, 0.0).backward()
+
+    sam_second_pass(model, model, x, labels, cfg, bf16=False)
+    for key, value in model.state_dict().items():
+        if "running" in key or "num_batches" in key:
+            assert torch.equal(value, before[key]), f"{key}: the second pass must not update BatchNorm's statistics"
+        else:
+            assert torch.allclose(value, before[key], atol=1e-7), f"{key}: the weights must be put back"
+    for p, q, g in zip(model.parameters(), moved.parameters(), first):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), "the gradient is the one at the moved weights"
+    assert not all(torch.allclose(p.grad, g) for p, g in zip(model.parameters(), first))
+
+
 def test_a_killed_then_resumed_run_ends_with_the_same_weights(small_store, tmp_path, capsys):
     # The crop grows from 32 to 48 px in the resumed epoch (its last 3 of 6 steps);
     # mixup's weights and the turns come from generators the checkpoint must restore.
-    cfg = preset_config("cpu", **{**TINY, "progressive_crop": "32@0.75", "mixup": 0.4, "rotate_deg": 30.0, "scale": 0.1})
+    # SAM's second pass, the blur and the noise must resume exactly too.
+    cfg = preset_config("cpu", **{**TINY, "progressive_crop": "32@0.75", "mixup": 0.4, "rotate_deg": 30.0, "scale": 0.1,
+                                  "blur_sigma": 1.0, "noise_std": 0.03, "sam_rho": 0.05})
     fit(cfg, small_store, tmp_path / "straight", progress=False)
     fit(cfg, small_store, tmp_path / "resumed", progress=False, stop_after_epochs=1)
     assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["state"]["epoch"] == 1
@@ -388,6 +420,8 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(small_
     ("--hue", "0.7", r"augment hue: expected a value in \[0.0, 0.5\], found 0.7"),
     ("--rotate-deg", "-5", r"augment rotate_deg: expected a value in \[0.0, 180.0\], found -5.0"),
     ("--mixup", "-0.2", r"--mixup -0.2: expected an alpha >= 0"),
+    ("--sam-rho", "-0.1", r"--sam-rho -0.1: expected a radius in \[0, 1\]"),
+    ("--blur-sigma", "9", r"augment blur_sigma: expected a value in \[0.0, 4.0\], found 9.0"),
 ])
 def test_a_setting_out_of_range_is_one_line_and_writes_no_run(small_store, tmp_path, capsys, flag, value, problem):
     code, _, err = run_cli(capsys, "train", "--data", small_store, "--preset", "cpu", "--out", tmp_path / "run",

@@ -67,6 +67,9 @@ class TrainConfig:
     mixup: float = 0.0  # mixup alpha: each batch is blended with itself reversed by a weight ~ Beta(alpha, alpha); 0 = off
     ema_decay: float = 0.0  # 0 = no EMA; validation and `best` use the EMA weights when on
     grad_clip_norm: float = 0.0  # 0 = no clipping
+    # Sharpness-aware minimisation (Foret et al. 2021): each step takes its gradient at
+    # the weights moved up the loss by this L2 radius; two passes a step. 0 = off.
+    sam_rho: float = 0.0
     # Augmentation, on the device, on whole batches (augment.AugmentConfig).
     dihedral: bool = False
     hed_sigma: float = 0.0
@@ -79,6 +82,8 @@ class TrainConfig:
     shift_px: int = 0  # random shift of that crop, in pixels
     rotate_deg: float = 0.0  # random rotation by any angle up to this, on top of the dihedral ones
     scale: float = 0.0  # random zoom by a factor in [1 - scale, 1 + scale]
+    blur_sigma: float = 0.0  # Gaussian blur, sigma ~ U(0, this) pixels per patch
+    noise_std: float = 0.0  # Gaussian pixel noise, std ~ U(0, this) of the [0, 1] range per patch
     # Progressive resizing: "64@0.4,76@0.7" trains on 64 px crops until 40% of the
     # schedule, 76 px until 70%, then crop_px (never above it); smaller crops make early
     # steps cheaper. "" = crop_px throughout. Validation and prediction use crop_px.
@@ -105,7 +110,8 @@ class TrainConfig:
             dihedral=self.dihedral, hed_sigma=self.hed_sigma, hed_bias=self.hed_bias,
             brightness=self.brightness, contrast=self.contrast, saturation=self.saturation,
             hue=self.hue, crop_px=self.crop_px, shift_px=self.shift_px,
-            rotate_deg=self.rotate_deg, scale=self.scale,
+            rotate_deg=self.rotate_deg, scale=self.scale, blur_sigma=self.blur_sigma,
+            noise_std=self.noise_std,
         )
 
 
@@ -388,6 +394,39 @@ def validate(model, store: PatchStore, rows: np.ndarray, cfg: TrainConfig, mean,
     }
 
 
+def sam_second_pass(train_model, model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
+                    cfg: TrainConfig, bf16: bool) -> None:
+    """Replace the gradients in `model` by SAM's: those at w + rho * g / ||g|| (Foret et al. 2021).
+
+    Called after the first backward pass; the weights are put back before returning,
+    so the optimizer then steps from w. BatchNorm running statistics are frozen for the
+    second pass, so each batch updates them once, as without SAM.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        moves = torch._foreach_mul(grads, cfg.sam_rho / (norm + 1e-12))
+        torch._foreach_add_(params, moves)
+    # In training mode a BatchNorm that does not track statistics normalises by the
+    # batch's, as the first pass did, and leaves its running buffers alone.
+    norms = [m for m in model.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for module in norms:
+        module.track_running_stats = False
+    try:
+        for p in params:
+            p.grad = None
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = train_model(x).float().reshape(-1)
+        training_loss(logits, labels, cfg.label_smoothing).backward()
+    finally:
+        for module in norms:
+            module.track_running_stats = True
+        with torch.no_grad():
+            torch._foreach_sub_(params, moves)
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Adam (the seed's) or AdamW, fused: one kernel for all parameters instead of one per tensor."""
     optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -480,6 +519,8 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
     augment_cfg = cfg.augment()
     if not cfg.mixup >= 0:
         raise UserError(f"--mixup {cfg.mixup}: expected an alpha >= 0 (0 turns mixup off, 0.2-0.4 is usual)")
+    if not 0 <= cfg.sam_rho <= 1:
+        raise UserError(f"--sam-rho {cfg.sam_rho}: expected a radius in [0, 1] (0 turns SAM off, 0.05 is usual)")
 
     dist = init_distributed("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     device = resolve_device(cfg.device, dist)
@@ -651,6 +692,8 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                     check_losses()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.sam_rho:
+                    sam_second_pass(train_model, model, x, labels, cfg, bf16)
                 if cfg.grad_clip_norm:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
                 optimizer.step()
