@@ -369,6 +369,8 @@ def test_ddp_on_two_cpu_processes(small_store, tmp_path):
                "--max-minutes", "0", "--crop-px", "48", "--threads", "1"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [line for line in result.stdout.splitlines() if "best validation AUC" in line]
+    assert len(summaries) == 1 and "AUC -1" not in summaries[0], result.stdout
     run = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert run["device"]["world_size"] == 2 and run["epochs_run"] == 1
     last = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")

@@ -124,8 +124,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
             raise UserError("train needs --data STORE and --out RUN (or --resume RUN)")
         config = preset_config(args.preset, **_train_overrides(args))
         result = fit(config, args.data, args.out, overwrite=args.overwrite, preset=args.preset)
-    print(f"run {result.run_dir}: best validation AUC {result.best_auc:.4f} after {result.epochs_run} epochs "
-          f"({result.stopped_because})")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only the first process validates and reports
+        print(f"run {result.run_dir}: best validation AUC {result.best_auc:.4f} after {result.epochs_run} epochs "
+              f"({result.stopped_because})")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
