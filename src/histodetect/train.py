@@ -579,7 +579,9 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
 
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        train_model = torch.compile(train_model)
+        # Static shapes: a progressive crop then compiles one graph per crop size (three
+        # for `cpu`), where automatic dynamic shapes would compile a slower general one.
+        train_model = torch.compile(train_model, dynamic=False)
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
