@@ -459,6 +459,15 @@ def test_a_setting_out_of_range_is_one_line_and_writes_no_run(small_store, tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("extra", [["--crop-px", "8"], ["--progressive-crop", "8@0.5"]], ids=["crop", "progressive"])
+def test_a_blur_wider_than_a_training_crop_is_one_line_and_writes_no_run(small_store, tmp_path, capsys, extra):
+    code, _, err = run_cli(capsys, "train", "--data", small_store, "--preset", "cpu", "--out", tmp_path / "run",
+                           "--blur-sigma", "3", *extra)
+    size = extra[1].split("@")[0]
+    assert code != 0 and f"the 19-pixel kernel does not fit {size}x{size} images" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def test_resume_from_a_corrupt_or_foreign_checkpoint_is_one_line(trained_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)

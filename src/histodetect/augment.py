@@ -339,6 +339,17 @@ def color_jitter(
     return _mix_channels(images, matrix, offset).clamp_(0.0, 1.0)
 
 
+def check_blur_fits(max_sigma: float, size_px: int) -> int:
+    """The blur kernel's radius, ceil(3 * max_sigma); UserError unless it fits `size_px` images (mirrored edges)."""
+    radius = math.ceil(3 * max_sigma)
+    if radius >= size_px:
+        raise UserError(
+            f"augment blur_sigma={max_sigma}: the {2 * radius + 1}-pixel kernel does not fit "
+            f"{size_px}x{size_px} images; use a smaller blur_sigma"
+        )
+    return radius
+
+
 def gaussian_blur(images: Tensor, max_sigma: float, generator: torch.Generator | None = None) -> Tensor:
     """Blur each image with its own Gaussian, sigma ~ U(0, max_sigma) pixels. images: (N, 3, H, W) float.
 
@@ -347,12 +358,7 @@ def gaussian_blur(images: Tensor, max_sigma: float, generator: torch.Generator |
     edges are mirrored. sigma 0 is the identity (the kernel is a unit impulse).
     """
     n, c, h, w = images.shape
-    radius = math.ceil(3 * max_sigma)
-    if radius >= min(h, w):
-        raise UserError(
-            f"augment blur_sigma={max_sigma}: the {2 * radius + 1}-pixel kernel does not fit "
-            f"{h}x{w} images; use a smaller blur_sigma"
-        )
+    radius = check_blur_fits(max_sigma, min(h, w))
     sigma = _uniform((n,), 0.0, max_sigma, images, generator).clamp_min(1e-3)  # (N,); 1e-3 px is an impulse
     taps = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
     kernel = torch.exp(-0.5 * (taps / sigma[:, None]) ** 2)  # (N, 2r + 1)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import __version__
-from .augment import AugmentConfig, augment_batch, mixup_batch, preprocess_batch
+from .augment import AugmentConfig, augment_batch, check_blur_fits, mixup_batch, preprocess_batch
 from .data.decode import PATCH_SIZE_PX
 from .data.store import PatchStore, open_store
 from .errors import UserError
@@ -517,6 +517,8 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
     # Every setting is checked before anything is written.
     crop_stages = parse_progressive_crop(cfg.progressive_crop)
     augment_cfg = cfg.augment()
+    if cfg.blur_sigma:  # the smallest training crop, before anything is written
+        check_blur_fits(cfg.blur_sigma, min([cfg.crop_px or PATCH_SIZE_PX] + [size for _, size in crop_stages]))
     if not cfg.mixup >= 0:
         raise UserError(f"--mixup {cfg.mixup}: expected an alpha >= 0 (0 turns mixup off, 0.2-0.4 is usual)")
     if not 0 <= cfg.sam_rho <= 1:
