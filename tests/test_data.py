@@ -384,3 +384,137 @@ def test_every_subcommand_help_has_an_example(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert "example:" in capsys.readouterr().out
+
+
+# --- small sources, odd layouts and damaged files (found in review, 2026-11-28) -----------
+
+
+def test_a_tiny_train_set_gets_a_validation_split_without_stratifying(kaggle_sample, pcam_jpeg, tmp_path, capsys):
+    # kaggle-sample: 15 labelled; 5% is one patch, too few to hold both classes.
+    src = copy_kaggle(kaggle_sample, tmp_path / "k")
+    code, out, err = run_cli(capsys, "prepare", src, "--out", tmp_path / "s", "--quiet", "--valid-fraction", "0.05")
+    assert code == 0, err
+    assert "moved 1 of 15 train patches (7%" in out
+    assert open_store(tmp_path / "s").manifest["splits"]["valid"]["n"] == 1
+    # label/* with 5 images: 10% rounds up to one patch, four stay for training.
+    for label, n in (("0", 3), ("1", 2)):
+        (tmp_path / "f" / label).mkdir(parents=True)
+        for path in sorted((pcam_jpeg / "train" / label).glob("*.jpg"))[:n]:
+            shutil.copy(path, tmp_path / "f" / label / path.name)
+    report = prepare(tmp_path / "f", tmp_path / "s2", progress=False)
+    assert report.counts["valid"]["n"] == 1 and report.counts["train"]["n"] == 4
+
+
+def test_a_slide_grouped_split_moves_slides_near_the_fraction_and_says_how_many(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 255, (100, 96, 96, 3), dtype=np.uint8)
+    y = np.array([0, 1] * 50)
+    # Five slides of 40, 30, 15, 10 and 5 patches: too few for 10-fold groups.
+    slides = [f"wsi_{s}" for s, n in enumerate((40, 30, 15, 10, 5)) for _ in range(n)]
+    root = write_pcam_h5(tmp_path / "pcam", {"train": (x, y)}, {"train": slides})
+    code, out, err = run_cli(capsys, "prepare", root, "--out", tmp_path / "s", "--quiet")
+    assert code == 0, err
+    store = open_store(tmp_path / "s")
+    valid = store.splits == "valid"
+    assert not set(store.slides[valid]) & set(store.slides[~valid]), "no slide on both sides"
+    assert 5 <= valid.sum() <= 15, "whole slides as close to 10% as they come"
+    assert f"moved {valid.sum()} of 100 train patches" in out and "whole slides" in out
+    # Two slides: one of them moves, and the message says so (50%, not 10%).
+    root2 = write_pcam_h5(tmp_path / "pcam2", {"train": (x, y)}, {"train": ["a"] * 50 + ["b"] * 50})
+    code, out, _ = run_cli(capsys, "prepare", root2, "--out", tmp_path / "s2", "--quiet")
+    assert code == 0 and "moved 50 of 100 train patches (50%" in out
+
+
+def test_split_folder_names_are_matched_in_any_case(pcam_jpeg, tmp_path):
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=2)
+    (src / "train").rename(src / "Training")
+    (src / "valid").rename(src / "Val")
+    store = open_store(prepare(src, tmp_path / "s", progress=False).store)
+    assert sorted(store.split_names) == ["train", "valid"]
+
+
+def test_an_unlabelled_valid_split_is_not_mixed_with_labelled_train_rows(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 255, (20, 96, 96, 3), dtype=np.uint8)
+    root = write_pcam_h5(tmp_path / "pcam", {"train": (x, [0, 1] * 10)})
+    with h5py.File(root / "camelyonpatch_level_2_split_valid_x.h5", "w") as h5:
+        h5["x"] = x[:6]
+    with pytest.warns(PrepareWarning, match="'valid' split has no labels"):
+        report = prepare(root, tmp_path / "s", progress=False)
+    assert not report.made_validation_split
+    assert report.counts["valid"] == {"n": 6, "positive": 0, "negative": 0, "unlabelled": 6}
+    assert report.counts["train"]["n"] == 20
+
+
+def test_two_files_differing_only_in_extension_keep_distinct_ids(pcam_jpeg, tmp_path):
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=1)
+    jpg = next((src / "train" / "0").glob("*.jpg"))
+    Image.open(jpg).save(jpg.with_suffix(".png"))
+    (src / "train" / "0" / "._mac-resource-fork.jpg").write_bytes(b"\x00\x05\x16\x07")  # hidden: skipped
+    ids = list(open_store(prepare(src, tmp_path / "s", progress=False).store).ids)
+    assert len(ids) == len(set(ids)) == 5
+    assert {f"train/0/{jpg.name}", f"train/0/{jpg.stem}.png"} <= set(ids)
+
+
+def test_a_label_csv_with_a_byte_order_mark_is_read(kaggle_sample, tmp_path):
+    src = copy_kaggle(kaggle_sample, tmp_path / "k")
+    csv_path = src / "train_labels.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())
+    assert prepare(src, tmp_path / "s", progress=False).n_patches == 44
+
+
+def test_sixteen_bit_grayscale_keeps_its_levels(tmp_path):
+    levels = np.full((96, 96), 50, np.uint16)
+    levels[:, 48:] = 100
+    Image.fromarray(levels * 257).save(tmp_path / "g16.png")  # 16-bit: 50 and 100 on 0-255 scaled up
+    decoded = decode_patch_file(tmp_path / "g16.png", resize=False)
+    assert decoded.error is None
+    assert decoded.patch[0, 0].tolist() == [50] * 3 and decoded.patch[0, 95].tolist() == [100] * 3
+
+
+def test_damaged_h5_chunks_are_named_and_skippable(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 255, (16, 96, 96, 3), dtype=np.uint8)
+    root = write_pcam_h5(tmp_path / "pcam", {"train": (x, [0, 1] * 8)})  # gzip chunks of 4 rows
+    x_file = root / "camelyonpatch_level_2_split_train_x.h5"
+    with h5py.File(x_file, "r") as h5:
+        offset = h5["x"].id.get_chunk_info(1).byte_offset  # rows 4-7
+    with x_file.open("r+b") as handle:
+        handle.seek(offset)
+        handle.write(b"\x00" * 64)
+    expect_error(capsys, root, tmp_path / "s", str(x_file), "row 4", "damaged", "--skip-bad")
+    report = prepare(root, tmp_path / "s", skip_bad=True, progress=False)
+    assert report.n_patches == 12 and len(report.skipped) == 4
+    assert np.array_equal(open_store(tmp_path / "s").patches[:4], x[:4])
+
+
+def test_more_user_mistakes_are_one_line(kaggle_sample, pcam_jpeg, tmp_path, capsys, monkeypatch):
+    # --format kaggle on a folder without train_labels.csv
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=1)
+    expect_error(capsys, src, tmp_path / "s", "train_labels.csv", "not found", extra=("--format", "kaggle"))
+    # a PCam h5 with no rows
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with h5py.File(empty / "camelyonpatch_level_2_split_test_x.h5", "w") as h5:
+        h5["x"] = np.zeros((0, 96, 96, 3), np.uint8)
+    expect_error(capsys, empty, tmp_path / "s", "holds no patches")
+    # --out below a file
+    (tmp_path / "afile").write_text("x")
+    expect_error(capsys, src, tmp_path / "afile" / "sub", "afile is a file")
+    # a store whose index.csv is missing
+    prepare(src, tmp_path / "good", progress=False)
+    (tmp_path / "good" / "index.csv").unlink()
+    code, _, err = run_cli(capsys, "info", tmp_path / "good")
+    assert code == 2 and "index.csv" in err and "prepare it again" in err and err.count("\n") == 1, err
+    # download into a file, or from a non-http address
+    code, _, err = run_cli(capsys, "download", "pcam", "--root", tmp_path / "afile", "--quiet")
+    assert code == 2 and "afile is a file" in err, err
+
+
+def test_prepare_into_the_current_empty_folder(pcam_jpeg, tmp_path, monkeypatch, capsys):
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=1)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    code, _, err = run_cli(capsys, "prepare", src, "--out", ".", "--quiet")
+    assert code == 0, err
+    assert is_store(tmp_path / "here") and len(open_store(tmp_path / "here")) == 4

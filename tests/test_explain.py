@@ -322,13 +322,14 @@ def test_uncertainty_measures_are_entropy_and_spreads_over_views_and_passes():
     probs = np.random.default_rng(0).uniform(size=(5, 3, 4))  # (N, passes, views)
     measures = uncertainty_measures(probs, threshold=0.4)
     mean = probs.mean(axis=(1, 2))
-    np.testing.assert_allclose(measures["doubt"], 1 - np.abs(mean - 0.4) / 0.6)
+    np.testing.assert_allclose(measures["doubt"], np.where(mean < 0.4, mean / 0.4, (1 - mean) / 0.6))
     np.testing.assert_allclose(measures["entropy"], entropy_bits(mean))
     np.testing.assert_allclose(measures["tta_sd"], probs.mean(axis=1).std(axis=1))
     np.testing.assert_allclose(measures["mc_sd"], probs.mean(axis=2).std(axis=1))
     assert set(uncertainty_measures(probs[:, :1, :1], 0.5)) == {"doubt", "entropy"}
-    doubt = uncertainty_measures(np.array([0.3, 0.0, 1.0, 0.65])[:, None, None], threshold=0.3)["doubt"]
-    np.testing.assert_allclose(doubt, [1.0, 1 - 0.3 / 0.7, 0.0, 0.5])
+    # Each side of the threshold is scaled on its own: 0 at both certainties, whatever the threshold.
+    doubt = uncertainty_measures(np.array([0.3, 0.0, 1.0, 0.65, 0.15])[:, None, None], threshold=0.3)["doubt"]
+    np.testing.assert_allclose(doubt, [1.0, 0.0, 0.0, 0.5, 0.5])
 
 
 def test_predict_writes_uncertainty_columns_and_marks_doubtful_patches_review(real_run, real_store, tmp_path):
@@ -516,3 +517,14 @@ def test_cli_bad_input_is_one_line_and_exit_status_2(real_run, pcam_jpeg, tmp_pa
     assert code == 2 and err.startswith("histodetect: error: --layer stage.3: no such layer") and err.count("\n") == 1
     code, _, err = run_cli(capsys, "calibrate", real_run, "--data", f"{real_run.parent.parent}/x")
     assert code == 2 and "Traceback" not in err
+
+
+def test_a_vision_transformer_has_no_feature_map_to_explain():
+    import timm
+
+    from histodetect.explain import resolve_cam_layer
+
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=1, img_size=96).eval()
+    with pytest.raises(UserError, match="no layer outputs a feature map .* CAMs need a CNN"):
+        resolve_cam_layer(vit, None, 96)  # not the 4-D tensors inside its attention
+    assert resolve_cam_layer(timm.create_model("resnet18", num_classes=1).eval(), None, 96) == "layer4"

@@ -216,3 +216,21 @@ def test_the_export_command_checks_and_says_so_and_predict_runs_through_onnx(tra
     assert (tmp_path / "p.csv").read_text().count("\n") == 4
     assert main(["export", str(trained_run), "--out", str(tmp_path / "m.pt")]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_an_export_older_than_its_runs_calibration_is_refused(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    export_run(run, format="onnx")
+    load_exported_run(run)  # current: loads
+    run_json = json.loads((run / "run.json").read_text())
+    run_json["calibration"] = {"temperature": 1.5}
+    (run / "run.json").write_text(json.dumps(run_json))
+    with pytest.raises(UserError, match=r"model.onnx: older than its run \(temperature 1 in the export, 1.5 in "
+                                        r"run.json.*export it again"):
+        load_exported_run(run)
+    export_run(run, format="onnx")
+    assert load_exported_run(run).temperature == 1.5
+    moved = tmp_path / "alone.onnx"  # away from its run folder, an export is all there is
+    shutil.copy(run / "model.onnx", moved)
+    assert load_exported_run(moved).temperature == 1.5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import timm
 import torch
 import pytest
@@ -175,3 +176,16 @@ def test_a_file_that_is_not_a_state_dict_is_refused(tmp_path):
 def test_histo_tinynet_has_no_hub_weights_to_fetch():
     with pytest.raises(UserError, match=r"histo_tinynet: there are no published weights .*--weights FILE"):
         create_model("histo_tinynet", pretrained=True)
+
+
+def test_weights_of_a_deeper_relative_or_a_training_checkpoint_are_refused_in_one_line(tmp_path):
+    import timm
+
+    deeper = tmp_path / "resnet34.pt"
+    torch.save(timm.create_model("resnet34").state_dict(), deeper)  # holds every resnet18 name, and more
+    with pytest.raises(UserError, match=r"resnet34.pt: 80 tensors that resnet18 does not have .*another architecture"):
+        create_model("resnet18", weights=deeper)
+    last = tmp_path / "last.pt"
+    torch.save({"model": create_model("histo_tinynet").state_dict(), "rng": np.random.get_state()}, last)
+    with pytest.raises(UserError, match=r"last.pt: a training checkpoint with more than weights .*checkpoints/best.pt"):
+        create_model("histo_tinynet", weights=last)

@@ -6,6 +6,7 @@ import base64
 import concurrent.futures
 import csv
 import io
+import re
 import shutil
 import socket
 import struct
@@ -26,6 +27,7 @@ from schemathesis import GenerationMode
 from histodetect.data.decode import decode_patch_file
 from histodetect.data.store import prepare
 from histodetect.errors import UserError
+from histodetect.explain import render_overlays
 from histodetect.predict import load_run, predict_patches, predict_samples, predict_to_csv
 from histodetect.serve import ServeConfig, create_app, serve_run
 from histodetect.serve.batcher import PredictionBatcher, ServerBusy
@@ -118,7 +120,10 @@ def test_health_model_card_and_openapi_docs(client, trained_run):
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json"}
-    assert "swagger-ui" in client.get("/docs").text.lower()
+    docs = client.get("/docs").text
+    assert "swagger-ui" in docs.lower() and "cdn." not in docs and "https://" not in docs, "works offline"
+    script = re.search(r'src="([^"]*swagger-ui-bundle\.js)"', docs).group(1)
+    assert client.get(script).status_code == 200 and len(client.get(script).content) > 100_000
 
 
 def test_multipart_probabilities_equal_predicts_csv_for_the_same_files(client, run, patch_files, kaggle_sample, tmp_path):
@@ -179,6 +184,21 @@ def test_overlay_returns_a_grad_cam_png_per_patch(client, patch_files):
         assert overlay.format == "PNG" and overlay.mode == "RGB" and overlay.size[0] == overlay.size[1] >= 96
 
 
+def test_an_overlay_prints_the_probability_of_the_requests_views(client, patch_files, monkeypatch):
+    import histodetect.serve.app as app_module
+
+    printed = []
+
+    def recording(patches, cams, probs):
+        printed.extend(np.asarray(probs).tolist())
+        return render_overlays(patches, cams, probs)
+
+    monkeypatch.setattr(app_module, "render_overlays", recording)
+    response = client.post("/v1/predict?overlay=true&tta=8", files=multipart(patch_files[:3]))
+    assert response.status_code == 200
+    np.testing.assert_allclose(printed, [r["prob_tumour"] for r in response.json()["results"]], atol=1e-12)
+
+
 def test_resize_mode_scores_other_sizes_and_says_so(run, patch_files):
     pixels = np.asarray(Image.open(patch_files[0]).convert("RGB").resize((120, 80)))
     with TestClient(create_app(run, ServeConfig(resize=True))) as resizing:
@@ -198,13 +218,21 @@ def test_serve_run_binds_loopback_unless_told_and_warns_beyond_it(trained_run, m
 
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
-    serve_run(trained_run)
-    assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == 8000
+    serve_run(trained_run, port=_free_port())
+    assert calls[-1]["host"] == "127.0.0.1"
+    port = _free_port()
     with pytest.warns(UserWarning, match="--host 0.0.0.0: serving beyond this machine, without authentication"):
-        serve_run(trained_run, host="0.0.0.0", port=9000)
-    assert calls[-1]["host"] == "0.0.0.0" and calls[-1]["port"] == 9000
+        serve_run(trained_run, host="0.0.0.0", port=port)
+    assert calls[-1]["host"] == "0.0.0.0" and calls[-1]["port"] == port
     with pytest.raises(UserError, match="not a run folder"):
-        serve_run(trained_run.parent / "missing")
+        serve_run(trained_run.parent / "missing", port=_free_port())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"--host 127.0.0.1 --port {busy}: cannot listen there .* choose another"):
+            serve_run(trained_run, port=busy)
+    assert len(calls) == 2, "nothing served on a busy port"
 
 
 # --- bad input: a 4xx with a JSON error naming the problem, and the server keeps serving ------
@@ -232,6 +260,12 @@ def _bad_requests(patch: Path) -> list[tuple[str, dict, int, str]]:
         ("no content type", dict(content=b""), 415, "found none"),
         ("malformed JSON", dict(content=b'{"patches": [', headers={"content-type": "application/json"}),
          400, "request body: not valid JSON at line 1 column 14"),
+        ("JSON with a 5,000-digit number", dict(content=b'{"patches": ' + b"1" * 5000 + b"}",
+                                                headers={"content-type": "application/json"}),
+         400, "request body: not valid JSON"),
+        ("JSON nested 100,000 deep", dict(content=b"[" * 100_000 + b"]" * 100_000,
+                                          headers={"content-type": "application/json"}),
+         400, "request body: not valid JSON"),
         ("JSON without patches", dict(json={"images": []}), 422, "request body: expected a non-empty list 'patches', found no 'patches'"),
         ("JSON with a number for an image", dict(json={"patches": [{"image_base64": 7}]}),
          422, "patches[0]: expected an object with a string 'image_base64'"),
@@ -490,7 +524,8 @@ def test_the_page_scores_an_uploaded_patch_and_shows_probability_and_overlay(bro
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    expected = client.post("/v1/predict", files=multipart(patch_files[:3])).json()["results"]
+    answer = client.post("/v1/predict", files=multipart(patch_files[:3])).json()
+    expected, threshold = answer["results"], answer["threshold"]
     browser.get(live_server + "/")
     WebDriverWait(browser, 30).until(lambda d: "histo_tinynet" in d.find_element(By.ID, "model-card").text)
     browser.find_element(By.ID, "overlay").click()
@@ -500,6 +535,8 @@ def test_the_page_scores_an_uploaded_patch_and_shows_probability_and_overlay(bro
         row = browser.find_element(By.CSS_SELECTOR, f'tr.result[data-name="{result["id"]}"]')
         assert row.find_element(By.CSS_SELECTOR, ".prob").text.startswith(f"{result['prob_tumour']:.4f}")
         assert row.find_element(By.CSS_SELECTOR, ".label").text == ("tumour" if result["label"] else "normal")
+        marker = row.find_element(By.CSS_SELECTOR, ".bar i").get_attribute("title")
+        assert marker == f"threshold {threshold:.3f}", "the marker sits at the response's threshold"
         overlay = row.find_element(By.CSS_SELECTOR, "img.overlay")
         WebDriverWait(browser, 10).until(lambda d, img=overlay: d.execute_script("return arguments[0].naturalWidth", img) > 0)
         assert browser.execute_script("return arguments[0].naturalWidth", overlay) >= 96

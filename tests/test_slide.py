@@ -578,3 +578,22 @@ def test_the_command_prints_a_line_per_slide_and_exits_2_when_one_failed(trained
     assert "1 of 2 slides failed" in err and (tmp_path / "many" / "slides.csv").is_file()
     code, _, err = histodetect("slide", trained_run.run_dir, slide_path, "--out", tmp_path / "x", "--roi", "1,2,3")
     assert code == 2 and "--roi '1,2,3': expected x,y,width,height" in err
+
+
+def test_a_truncated_or_grey_slide_is_one_line_naming_it(trained_run, slide_path, tmp_path, capsys):
+    def histodetect(*argv) -> tuple[int, str]:
+        code = cli.main([str(a) for a in argv])
+        return code, capsys.readouterr().err
+
+    data = slide_path.read_bytes()
+    for n_bytes in (16, 5000, len(data) // 2):
+        cut = tmp_path / f"cut{n_bytes}.tif"
+        cut.write_bytes(data[:n_bytes])
+        code, err = histodetect("slide", trained_run.run_dir, cut, "--out", tmp_path / f"o{n_bytes}", "--quiet")
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, (n_bytes, err)
+        assert str(cut) in err and ("corrupt" in err or "not a readable whole-slide image" in err), (n_bytes, err)
+    grey = tmp_path / "grey.tif"
+    tifffile.imwrite(grey, np.full((512, 512), 200, np.uint8), tile=(256, 256), resolution=(1e4 / 0.486,) * 2,
+                     resolutionunit="CENTIMETER")
+    with pytest.raises(UserError, match=r"grey.tif: a one-channel \(grey\) image; expected a brightfield RGB scan"):
+        open_slide(grey)

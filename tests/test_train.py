@@ -216,6 +216,116 @@ def test_predict_writes_id_prob_pred_for_folders_files_stores_and_h5(trained_run
     np.testing.assert_allclose([float(r["prob"]) for r in h5_rows], expected[:7], atol=1e-6)
 
 
+def test_evaluate_out_never_replaces_what_it_did_not_write(trained_run, small_store, tmp_path, capsys, monkeypatch):
+    data = f"{small_store}:valid"
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.txt").write_text("two years of work")
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.chdir(tmp_path / "mine")
+    for out, problem in ((run, "would replace"), (tmp_path, "would replace"), (".", "would replace"),
+                         (tmp_path / "mine", "would replace"), (tmp_path / "afile", "is a file"),
+                         (tmp_path / "afile" / "x", "afile is a file")):
+        code, _, err = run_cli(capsys, "evaluate", run, "--data", data, "--out", out, "--bootstrap", "10")
+        assert code == 2 and problem in err and err.count("\n") == 1, (out, err)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "evaluate", run, "--data", data, "--out", tmp_path / "mine", "--bootstrap", "10")
+    assert code == 2 and "holds other files" in err, err
+    assert (tmp_path / "mine" / "thesis.txt").read_text() == "two years of work"
+    assert (run / "run.json").is_file() and (run / "checkpoints" / "best.pt").is_file()
+    # An earlier evaluation is replaced; one on another store gets its own default folder.
+    for _ in range(2):
+        code, out, err = run_cli(capsys, "evaluate", run, "--data", data, "--out", tmp_path / "ev", "--json",
+                                 "--bootstrap", "10")
+        assert code == 0, err
+    other = tmp_path / "other-store"
+    shutil.copytree(small_store, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "another"}))
+    code, out, err = run_cli(capsys, "evaluate", run, "--data", f"{other}:valid", "--json", "--bootstrap", "10")
+    assert code == 0 and json.loads(out)["out"] == str(run / "eval-other-store-valid-tta1"), err
+    # A run without metrics.csv is still evaluated, without the training curves.
+    (run / "metrics.csv").unlink()
+    code, out, err = run_cli(capsys, "evaluate", run, "--data", data, "--json", "--bootstrap", "10")
+    assert code == 0 and not (Path(json.loads(out)["out"]) / "training_curves.png").exists(), err
+
+
+def test_evaluate_names_a_missing_store_a_one_class_split_and_a_bad_device(trained_run, small_store, tmp_path, capsys,
+                                                                          monkeypatch):
+    import histodetect.data.store as store_module
+    from histodetect.evaluate import evaluate_run
+
+    code, _, err = run_cli(capsys, "evaluate", trained_run, "--data", f"{tmp_path / 'nostore'}:valid")
+    assert code == 2 and f"{tmp_path / 'nostore'}: not a histodetect store" in err, err
+    store = open_store(small_store)
+    rows = store.split_indices("valid")
+    positives = rows[store.labels[rows] == 1]
+
+    class OnlyPositives(store_module.PatchStore):
+        def split_indices(self, split):
+            return positives
+
+    monkeypatch.setattr(store_module, "open_store", OnlyPositives)
+    with pytest.raises(UserError, match=r"split 'valid' holds only label 1 .* need both classes"):
+        evaluate_run(trained_run, small_store, split="valid")
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, "evaluate", trained_run, "--data", f"{small_store}:valid", "--device", "gpu")
+    assert code == 2 and "--device 'gpu': expected auto, cpu, cuda or cuda:N" in err, err
+
+
+def test_predict_checks_out_and_batch_size_before_scoring(trained_run, pcam_jpeg, tmp_path, capsys, monkeypatch):
+    files = sorted((pcam_jpeg / "valid" / "1").glob("*.jpg"))[:3]
+    import histodetect.predict as predict_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored before checking --out")
+
+    monkeypatch.setattr(predict_module, "predict_samples", never)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    for out, extra, problem in ((tmp_path / "adir", (), "is a folder"),
+                                (tmp_path / "afile" / "p.csv", (), "afile is a file"),
+                                (tmp_path / "p.csv", ("--batch-size", "0"), "--batch-size 0: expected"),
+                                (tmp_path / "p.csv", ("--batch-size", "-1"), "--batch-size -1: expected")):
+        code, _, err = run_cli(capsys, "predict", trained_run, *files, "--out", out, "--quiet", *extra)
+        assert code == 2 and problem in err and err.count("\n") == 1, (out, err)
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_refuses_repeated_ids_in_a_kaggle_submission_and_warns_elsewhere(trained_run, kaggle_sample, pcam_jpeg,
+                                                                                 tmp_path, capsys):
+    test = kaggle_sample / "test"
+    code, _, err = run_cli(capsys, "predict", trained_run, test, test, "--out", tmp_path / "sub.csv",
+                           "--kaggle-submission", "--quiet")
+    assert code == 2 and "appears more than once (29 repeats)" in err and not (tmp_path / "sub.csv").exists(), err
+    one = sorted((pcam_jpeg / "valid" / "1").glob("*.jpg"))[0]
+    code, _, err = run_cli(capsys, "predict", trained_run, one.parent, one, "--out", tmp_path / "p.csv", "--quiet")
+    assert code == 0 and f"1 ids appear more than once (first: {one.stem})" in err, err
+    raw = (tmp_path / "p.csv").read_bytes()
+    assert b"\r" not in raw and raw.startswith(b"id,prob,pred\n"), "Unix line ends"
+
+
+def test_predict_reads_hdf5_files_by_any_suffix_case(trained_run, small_store, tmp_path, capsys):
+    import h5py
+
+    patches = open_store(small_store).read_batch(np.arange(3))
+    for name in ("patches.hdf5", "PATCHES.H5"):
+        with h5py.File(tmp_path / name, "w") as h5:
+            h5["x"] = patches
+        code, _, err = run_cli(capsys, "predict", trained_run, tmp_path / name, "--out", tmp_path / "p.csv", "--quiet")
+        assert code == 0, err
+        assert [line.split(",")[0] for line in (tmp_path / "p.csv").read_text().splitlines()[1:]] == ["0", "1", "2"]
+
+
+def test_the_command_line_parser_loads_neither_torch_nor_timm():
+    """--help, prepare and info must start fast: building the parser (with every train flag) stays torch-free."""
+    code = ("import sys; from histodetect.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'timm', 'sklearn') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_moved_crop_tta_extends_the_eight_dihedral_views_and_needs_a_shifted_crop(trained_run, small_store, capsys,
                                                                                   tmp_path):
     import dataclasses
@@ -405,6 +515,77 @@ def test_ddp_on_two_cpu_processes(small_store, tmp_path):
     assert last["state"]["global_step"] == 96 // 16, "each process takes its half of the 192 patches"
 
 
+def test_ddp_with_a_time_limit_stops_every_process_at_the_same_step(small_store, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "histodetect.cli", "train", "--data", str(small_store), "--preset", "cpu",
+               "--out", str(tmp_path / "ddp"), "--batch-size", "16", "--epochs", "200", "--max-minutes", "0.02",
+               "--crop-px", "48", "--threads", "1"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)  # hung before
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert run["stopped_because"] == "time limit of 0.02 minutes" and run["epochs_run"] < 200
+
+
+def test_resume_finishes_a_stopped_run_without_training_more_and_can_follow_a_moved_store(small_store, tmp_path,
+                                                                                         capsys):
+    store = tmp_path / "store"
+    shutil.copytree(small_store, store)
+    run = tmp_path / "run"
+    fit(preset_config("cpu", **{**TINY, "epochs": 100, "max_minutes": 0.005}), store, run, progress=False)
+    before = (run / "metrics.csv").read_text(), load_checkpoint(run / "checkpoints" / "last.pt")["state"]
+    assert before[1]["stopped_because"] == "time limit of 0.005 minutes"
+    store.rename(tmp_path / "moved")
+    code, _, err = run_cli(capsys, "train", "--resume", run)
+    assert code == 2 and "not a histodetect store" in err
+    code, out, err = run_cli(capsys, "train", "--resume", run, "--data", tmp_path / "moved")
+    assert code == 0 and "had stopped (time limit of 0.005 minutes)" in out and "nothing more to train" in out, err
+    assert (run / "metrics.csv").read_text() == before[0], "no epoch added"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["global_step"] == before[1]["global_step"]
+
+
+def test_a_mid_epoch_resume_keeps_the_epochs_training_loss(small_store, tmp_path, monkeypatch):
+    import histodetect.train as train_module
+
+    cfg = preset_config("cpu", **{**TINY, "checkpoint_minutes": 1e-5})  # last.pt after every step
+    fit(cfg, small_store, tmp_path / "straight", progress=False)
+    real_save, saves = train_module.save_atomic, []
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        saves.append(path.name)
+        if saves.count("last.pt") == 9:  # mid-epoch 2 (6 steps an epoch; epoch 1 ends with last and best)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, small_store, tmp_path / "killed", progress=False)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")["state"]["step_in_epoch"] > 0
+    fit(None, None, tmp_path / "killed", resume=True, progress=False)
+
+    def losses(run: Path) -> list[str]:
+        with (run / "metrics.csv").open() as handle:
+            return [row["train_loss"] for row in csv.DictReader(handle)]
+
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_again(small_store, tmp_path, capsys,
+                                                                           monkeypatch):
+    import histodetect.train as train_module
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_atomic", die)
+    with pytest.raises(KeyboardInterrupt):
+        fit(preset_config("cpu", **TINY), small_store, tmp_path / "r", progress=False)
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "r")
+    assert code == 2 and "stopped before its first checkpoint" in err and "--overwrite" in err, err
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 
@@ -443,6 +624,11 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(small_
     with pytest.raises(UserError, match=r"loss became nan at step 7 \(epoch 2\).*last.pt holds the last good weights"):
         fit(preset_config("cpu", **TINY), small_store, tmp_path / "r", progress=False)
     assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["state"]["epoch"] == 1
+    calls["n"] = 0  # now in the first epoch, before any checkpoint
+    monkeypatch.setattr(train_module, "training_loss",
+                        lambda logits, labels, smoothing: real_loss(logits, labels, smoothing) * float("nan"))
+    with pytest.raises(UserError, match=r"loss became nan at step 0 \(epoch 1\).*no checkpoint had been written yet"):
+        fit(preset_config("cpu", **TINY), small_store, tmp_path / "r0", progress=False)
 
 
 @pytest.mark.parametrize("flag, value, problem", [
@@ -451,6 +637,15 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(small_
     ("--mixup", "-0.2", r"--mixup -0.2: expected an alpha >= 0"),
     ("--sam-rho", "-0.1", r"--sam-rho -0.1: expected a radius in \[0, 1\]"),
     ("--blur-sigma", "9", r"augment blur_sigma: expected a value in \[0.0, 4.0\], found 9.0"),
+    ("--crop-px", "96", r"--crop-px 96 with --shift-px 4: the crop reads a 104-pixel window"),
+    ("--shift-px", "20", r"--crop-px 88 with --shift-px 20: the crop reads a 128-pixel window"),
+    ("--schedule", "linear", r"--schedule 'linear': expected one of cosine, onecycle, constant"),
+    ("--batch-size", "0", r"--batch-size 0: expected a value >= 1"),
+    ("--epochs", "0", r"--epochs 0: expected a value >= 1"),
+    ("--lr", "-1", r"--lr -1.0: expected a value > 0"),
+    ("--drop-rate", "1.5", r"--drop-rate 1.5: expected a value in \[0, 1\)"),
+    ("--threads", "-1", r"--threads -1: expected a value >= 0"),
+    ("--model", "vit_tiny_patch16_224", r"--model vit_tiny_patch16_224: cannot take 64 px crops .* choose a CNN"),
 ])
 def test_a_setting_out_of_range_is_one_line_and_writes_no_run(small_store, tmp_path, capsys, flag, value, problem):
     code, _, err = run_cli(capsys, "train", "--data", small_store, "--preset", "cpu", "--out", tmp_path / "run",
@@ -500,10 +695,14 @@ def test_out_pointing_at_an_existing_run_is_refused_unless_overwrite(trained_run
     assert code == 2 and "already holds a run; pass --resume" in err and "--overwrite" in err
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
+    (run / "model.onnx").write_bytes(b"the old run's export")
+    (run / "eval-valid-tta1").mkdir()
     code, _, err = run_cli(capsys, "train", "--data", small_store, "--out", run, "--overwrite", "--preset", "cpu",
                            "--epochs", "1", "--batch-size", "64", "--crop-px", "48")
     assert code == 0, err
     assert json.loads((run / "run.json").read_text())["epochs_run"] == 1
+    assert not (run / "model.onnx").exists() and not (run / "eval-valid-tta1").exists(), "nothing of the old run"
+    assert not list(tmp_path.glob(".run.replaced-*"))
 
 
 def test_device_batches_follow_the_epochs_order_from_any_step(small_store):

@@ -46,7 +46,11 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     for split, c in report.counts.items():
         print(f"  {split:>6}: {c['n']:>7}  positive {c['positive']}  negative {c['negative']}  unlabelled {c['unlabelled']}")
     if report.made_validation_split:
-        print(f"  made a stratified validation split ({args.valid_fraction:.0%} of train, seed {args.seed})")
+        kept = report.counts.get("train", {})
+        n_train = kept.get("positive", 0) + kept.get("negative", 0) + report.n_moved_to_valid
+        how = "whole slides, stratified" if report.moved_by_slide else "stratified"
+        print(f"  made a validation split: moved {report.n_moved_to_valid} of {n_train} train patches "
+              f"({report.n_moved_to_valid / max(n_train, 1):.0%}; {how}; --valid-fraction {args.valid_fraction}, seed {args.seed})")
     if report.kaggle_ids_checked:
         n_ok = report.kaggle_ids_checked - len(report.kaggle_id_mismatches)
         print(f"  Kaggle ids equal to their pixel SHA-1: {n_ok} of {report.kaggle_ids_checked}")
@@ -92,7 +96,7 @@ def _cmd_download(args: argparse.Namespace) -> None:
 def _cmd_presets(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from .train import PRESETS
+    from .presets import PRESETS
 
     names = list(PRESETS)
     rows = asdict(PRESETS[names[0]]).keys()
@@ -106,7 +110,7 @@ def _cmd_presets(args: argparse.Namespace) -> None:
 def _train_overrides(args: argparse.Namespace) -> dict:
     from dataclasses import fields
 
-    from .train import TrainConfig
+    from .presets import TrainConfig
 
     return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
 
@@ -116,9 +120,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     if args.resume:
         overrides = _train_overrides(args)
-        if overrides or args.data or args.out:
-            raise UserError("--resume RUN continues a run with its saved config; drop --data/--out and the overrides")
-        result = fit(None, None, args.resume, resume=True)
+        if overrides or args.out:
+            raise UserError("--resume RUN continues a run with its saved config; drop --out and the overrides "
+                            "(--data may say where its store is now)")
+        result = fit(None, args.data, args.resume, resume=True)
     else:
         if not args.data or not args.out:
             raise UserError("train needs --data STORE and --out RUN (or --resume RUN)")
@@ -257,7 +262,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, overriding the preset's value."""
     from dataclasses import MISSING, fields
 
-    from .train import TrainConfig
+    from .presets import TrainConfig
 
     group = p.add_argument_group("overrides of the preset's values (see 'histodetect presets')")
     for f in fields(TrainConfig):
@@ -342,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="a run folder made by 'histodetect train'")
     p.add_argument("--data", help="STORE[:split] (default: the run's store; its test split if labelled, else valid)")
     p.add_argument("--tta", type=int, default=1, choices=TTA_CHOICES, help=TTA_HELP)
-    p.add_argument("--out", type=Path, help="folder for the report (default: RUN/eval-SPLIT-ttaN)")
+    p.add_argument("--out", type=Path, help="folder for the report (default: RUN/eval-SPLIT-ttaN, or RUN/eval-STORE-SPLIT-ttaN "
+                        "for a store the run was not trained on); an earlier report there is replaced")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the AUC interval")
     p.add_argument("--mc", type=int, default=0, metavar="N",
                    help="also N MC-dropout passes per patch (needs a model with dropout); adds their spread to triage")
@@ -468,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `histodetect info X | head`: the reader left; not an error
         sys.stdout = open(os.devnull, "w")
         return 0
+    except OSError as exc:  # the disk or the system said no (full, read-only, permissions): one line
+        print(f"histodetect: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

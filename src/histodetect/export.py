@@ -32,7 +32,9 @@ from .augment import preprocess_batch
 from .data.decode import PATCH_SIZE_PX
 from .data.store import is_store, open_store
 from .errors import UserError
+from .outputs import check_output_file
 from .predict import LoadedRun, iter_inputs, load_run, predict_patches, run_thresholds
+from .train import RUN_FILE, read_run
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -191,12 +193,37 @@ def load_exported_run(path: Path, *, threads: int = 0) -> LoadedRun:
     """
     exported = ExportedModel(exported_path(path), threads=threads)
     meta = exported.metadata
+    _check_export_is_current(exported.path, meta)
     return LoadedRun(
         run_dir=exported.path.parent, model=ExportedLogits(exported), device=torch.device("cpu"),
         mean=tuple(meta.mean), std=tuple(meta.std), crop_px=meta.crop_px,
         thresholds={**run_thresholds(meta.run), 1: meta.threshold},  # the run's for TTA; the export's own for 1 view
         temperature=meta.temperature, config=meta.run.get("config", {}), run=meta.run, bf16=False,
     )
+
+
+def _check_export_is_current(path: Path, meta: ExportMetadata) -> None:
+    """Refuse an export its run folder has moved on from: calibrated or retrained after the export.
+
+    The export carries its own temperature and thresholds; predicting with stale ones
+    would silently disagree with `predict RUN`.
+    """
+    run_file = path.parent / RUN_FILE
+    if not run_file.is_file():
+        return  # an export on its own, away from its run: it is all there is
+    try:
+        current = read_run(path.parent)
+    except UserError:
+        return
+    temperature_now = float((current.get("calibration") or {}).get("temperature", 1.0))
+    changed = []
+    if abs(temperature_now - meta.temperature) > 1e-9:
+        changed.append(f"temperature {meta.temperature:.4g} in the export, {temperature_now:.4g} in {RUN_FILE}")
+    if run_thresholds(current) != run_thresholds(meta.run):
+        changed.append(f"its decision thresholds differ from {RUN_FILE}'s")
+    if changed:
+        raise UserError(f"{path}: older than its run ({'; '.join(changed)}: calibrated or retrained since); "
+                        f"export it again with 'histodetect export {path.parent}'")
 
 
 def _metadata(run: LoadedRun) -> ExportMetadata:
@@ -282,8 +309,7 @@ def export_run(run_dir: Path, *, format: str = "onnx", out: Path | None = None, 
     out = Path(out) if out is not None else run_dir / f"model{suffix}"
     if out.suffix != suffix:
         raise UserError(f"--out {out}: {format} exports are {suffix} files; name it e.g. {out.with_suffix(suffix).name}")
-    if out.is_dir():
-        raise UserError(f"--out {out}: is a folder; pass a file name such as {out / ('model' + suffix)}")
+    check_output_file(out, example=f"model{suffix}")
     run = load_run(run_dir, checkpoint=checkpoint, device="cpu", fp32=True)  # the exports run in float32
     patches, checked_on = check_patches(run, check_data)
     meta = _metadata(run)
@@ -293,7 +319,10 @@ def export_run(run_dir: Path, *, format: str = "onnx", out: Path | None = None, 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{suffix}")
     try:
-        (_write_onnx if format == "onnx" else _write_torchscript)(model, example, meta, tmp)
+        try:
+            (_write_onnx if format == "onnx" else _write_torchscript)(model, example, meta, tmp)
+        except OSError as exc:
+            raise UserError(f"{out}: cannot write it ({exc.strerror or exc})") from None
         exported = ExportedModel(tmp)
         diff = float(np.abs(exported.probabilities(patches) - predict_patches(run, patches)).max())
         if not diff < MAX_PROB_DIFF:

@@ -271,7 +271,13 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+    except pickle.UnpicklingError as error:
+        if "numpy" in str(error):  # what histodetect's last.pt holds besides weights (the RNG states)
+            raise UserError(f"{path}: a training checkpoint with more than weights (a run's last.pt?); pass "
+                            "the run's checkpoints/best.pt, or a state dict or .safetensors file") from None
+        raise UserError(f"{path}: not a readable .safetensors file or torch state dict (UnpicklingError); "
+                        "re-export or re-download it") from None
+    except (SafetensorError, RuntimeError, EOFError, ValueError, OSError) as error:
         raise UserError(
             f"{path}: not a readable .safetensors file or torch state dict "
             f"({type(error).__name__}); re-export or re-download it"
@@ -287,6 +293,10 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             "save it with torch.save(model.state_dict(), path)"
         )
     return state
+
+
+# Names timm and torchvision give classifier heads: a file's head may be named otherwise than the model's.
+_OTHER_HEAD_PREFIXES = ("fc.", "head.", "classifier.", "last_linear.", "head_drop.")
 
 
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -319,6 +329,16 @@ def load_weights(model: nn.Module, path: Path) -> int:
             f"{path}: {len(mismatched)} of {n_backbone} backbone tensors missing or of another shape "
             f"(first: '{mismatched[0]}'); these are weights for another architecture, "
             f"pass a file saved from {describe_model(model)['name']}"
+        )
+    # Tensors the model has no place for: a deeper relative (resnet34's file for resnet18)
+    # would otherwise load its first layers silently. Another head's names are fine.
+    head_names = (*classifier_prefixes, *_OTHER_HEAD_PREFIXES)
+    extra = [key for key in state if key not in to_load and not key.startswith(head_names)
+             and not key.endswith("num_batches_tracked")]
+    if extra:
+        raise UserError(
+            f"{path}: {len(extra)} tensors that {describe_model(model)['name']} does not have (first: '{extra[0]}'); "
+            "these are weights for another architecture, pass a file saved from this one"
         )
     model.load_state_dict(to_load, strict=False)
     if skipped_classifier:

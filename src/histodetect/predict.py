@@ -14,7 +14,6 @@ need it and imports flow down the pipeline (explain imports predict).
 from __future__ import annotations
 
 import csv
-import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +32,15 @@ from .data.record import UNLABELLED, read_chunk
 from .data.store import is_store, open_store
 from .errors import UserError
 from .models import create_model
-from .train import Dist, bf16_is_fast, load_checkpoint, model_logits, read_run, resolve_device
+from .outputs import check_output_file, write_file_atomic
+from .train import (
+    Dist,
+    bf16_is_fast,
+    load_checkpoint,
+    model_logits,
+    read_run,
+    resolve_device,
+)
 
 # Measured in benchmarks/predict_speed.py on the 2-core CPU (BENCHMARKS.md): bf16
 # autocast on its AMX units, inference_mode, channels_last and batches of 256 score
@@ -154,10 +161,16 @@ def load_run(run_dir: Path, *, checkpoint: str = "best", device: str = "auto", t
     )
 
 
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: expected a number of patches, 1 or more")
+
+
 def predict_logits(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1,
                    batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
     """Logits (N, tta): one column per test-time view (`augment.tta_view_groups`), before temperature scaling."""
     run.check_tta(tta)
+    check_batch_size(batch_size)
     return model_logits(run.model, patches_uint8, run.mean, run.std, run.crop_px, run.device, batch_size, tta=tta,
                         shift_px=run.shift_px, bf16=run.bf16)
 
@@ -282,14 +295,17 @@ def entropy_bits(probs: np.ndarray) -> np.ndarray:
 def uncertainty_measures(sample_probs: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
     """Per-patch uncertainties (N,) of probabilities (N, P, V) over P passes and V views; higher = more doubt.
 
-    `doubt` is plain confidence turned around: 1 - |prob - threshold| / max(threshold,
-    1 - threshold), 1 on the decision threshold and 0 as far from it as a
-    probability can be. `entropy` is the predictive entropy in bits, `tta_sd` the
+    `doubt` is plain confidence turned around: 1 on the decision threshold, falling
+    linearly to 0 at probability 0 below it and at 1 above it (prob / threshold, or
+    (1 - prob) / (1 - threshold)), so a confident call on either side has no doubt
+    whatever the threshold. `entropy` is the predictive entropy in bits, `tta_sd` the
     spread over views (P-averaged; when V > 1), `mc_sd` the spread over passes
     (V-averaged; when P > 1).
     """
     prob = sample_probs.mean(axis=(1, 2))
-    doubt = 1 - np.abs(prob - threshold) / max(threshold, 1 - threshold)
+    # One scale for both sides (|prob - t| / max(t, 1 - t)) left a sure negative at
+    # doubt (1 - 2t) / (1 - t), 0.51 for t = 0.33: --review-above 0.5 reviewed every negative.
+    doubt = np.where(prob < threshold, prob / max(threshold, 1e-12), (1 - prob) / max(1 - threshold, 1e-12))
     measures = {"doubt": doubt, "entropy": entropy_bits(prob)}
     if sample_probs.shape[2] > 1:
         measures["tta_sd"] = sample_probs.mean(axis=1).std(axis=1)
@@ -348,8 +364,11 @@ def _open_input(item: Path | list[Path], split: str | None, resize: bool):
     else:
         source = open_source(item)
     keep = np.array([split is None or s == split for s in source.splits])
+    name = item if not isinstance(item, list) else ", ".join(map(str, item))
     if split and not keep.any():
-        raise UserError(f"{item}: no patches in split {split!r} (found {', '.join(sorted(set(source.splits)))})")
+        raise UserError(f"{name}: no patches in split {split!r} (found {', '.join(sorted(set(source.splits)))})")
+    if len(source) == 0:
+        raise UserError(f"{name}: holds no patches")
 
     def chunks(chunk_size: int) -> Iterator[InputChunk]:
         # read_chunk rather than source.iter_batches: it also counts the resized files.
@@ -379,18 +398,28 @@ def iter_inputs(inputs: list[Path], *, split: str | None = None, chunk_size: int
 
 
 def write_csv_atomic(path: Path, header: tuple[str, ...], rows) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """A CSV with Unix line ends (csv's default "\r\n" leaves a "\r" in `cut` and `awk`), written whole."""
+
+    def write(handle) -> None:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+    return write_file_atomic(path, write)
+
+
+def _check_unique_ids(rows: list[tuple], inputs: list[Path], kaggle_submission: bool) -> None:
+    """Kaggle refuses a submission that repeats an id; elsewhere a repeat is worth a warning."""
+    seen: set[str] = set()
+    repeated = [row[0] for row in rows if row[0] in seen or seen.add(row[0])]
+    if not repeated:
+        return
+    where = ", ".join(map(str, inputs))
+    if kaggle_submission:
+        raise UserError(f"{where}: id {repeated[0]} appears more than once ({len(repeated)} repeats); "
+                        "a Kaggle submission needs each test id once: pass the test/ folder once")
+    warnings.warn(f"{where}: {len(repeated)} ids appear more than once (first: {repeated[0]}): the same file "
+                  "name in two inputs; predict them into separate CSVs to tell them apart", stacklevel=3)
 
 
 def _check_review(review_above: float | None, review_by: str, tta: int, mc_passes: int) -> None:
@@ -419,6 +448,8 @@ def predict_to_csv(run: LoadedRun, inputs: list[Path], out: Path, *, tta: int = 
     where the `review_by` uncertainty is above U, so that a pathologist looks
     only at those.
     """
+    check_output_file(out)
+    check_batch_size(batch_size)
     _check_mc_passes(run, mc_passes)
     _check_review(review_above, review_by, tta, mc_passes)
     with_uncertainty = uncertainty or mc_passes > 0 or review_above is not None
@@ -456,6 +487,7 @@ def predict_to_csv(run: LoadedRun, inputs: list[Path], out: Path, *, tta: int = 
             bar.update(len(chunk.ids))
     if kaggle_submission and not rows:
         raise UserError(f"{', '.join(map(str, inputs))}: no unlabelled patches for a Kaggle submission; pass the test/ folder")
+    _check_unique_ids(rows, inputs, kaggle_submission)
     if kaggle_submission:
         header: tuple[str, ...] = ("id", "label")
     else:

@@ -25,9 +25,10 @@ import os
 import platform
 import queue
 import random
+import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,158 +37,24 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import __version__
-from .augment import AugmentConfig, augment_batch, check_blur_fits, mixup_batch, preprocess_batch
+from .augment import augment_batch, check_blur_fits, mixup_batch, tta_view_counts
 from .data.decode import PATCH_SIZE_PX
 from .data.store import PatchStore, open_store
 from .errors import UserError
 from .models import create_model
+from .presets import (  # noqa: F401 (PRESETS and preset_config re-exported)
+    PRESETS,
+    TrainConfig,
+    check_train_config,
+    parse_progressive_crop,
+    preset_config,
+    scheduled_crop,
+)
 
 CHECKPOINT_FORMAT = "histodetect-checkpoint-1"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.csv"
 METRICS_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "val_acc", "lr", "seconds")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on. Presets are named instances of it."""
-
-    model: str = "histo_tinynet"
-    pretrained: bool = False
-    weights: str | None = None  # a local state dict / safetensors file to start from
-    drop_rate: float = 0.0  # dropout before the one-logit head
-    optimizer: str = "adamw"  # "adam" (the seed's) or "adamw"
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    batch_size: int = 128  # per process; the global batch is this times the number of processes
-    epochs: int = 30
-    warmup_fraction: float = 0.05  # of all steps, linear from 0
-    schedule: str = "cosine"  # "cosine" (to 0 after warm-up), "onecycle" (cosine up, then down) or "constant"
-    label_smoothing: float = 0.0
-    mixup: float = 0.0  # mixup alpha: each batch is blended with itself reversed by a weight ~ Beta(alpha, alpha); 0 = off
-    ema_decay: float = 0.0  # 0 = no EMA; validation and `best` use the EMA weights when on
-    grad_clip_norm: float = 0.0  # 0 = no clipping
-    # Sharpness-aware minimisation (Foret et al. 2021): each step takes its gradient at
-    # the weights moved up the loss by this L2 radius; two passes a step. 0 = off.
-    sam_rho: float = 0.0
-    # Augmentation, on the device, on whole batches (augment.AugmentConfig).
-    dihedral: bool = False
-    hed_sigma: float = 0.0
-    hed_bias: float = 0.0
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    hue: float = 0.0
-    crop_px: int = 0  # train and predict on the centre crop of this size; 0 = the whole 96 px
-    shift_px: int = 0  # random shift of that crop, in pixels
-    rotate_deg: float = 0.0  # random rotation by any angle up to this, on top of the dihedral ones
-    scale: float = 0.0  # random zoom by a factor in [1 - scale, 1 + scale]
-    blur_sigma: float = 0.0  # Gaussian blur, sigma ~ U(0, this) pixels per patch
-    noise_std: float = 0.0  # Gaussian pixel noise, std ~ U(0, this) of the [0, 1] range per patch
-    # Progressive resizing: "64@0.4,76@0.7" trains on 64 px crops until 40% of the
-    # schedule, 76 px until 70%, then crop_px (never above it); smaller crops make early
-    # steps cheaper. "" = crop_px throughout. Validation and prediction use crop_px.
-    progressive_crop: str = ""
-    # Time and stopping.
-    max_minutes: float = 0.0  # 0 = no limit; else the schedule anneals to the time limit
-    early_stopping: int = 0  # stop after this many epochs without a better validation AUC; 0 = never
-    checkpoint_minutes: float = 10.0  # also save last.pt mid-epoch this often
-    # Machine.
-    seed: int = 0
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    bf16: bool = True  # bf16 autocast for training, where bf16_is_fast(device)
-    channels_last: bool = True
-    compile: bool = False
-    threads: int = 0  # torch CPU threads; 0 = one per core
-    resident_fraction: float = 0.5  # keep the shard on the GPU if it needs less than this share of free memory
-    val_batch_size: int = 512
-    train_split: str = "train"
-    val_split: str = "valid"
-    profile: bool = False  # print data vs compute time per step
-
-    def augment(self) -> AugmentConfig:
-        return AugmentConfig(
-            dihedral=self.dihedral, hed_sigma=self.hed_sigma, hed_bias=self.hed_bias,
-            brightness=self.brightness, contrast=self.contrast, saturation=self.saturation,
-            hue=self.hue, crop_px=self.crop_px, shift_px=self.shift_px,
-            rotate_deg=self.rotate_deg, scale=self.scale, blur_sigma=self.blur_sigma,
-            noise_std=self.noise_std,
-        )
-
-
-# The seed notebook: the backbone, global average pooling, dropout 0.5, one sigmoid
-# output, Adam 1e-3, binary cross-entropy, 10 epochs, no augmentation.
-_SEED = dict(
-    pretrained=False, drop_rate=0.5, optimizer="adam", lr=1e-3, weight_decay=0.0, batch_size=64,
-    epochs=10, warmup_fraction=0.0, schedule="constant", label_smoothing=0.0, ema_decay=0.0,
-)
-PRESETS: dict[str, TrainConfig] = {
-    "seed-xception": TrainConfig(model="legacy_xception", **_SEED),
-    "seed-mobilenetv2": TrainConfig(model="mobilenetv2_100", **_SEED),
-    # Best recipe measured for one GPU (H200, pcam-jpeg, BENCHMARKS.md): the CPU network
-    # on the shifted 88 px crop, trained longer. On 8,000 training patches the larger
-    # networks tried (histo_net96 at 88 and 96 px, histo_net, resnet18) overfitted and
-    # scored no better; with far more data, try --model histo_net or resnet18.
-    "default": TrainConfig(
-        model="histo_tinynet", lr=2e-3, weight_decay=0.05, batch_size=128, epochs=110,
-        warmup_fraction=0.05, schedule="cosine", label_smoothing=0.0, ema_decay=0.999,
-        dihedral=True, hed_sigma=0.05, hed_bias=0.05, brightness=0.1, contrast=0.1,
-        saturation=0.1, hue=0.0, crop_px=88, shift_px=4,
-    ),
-    # Best recipe for a 2-core CPU and 10 minutes (benchmarks in BENCHMARKS.md). The
-    # centre 88 px, shifted by up to 4 px, beat the centre 64 and 80 px (more epochs,
-    # less context) and the whole 96 px patch (no shift: it overfitted) in 10 minutes;
-    # growing the crop from 64 px gets more epochs out of the 10 minutes than 88 px throughout.
-    "cpu": TrainConfig(
-        model="histo_tinynet", lr=2e-3, weight_decay=0.05, batch_size=128, epochs=100,
-        warmup_fraction=0.05, schedule="cosine", label_smoothing=0.0, ema_decay=0.999,
-        dihedral=True, hed_sigma=0.05, hed_bias=0.05, brightness=0.1, contrast=0.1,
-        saturation=0.1, hue=0.0, crop_px=88, shift_px=4, progressive_crop="64@0.4,76@0.7",
-        max_minutes=10.0, device="cpu",
-    ),
-}
-
-
-def parse_progressive_crop(text: str) -> list[tuple[float, int]]:
-    """'64@0.4,76@0.7' -> [(0.4, 64), (0.7, 76)]: each crop size until that share of the schedule."""
-    if not text:
-        return []
-    usage = f"--progressive-crop {text!r}: expected PX@FRACTION pairs such as 64@0.4,76@0.7"
-    stages = []
-    for part in text.split(","):
-        px, _, until = part.strip().partition("@")
-        try:
-            stage = (float(until), int(px))
-        except ValueError:
-            raise UserError(f"{usage}, found {part.strip()!r}") from None
-        stages.append(stage)
-    fractions = [until for until, _ in stages]
-    if not all(0 < until < 1 for until in fractions) or fractions != sorted(set(fractions)):
-        raise UserError(f"{usage}: the fractions must rise strictly between 0 and 1")
-    if not all(0 < px <= PATCH_SIZE_PX for _, px in stages):
-        raise UserError(f"{usage}: each size must be between 1 and {PATCH_SIZE_PX} px")
-    return stages
-
-
-def scheduled_crop(stages: list[tuple[float, int]], progress: float, crop_px: int) -> int:
-    """The training crop at `progress` (0-1) through the schedule: the first stage not yet over, else crop_px.
-
-    The crop only grows to crop_px: a stage larger than it (after `--crop-px` was
-    lowered) trains at crop_px.
-    """
-    px = next((px for until, px in stages if progress < until), crop_px)
-    return min(px, crop_px) if crop_px else px
-
-
-def preset_config(name: str, **overrides) -> TrainConfig:
-    """A preset with some fields replaced; unknown names are UserErrors listing the known ones."""
-    if name not in PRESETS:
-        raise UserError(f"--preset {name!r}: unknown preset (choose from {', '.join(PRESETS)})")
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise UserError(f"unknown training option(s) {', '.join(sorted(unknown))}")
-    return dataclasses.replace(PRESETS[name], **overrides)
 
 
 # --- distributed --------------------------------------------------------------------------
@@ -224,7 +91,16 @@ def resolve_device(name: str, dist: Dist) -> torch.device:
             raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
         if name == "cuda":
             name = f"cuda:{dist.local_rank}"
-    return torch.device(name)
+    elif name != "cpu":
+        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: there are {torch.cuda.device_count()} GPUs (cuda:0 to "
+                        f"cuda:{torch.cuda.device_count() - 1})")
+    return device
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -467,10 +343,34 @@ def _check_run_folder(out: Path, overwrite: bool) -> None:
             raise UserError(f"{out}: already holds a run; pass --resume {out} to continue it or --overwrite to replace it")
 
 
+def _check_model_takes_crops(model: torch.nn.Module, cfg: TrainConfig, crop_stages: list[tuple[float, int]]) -> None:
+    """One blank batch at every crop size training and prediction will use, before anything is written.
+
+    timm builds vision transformers for one input size (224 px): they fail on 88 px
+    crops, and that must be one line now rather than a traceback after run.json.
+    """
+    sizes = {cfg.crop_px or PATCH_SIZE_PX, *(scheduled_crop(crop_stages, until - 1e-9, cfg.crop_px) for until, _ in crop_stages)}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for px in sorted(sizes):
+                try:
+                    model(torch.zeros(2, 3, px, px))
+                except Exception as exc:  # noqa: BLE001 (any model's own complaint)
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise UserError(f"--model {cfg.model}: cannot take {px} px crops ({reason}); a model built for "
+                                    "one input size (a vision transformer) does not fit 96 px patches: choose a CNN") from None
+    finally:
+        model.train(was_training)
+
+
 def _class_rows(store: PatchStore, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, str | None]:
     """Training and validation rows; makes a validation split when the store has none."""
     train_rows = store.split_indices(cfg.train_split)
     train_rows = train_rows[store.labels[train_rows] >= 0]
+    if len(train_rows) == 0:
+        raise UserError(f"{store.path}: split {cfg.train_split!r} has no labelled patches; training needs labels")
     counts = np.bincount(store.labels[train_rows], minlength=2)
     if counts.min() == 0:
         only = int(np.argmax(counts))
@@ -479,15 +379,17 @@ def _class_rows(store: PatchStore, cfg: TrainConfig) -> tuple[np.ndarray, np.nda
             "training needs both classes"
         )
     note = None
+    val_rows = np.zeros(0, dtype=np.int64)
     if cfg.val_split in store.split_names:
         val_rows = store.split_indices(cfg.val_split)
         val_rows = val_rows[store.labels[val_rows] >= 0]
-    else:
+    if len(val_rows) == 0:  # no such split, or one without labels
         from .data.splits import make_validation_split
 
+        missing = "no" if cfg.val_split not in store.split_names else "no labelled"
         moved = make_validation_split(store.labels[train_rows], list(store.slides[train_rows]), 0.1, cfg.seed)
         train_rows, val_rows = train_rows[~moved], train_rows[moved]
-        note = (f"{store.path}: no {cfg.val_split!r} split; validating on a stratified 10% of "
+        note = (f"{store.path}: {missing} {cfg.val_split!r} split; validating on a stratified 10% of "
                 f"{cfg.train_split!r} ({len(val_rows)} patches, seed {cfg.seed})")
     if len(np.unique(store.labels[val_rows])) < 2:
         raise UserError(f"{store.path}: the validation split needs both classes to measure AUC")
@@ -499,30 +401,36 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
     """Train `cfg` on the store at `data`, writing the run folder `out`.
 
     With `resume`, `out`'s config and last checkpoint are loaded and training goes
-    on exactly where it stopped (data order, optimizer, EMA, RNG, schedule).
+    on exactly where it stopped (data order, optimizer, EMA, RNG, schedule); `data`
+    may name the store where it is now (None: where it was; its fingerprint must
+    match). A run that had stopped (time limit, early stopping) is only finished off.
+    With `overwrite`, an earlier run at `out` is replaced once the new one has started.
     `stop_after_epochs` ends the process early as a kill would (tests use it).
     """
     out = Path(out)
     checkpoint = None
     if resume:
         run = read_run(out)
-        checkpoint = load_checkpoint(out / "checkpoints" / "last.pt")
+        last = out / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise UserError(f"{out}: stopped before its first checkpoint; nothing to resume, "
+                            f"start it again with --overwrite")
+        checkpoint = load_checkpoint(last)
         if checkpoint["config"] != run["config"]:
-            raise UserError(f"{out / 'checkpoints' / 'last.pt'}: belongs to another run than {out / RUN_FILE}")
+            raise UserError(f"{last}: belongs to another run than {out / RUN_FILE}")
         cfg = TrainConfig(**checkpoint["config"])
         preset = run.get("preset")
-        data = Path(run["data"]["path"])
+        data = Path(data) if data is not None else Path(run["data"]["path"])
     else:
         _check_run_folder(out, overwrite)
+        if cfg.weights:  # a resume may start from another folder
+            cfg = dataclasses.replace(cfg, weights=str(Path(cfg.weights).resolve()))
     # Every setting is checked before anything is written.
     crop_stages = parse_progressive_crop(cfg.progressive_crop)
     augment_cfg = cfg.augment()
     if cfg.blur_sigma:  # the smallest training crop, before anything is written
         check_blur_fits(cfg.blur_sigma, min([cfg.crop_px or PATCH_SIZE_PX] + [size for _, size in crop_stages]))
-    if not cfg.mixup >= 0:
-        raise UserError(f"--mixup {cfg.mixup}: expected an alpha >= 0 (0 turns mixup off, 0.2-0.4 is usual)")
-    if not 0 <= cfg.sam_rho <= 1:
-        raise UserError(f"--sam-rho {cfg.sam_rho}: expected a radius in [0, 1] (0 turns SAM off, 0.05 is usual)")
+    check_train_config(cfg)
 
     dist = init_distributed("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     device = resolve_device(cfg.device, dist)
@@ -539,8 +447,10 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, pretrained=cfg.pretrained,
-                         weights=Path(cfg.weights) if cfg.weights else None, drop_rate=cfg.drop_rate)
+    # On resume the checkpoint holds the weights: the starting ones are neither read nor downloaded again.
+    model = create_model(cfg.model, pretrained=cfg.pretrained and not resume,
+                         weights=Path(cfg.weights) if cfg.weights and not resume else None, drop_rate=cfg.drop_rate)
+    _check_model_takes_crops(model, cfg, crop_stages)
     data_cfg = model.pretrained_cfg if hasattr(model, "pretrained_cfg") else {}
     mean = tuple(data_cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(data_cfg.get("std", (0.229, 0.224, 0.225)))
@@ -586,6 +496,12 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
         train_model = torch.compile(train_model, dynamic=False)
 
     if dist.is_main:
+        replaced = None
+        if not resume and out.exists() and any(out.iterdir()):  # --overwrite: checked above
+            # The old run (checkpoints, exports, reports) goes as a whole, so that nothing of
+            # it is taken for the new run's; it is deleted once the new run.json is written.
+            replaced = out.parent / f".{out.name}.replaced-{os.getpid()}"
+            os.replace(out, replaced)
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
             write_text_atomic(out / RUN_FILE, json.dumps({
@@ -606,6 +522,8 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
             }, indent=2) + "\n")
             with (out / METRICS_FILE).open("w", newline="") as handle:
                 csv.writer(handle).writerow(METRICS_COLUMNS)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
 
     total_steps = cfg.epochs * batches.steps_per_epoch
     max_seconds = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
@@ -629,9 +547,11 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
         if not bool(finite.all()):
             i = int((~finite).nonzero()[0])
             step, epoch = recent_losses[i][:2]
+            last = out / "checkpoints" / "last.pt"
+            kept = f"{last} holds the last good weights" if last.is_file() else "no checkpoint had been written yet"
             raise UserError(
                 f"{out}: the loss became {values[i].item()} at step {step} (epoch {epoch + 1}); "
-                f"training stopped and {out / 'checkpoints' / 'last.pt'} holds the last good weights; try a lower --lr"
+                f"training stopped and {kept}; try a lower --lr"
             )
         recent_losses.clear()
 
@@ -658,15 +578,43 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
             "preprocessing": {"mean": mean, "std": std, "crop_px": cfg.crop_px},
         }, out / "checkpoints" / "last.pt")
 
-    stopped_because = "finished all epochs"
+    # Under DDP with a time limit, the processes must agree on the time: it sets the
+    # learning rate and the crop (replicas must not drift apart) and when to stop (all
+    # at the same step, or one waits forever in a collective). They take the slowest
+    # one's clock, every step on the CPU and every 32 on a GPU (each agreement waits
+    # for the GPU); in between, the time (and so the schedule) stands still.
+    agree_on_time = dist.world_size > 1 and math.isfinite(max_seconds)
+    time_agreement_steps = 1 if device.type == "cpu" else 32
+    unagreed_seconds = [0.0]
+
+    def add_train_seconds(seconds: float, *, agree_now: bool) -> None:
+        if not agree_on_time:
+            state["train_seconds"] += seconds
+            return
+        unagreed_seconds[0] += seconds
+        if agree_now:
+            import torch.distributed as tdist
+
+            latest = torch.tensor([state["train_seconds"] + unagreed_seconds[0]], dtype=torch.float64, device=device)
+            tdist.all_reduce(latest, op=tdist.ReduceOp.MAX)
+            state["train_seconds"] = float(latest)
+            unagreed_seconds[0] = 0.0
+
+    stopped_because = state.get("stopped_because") or "finished all epochs"
+    if state.get("stopped_because") and dist.is_main:
+        print(f"histodetect: note: {out} had stopped ({stopped_because}) after epoch {state['epoch']}; "
+              "nothing more to train")
     epochs_this_process = 0
     last_checkpoint_time = time.perf_counter()
     try:
-        while state["epoch"] < cfg.epochs:
+        while state["epoch"] < cfg.epochs and not state.get("stopped_because"):
             epoch = state["epoch"]
             train_model.train()
-            loss_sum = torch.zeros((), device=device)
-            n_steps = 0
+            # Resumed mid-epoch: the epoch's loss so far comes from the checkpoint.
+            mid_epoch = state["step_in_epoch"] > 0
+            loss_sum = torch.full((), state.get("epoch_loss_sum", 0.0) if mid_epoch else 0.0, device=device)
+            n_steps = state.get("epoch_steps", 0) if mid_epoch else 0
+            steps_timed = 0
             bar = tqdm(total=batches.steps_per_epoch * cfg.batch_size * dist.world_size, initial=state["step_in_epoch"] * cfg.batch_size * dist.world_size,
                        unit="patch", unit_scale=True, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not (progress and dist.is_main), leave=False)
@@ -705,6 +653,7 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                     ema.update(model, step=state["global_step"])
                 loss_sum += loss.detach()
                 n_steps += 1
+                steps_timed += 1
                 state["global_step"] += 1
                 state["step_in_epoch"] += 1
                 now = time.perf_counter()
@@ -713,7 +662,7 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                         torch.cuda.synchronize(device)
                     now = time.perf_counter()
                     compute_seconds += now - data_done
-                state["train_seconds"] += now - tick
+                add_train_seconds(now - tick, agree_now=state["global_step"] % time_agreement_steps == 0)
                 tick = now
                 bar.update(cfg.batch_size * dist.world_size)
                 if state["train_seconds"] >= max_seconds:
@@ -721,14 +670,16 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                 # Mid-epoch saves need every process to agree on when: only without DDP.
                 if dist.world_size == 1 and now - last_checkpoint_time > cfg.checkpoint_minutes * 60:
                     check_losses()
+                    state["epoch_loss_sum"], state["epoch_steps"] = float(loss_sum), n_steps
                     save_last()
                     last_checkpoint_time = time.perf_counter()
             bar.close()
             check_losses()
+            add_train_seconds(0.0, agree_now=True)
             out_of_time = state["train_seconds"] >= max_seconds
-            if cfg.profile and dist.is_main and n_steps:
-                print(f"profile epoch {epoch + 1}: data {1000 * data_seconds / n_steps:.1f} ms/step, "
-                      f"compute {1000 * compute_seconds / n_steps:.1f} ms/step "
+            if cfg.profile and dist.is_main and steps_timed:
+                print(f"profile epoch {epoch + 1}: data {1000 * data_seconds / steps_timed:.1f} ms/step, "
+                      f"compute {1000 * compute_seconds / steps_timed:.1f} ms/step "
                       f"({100 * data_seconds / max(1e-9, data_seconds + compute_seconds):.0f}% in data)")
             train_loss = float(loss_sum) / max(1, n_steps)
             if dist.world_size > 1:
@@ -739,8 +690,10 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                 train_loss = float(reduced) / dist.world_size
             state["epoch"] += 1
             state["step_in_epoch"] = 0
+            state["epoch_loss_sum"], state["epoch_steps"] = 0.0, 0
             eval_model = ema.module if ema is not None else model
             stop = torch.zeros(1, device=device)
+            improved = False
             if dist.is_main:
                 metrics = {"epoch": state["epoch"], "train_loss": train_loss,
                            **validate(eval_model, store, val_rows, cfg, mean, std, device),
@@ -761,24 +714,24 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                     state["bad_epochs"] += 1
                 if cfg.early_stopping and state["bad_epochs"] >= cfg.early_stopping:
                     stop[0] = 1
-                save_last()
-                if improved:
-                    save_atomic({"format": CHECKPOINT_FORMAT, "config": asdict(cfg), "store_fingerprint": store.fingerprint,
-                                 "model": eval_model.state_dict(), "epoch": state["epoch"], "metrics": metrics,
-                                 "preprocessing": {"mean": mean, "std": std, "crop_px": cfg.crop_px}},
-                                out / "checkpoints" / "best.pt")
-            else:
-                save_last()  # joins the gather of the augmentation RNG states
             if dist.world_size > 1:
                 import torch.distributed as tdist
 
                 tdist.broadcast(stop, 0)
-            epochs_this_process += 1
+            # Kept in the checkpoint, so that a resume of a stopped run does not train on.
             if stop.item():
-                stopped_because = f"early stopping: no better validation AUC for {cfg.early_stopping} epochs"
-                break
-            if out_of_time:
-                stopped_because = f"time limit of {cfg.max_minutes:g} minutes"
+                state["stopped_because"] = f"early stopping: no better validation AUC for {cfg.early_stopping} epochs"
+            elif out_of_time:
+                state["stopped_because"] = f"time limit of {cfg.max_minutes:g} minutes"
+            save_last()  # every process: it gathers their augmentation RNG states
+            if dist.is_main and improved:
+                save_atomic({"format": CHECKPOINT_FORMAT, "config": asdict(cfg), "store_fingerprint": store.fingerprint,
+                             "model": eval_model.state_dict(), "epoch": state["epoch"], "metrics": metrics,
+                             "preprocessing": {"mean": mean, "std": std, "crop_px": cfg.crop_px}},
+                            out / "checkpoints" / "best.pt")
+            epochs_this_process += 1
+            if state.get("stopped_because"):
+                stopped_because = state["stopped_because"]
                 break
             if stop_after_epochs is not None and epochs_this_process >= stop_after_epochs:
                 stopped_because = "stopped by request"
@@ -789,6 +742,9 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
         ) from None
     if dist.is_main:
         run = read_run(out)
+        if progress:
+            print(f"histodetect: choosing the decision thresholds on {len(val_rows)} validation patches "
+                  f"(views: {', '.join(map(str, tta_view_counts(cfg.crop_px, cfg.shift_px)))})")
         thresholds = _validation_thresholds(out, store, val_rows, cfg, mean, std, device)
         run["threshold"] = thresholds["1"]
         run["thresholds"] = thresholds

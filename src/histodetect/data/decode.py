@@ -104,6 +104,25 @@ def _to_patch(pixels: np.ndarray, path: Path, resize: bool) -> Decoded:
     return Decoded(np.asarray(image), resized_from=(width, height))
 
 
+def _grey_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    """Wide grayscale (Pillow's "I;16*", "I" or "F") -> uint8, keeping the image's own contrast.
+
+    16-bit images map 0-65535 to 0-255 (divide by 257), as an 8-bit save of them would.
+    "I" and "F" do not say their range: values up to 1 are taken as a 0-1 float image,
+    up to 255 as 8-bit, up to 65535 as 16-bit; beyond that the image's maximum is white.
+    """
+    peak = float(array.max(initial=0.0))
+    if mode.startswith("I;16") or 255 < peak <= 65535:
+        scale = 1 / 257
+    elif mode == "F" and peak <= 1.0:
+        scale = 255.0
+    elif peak <= 255:
+        scale = 1.0
+    else:
+        scale = 255.0 / peak
+    return np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
+
+
 def decode_patch_file(path: Path, *, resize: bool = False) -> Decoded:
     """Decode one image file to a (96, 96, 3) uint8 RGB patch.
 
@@ -124,11 +143,9 @@ def decode_patch_file(path: Path, *, resize: bool = False) -> Decoded:
             image.load()
             mode = image.mode
             if mode != "RGB":
-                # "I;16" and "F" grayscale would saturate in a plain convert: scale first.
+                # "I;16", "I" and "F" grayscale would saturate in a plain convert: scale first.
                 if mode.startswith("I") or mode == "F":
-                    array = np.asarray(image, dtype=np.float64)
-                    scale = 255.0 / max(float(array.max()), 1.0)
-                    image = Image.fromarray((array * scale).astype(np.uint8))
+                    image = Image.fromarray(_grey_to_uint8(np.asarray(image, dtype=np.float64), mode))
                 image = image.convert("RGB")
             pixels = np.asarray(image)
     except UnidentifiedImageError:

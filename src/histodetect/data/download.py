@@ -58,6 +58,11 @@ def download_pcam(
     the order of `files`. Raises `UserError` on a network error or a bad md5.
     """
     root = Path(root)
+    if not base_url.lower().startswith(("http://", "https://")):
+        raise UserError(f"--base-url {base_url!r}: expected an http:// or https:// address")
+    blocking = next((folder for folder in (root, *root.parents) if folder.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"{root}: {blocking} is a file, not a folder; choose another --root")
     root.mkdir(parents=True, exist_ok=True)
     final_paths = []
     for name, md5_expected in (PCAM_FILES if files is None else files).items():

@@ -11,12 +11,25 @@ from .decode import IMAGE_SUFFIXES
 from .record import UNLABELLED, PatchSource
 
 LABEL_DIRS = ("0", "1")
-# Common spellings of the validation split, stored under one name.
-SPLIT_ALIASES = {"val": "valid", "validation": "valid", "dev": "valid"}
+# Common spellings of the splits (any case), each stored under one name.
+SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "valid": "valid", "val": "valid", "validation": "valid", "dev": "valid",
+    "test": "test", "testing": "test",
+}
+
+
+def split_name(folder_name: str) -> str:
+    """A split folder's name as stored: 'Val', 'validation' -> 'valid'; unknown names as they are."""
+    return SPLIT_ALIASES.get(folder_name.lower(), folder_name)
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # Hidden files are skipped as hidden folders are: macOS leaves "._name.jpg" beside each image.
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -39,7 +52,7 @@ def read_image_folder(root: Path) -> PatchSource:
     if names and names <= set(LABEL_DIRS):
         items = _labelled(root, "train")
     elif subdirs and all({d.name for d in _subdirs(s)} & set(LABEL_DIRS) for s in subdirs):
-        items = [item for split_dir in subdirs for item in _labelled(split_dir, SPLIT_ALIASES.get(split_dir.name, split_dir.name))]
+        items = [item for split_dir in subdirs for item in _labelled(split_dir, split_name(split_dir.name))]
     else:
         items = [(path, UNLABELLED, "test") for path in _images(root)]
         if not items and subdirs:
@@ -53,11 +66,15 @@ def read_image_folder(root: Path) -> PatchSource:
 
 
 def _source(root: Path, items: list[tuple[Path, int, str]]) -> PatchSource:
-    stems = [path.stem for path, _, _ in items]
-    if len(set(stems)) == len(stems):
-        ids = stems
-    else:  # the same file name in two folders: the path relative to the root tells them apart
-        ids = [str(path.relative_to(root).with_suffix("")) if path.is_relative_to(root) else str(path.with_suffix("")) for path, _, _ in items]
+    def relative(path: Path) -> Path:
+        return path.relative_to(root) if path.is_relative_to(root) else path
+
+    # The file name without its extension; where two files share one, the path relative
+    # to the root (the same name in two folders), and the extension too if that is not enough.
+    for id_of in (lambda path: path.stem, lambda path: str(relative(path).with_suffix("")), lambda path: str(relative(path))):
+        ids = [id_of(path) for path, _, _ in items]
+        if len(set(ids)) == len(ids):
+            break
     return PatchSource(
         root=root,
         format="folder",

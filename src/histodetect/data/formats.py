@@ -30,7 +30,7 @@ def open_source(src: Path, format: str | None = None) -> PatchSource:
     if format is not None and format not in FORMATS:
         raise UserError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
     if src.is_file():
-        if src.suffix == ".h5":
+        if src.suffix.lower() in (".h5", ".hdf5"):
             return read_pcam_file(src)
         return list_image_files([src])
     format = format or detect_format(src)

@@ -20,8 +20,11 @@ def is_kaggle_folder(root: Path) -> bool:
 def read_label_csv(csv_path: Path) -> dict[str, int]:
     """`id,label` rows -> {id: 0/1}; every malformed row is a UserError naming its line."""
     labels: dict[str, int] = {}
+    if not csv_path.is_file():
+        raise UserError(f"{csv_path}: not found; a Kaggle folder holds train_labels.csv (id,label) beside train/")
     try:
-        with csv_path.open(newline="") as handle:
+        # utf-8-sig: spreadsheets save "CSV UTF-8" with a byte-order mark.
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
             if header is None or [h.strip().lower() for h in header[:2]] != ["id", "label"]:

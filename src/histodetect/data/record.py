@@ -56,6 +56,21 @@ class ChunkResult:
     n_resized: int = 0
 
 
+def _read_h5_rows_one_by_one(dataset, task: ReadTask) -> ChunkResult:
+    """Rows [begin, end) of an HDF5 dataset, each read on its own; unreadable rows become errors."""
+    begin, end = task.h5_rows
+    good_rows, patches, errors = [], [], []
+    for row in range(begin, end):
+        try:
+            patches.append(np.asarray(dataset[row], dtype=np.uint8))
+            good_rows.append(row - begin)
+        except OSError as exc:
+            errors.append((f"{task.h5_path} row {row}", f"is damaged and cannot be read ({exc})"))
+    pixels = np.stack(patches) if patches else np.zeros((0, *dataset.shape[1:]), dtype=np.uint8)
+    return ChunkResult(task.start, np.asarray(good_rows, dtype=np.int64), pixels,
+                       [patch_sha1(p) for p in pixels], errors)
+
+
 def read_chunk(task: ReadTask) -> ChunkResult:
     """Decode one task. Runs in worker processes: bad files are returned, not raised."""
     if task.h5_path is not None:
@@ -63,7 +78,11 @@ def read_chunk(task: ReadTask) -> ChunkResult:
 
         begin, end = task.h5_rows
         with h5py.File(task.h5_path, "r") as h5:
-            patches = np.ascontiguousarray(h5["x"][begin:end], dtype=np.uint8)
+            try:
+                patches = np.ascontiguousarray(h5["x"][begin:end], dtype=np.uint8)
+            except OSError:
+                # A damaged compressed chunk: read row by row to keep the rows that still decode.
+                return _read_h5_rows_one_by_one(h5["x"], task)
         return ChunkResult(
             task.start, np.arange(len(patches)), patches, [patch_sha1(p) for p in patches]
         )

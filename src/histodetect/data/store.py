@@ -62,6 +62,8 @@ class PrepareReport:
     n_resized: int = 0
     n_deduplicated: int = 0
     made_validation_split: bool = False
+    n_moved_to_valid: int = 0  # labelled 'train' patches moved to the validation split made
+    moved_by_slide: bool = False  # whole slides were moved (slide ids known)
     kaggle_ids_checked: int = 0  # ids compared with their pixel SHA-1
     kaggle_id_mismatches: list[str] = field(default_factory=list)
 
@@ -81,6 +83,9 @@ def _fingerprint(sha1s: list[str], labels: np.ndarray, splits: list[str]) -> str
 def _check_out_folder(out: Path, overwrite: bool) -> None:
     if out.is_file():
         raise UserError(f"{out}: is a file; --out must name a folder for the store")
+    blocking = next((parent for parent in out.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"{out}: {blocking} is a file, not a folder; choose another --out")
     if not out.exists() or not any(out.iterdir()):
         return
     if not is_store(out):
@@ -221,8 +226,12 @@ def prepare(
     src, out = Path(src), Path(out)
     if not 0 < valid_fraction < 1:
         raise UserError(f"--valid-fraction {valid_fraction}: expected a fraction between 0 and 1")
+    # Resolved, so that '.' or 'stores/x/..' name the folder itself and its real parent.
+    out = out.resolve()
     _check_out_folder(out, overwrite)
     source = open_source(src, format)
+    if len(source) == 0:
+        raise UserError(f"{src}: the source holds no patches")
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -263,12 +272,21 @@ def prepare(
             report.n_deduplicated = int((~keep).sum())
 
         labelled = labels != UNLABELLED
-        if labelled.any() and not (labelled & (splits == "valid")).any():
+        has_valid = bool((splits == "valid").any())
+        if labelled.any() and has_valid and not (labelled & (splits == "valid")).any():
+            warnings.warn(
+                f"{src}: its 'valid' split has no labels, so no validation split was made from 'train'; "
+                "training will validate on 10% of 'train' (or name a labelled split with --val-split)",
+                PrepareWarning, stacklevel=2,
+            )
+        elif labelled.any() and not has_valid:
             from_train = np.flatnonzero(labelled & (splits == "train") & keep)
             if len(from_train) >= 2:
                 moved = make_validation_split(labels[from_train], [slides[r] for r in from_train], valid_fraction, seed)
                 splits[from_train[moved]] = "valid"
                 report.made_validation_split = True
+                report.n_moved_to_valid = int(moved.sum())
+                report.moved_by_slide = all(slides[r] for r in from_train)
 
         if len(rows) < len(source) or not keep.all():
             # Drop the blank rows of bad files and the duplicates.
@@ -319,7 +337,16 @@ def prepare(
 
 
 def _install(partial: Path, out: Path) -> None:
-    """Move a finished store into place; an old store is removed only after that."""
+    """Move a finished store into place; an old store is removed only after that.
+
+    An empty folder at `out` (perhaps the shell's working folder) is kept and filled,
+    the manifest last: until it lands, the folder is not a store.
+    """
+    if out.is_dir() and not any(out.iterdir()):
+        for item in sorted(partial.iterdir(), key=lambda path: path.name == MANIFEST_FILE):
+            os.replace(item, out / item.name)
+        partial.rmdir()
+        return
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -353,19 +380,25 @@ class PatchStore:
             self.patches = np.load(self.path / PATCHES_FILE, mmap_mode="r")
         except (OSError, ValueError) as exc:
             raise UserError(f"{self.path / PATCHES_FILE}: unreadable ({exc}); prepare the store again") from None
-        with (self.path / INDEX_FILE).open(newline="") as handle:
-            reader = csv.reader(handle)
-            next(reader)
-            columns = list(zip(*reader)) or [()] * len(INDEX_COLUMNS)
+        damaged = "the store is damaged, prepare it again"
+        try:
+            with (self.path / INDEX_FILE).open(newline="") as handle:
+                reader = csv.reader(handle)
+                header = next(reader, None)
+                columns = list(zip(*reader)) or [()] * len(INDEX_COLUMNS)
+            if header is None or tuple(header) != INDEX_COLUMNS or len(columns) != len(INDEX_COLUMNS):
+                raise ValueError(f"expected the columns {','.join(INDEX_COLUMNS)}")
+            self.labels = np.asarray([int(label) for label in columns[1]], dtype=np.int8)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"{self.path / INDEX_FILE}: unreadable ({exc}); {damaged}") from None
         self.ids = np.asarray(columns[0], dtype=object)
-        self.labels = np.asarray(columns[1], dtype=np.int8)
         self.splits = np.asarray(columns[2], dtype=object)
         self.slides = np.asarray(columns[3], dtype=object)
         self.sha1s = np.asarray(columns[4], dtype=object)
         if not (len(self.patches) == len(self.ids) == self.manifest["n_patches"]):
             raise UserError(
                 f"{self.path}: {len(self.patches)} patches but {len(self.ids)} index rows and a manifest of "
-                f"{self.manifest['n_patches']}; the store is damaged, prepare it again"
+                f"{self.manifest['n_patches']}; {damaged}"
             )
 
     def __len__(self) -> int:

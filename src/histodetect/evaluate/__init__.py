@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..outputs import check_output_folder, replace_folder
 from .metrics import (
     accuracy_coverage,
     binary_metrics,
@@ -49,10 +50,20 @@ __all__ = [
 ]
 
 
+EVALUATION_FILES = ("metrics.json", "report.html")
+
+
+def is_evaluation_folder(folder: Path) -> bool:
+    """Whether `folder` holds an earlier evaluation's output and nothing else (then --out may replace it)."""
+    names = {path.name for path in folder.iterdir()}
+    return set(EVALUATION_FILES) <= names and all(
+        name in EVALUATION_FILES or name.endswith(".png") for name in names)
+
+
 def parse_data_arg(text: str) -> tuple[Path, str | None]:
     """'STORE[:split]' -> (store path, split or None)."""
     path, sep, split = text.rpartition(":")
-    if sep and split and "/" not in split and Path(path).exists():
+    if sep and split and "/" not in split and not Path(text).exists():
         return Path(path), split
     return Path(text), None
 
@@ -111,6 +122,17 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
     rows = rows[store.labels[rows] >= 0]
     if len(rows) == 0:
         raise UserError(f"{store.path}: split {split!r} has no labelled patches to evaluate on")
+    if len(np.unique(store.labels[rows])) < 2:
+        only = int(store.labels[rows][0])
+        raise UserError(f"{store.path}: split {split!r} holds only label {only} ({len(rows)} patches); "
+                        "ROC AUC and the threshold's trade-off need both classes")
+    # Checked before the scoring (minutes to hours): an --out that cannot be written, or that
+    # holds anything but an earlier evaluation, is refused now. The default names the store
+    # when it is not the one trained on, so evaluations on other stores do not replace each other.
+    trained_here = store.fingerprint == run.run["data"]["fingerprint"]
+    default_name = f"eval-{split}-tta{tta}" if trained_here else f"eval-{store.path.name}-{split}-tta{tta}"
+    out = check_output_folder(Path(out or run.run_dir / default_name), "--out", is_evaluation_folder,
+                              keep=[run.run_dir, store.path])
     logits = np.concatenate([predict_samples(run, store.read_batch(rows[b : b + 4096]), tta=tta, mc_passes=mc_passes,
                                              seed=seed + b)
                              for b in range(0, len(rows), 4096)])  # (N, P, V)
@@ -137,7 +159,6 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
     triage = _triage_tables(labels, preds, measures)
     metrics["triage_uncertainty"] = DEFAULT_UNCERTAINTY
 
-    out = Path(out or run.run_dir / f"eval-{split}-tta{tta}")
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -154,7 +175,7 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
         images[f"Accuracy on the most confident patches (by {DEFAULT_UNCERTAINTY})"] = plot_accuracy_coverage(
             labels, probs, measures[DEFAULT_UNCERTAINTY], partial / "accuracy_coverage.png", threshold=threshold)
         metrics_csv = run.run_dir / "metrics.csv"
-        if len(read_training_curves(metrics_csv)["epoch"]):
+        if metrics_csv.is_file() and len(read_training_curves(metrics_csv)["epoch"]):
             images["Training curves"] = plot_training_curves(metrics_csv, partial / "training_curves.png")
         write_json_atomic(partial / "metrics.json", {**metrics, "accuracy_coverage": triage[DEFAULT_UNCERTAINTY],
                                                      "accuracy_coverage_by_uncertainty": triage})
@@ -184,9 +205,7 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
         title = f"histodetect evaluation: {run.run_dir.name} on {store.path.name}:{split} (TTA {tta}"
         title += f", MC-dropout {mc_passes})" if mc_passes else ")"
         write_report(partial, title, metrics, images, {"Accuracy-coverage": _triage_report_rows(triage)}, notes)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(partial, out)
+        replace_folder(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     metrics["accuracy_coverage"] = triage[DEFAULT_UNCERTAINTY]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -330,6 +331,11 @@ def bootstrap_ci(
             f"groups: all {n_boot} resamples of {n_groups} groups held only one class. "
             "Use more groups with both classes, or bootstrap patches (groups=None)."
         )
+    if len(statistics) < n_boot / 2:
+        # A few slides, each of one class: most resamples are unusable, the rest nearly identical.
+        warnings.warn(f"only {len(statistics)} of {n_boot} bootstrap resamples of {n_groups} "
+                      f"{'groups' if groups is not None else 'patches'} held both classes: the interval is "
+                      "unreliable (too narrow); score more slides", stacklevel=2)
     low, high = np.quantile(statistics, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
 

@@ -72,7 +72,9 @@ def feature_map_layers(model: torch.nn.Module, input_px: int) -> dict[str, tuple
     """Modules of `forward_features` that output a feature map (N, C, H, W), in the order they finish.
 
     Found by running one blank image of `input_px` through the model with a hook
-    on every module; returns {module name: output shape}.
+    on every module; returns {module name: output shape}. Empty when the features
+    themselves are not a map (a vision transformer's tokens): its 4-D tensors
+    inside the attention are no place to explain at.
     """
     shapes: dict[str, tuple[int, ...]] = {}
     owner = threading.get_ident()
@@ -89,10 +91,12 @@ def feature_map_layers(model: torch.nn.Module, input_px: int) -> dict[str, tuple
         device = next(model.parameters()).device
         blank = torch.zeros(1, 3, input_px, input_px, device=device)
         forward = model.forward_features if hasattr(model, "forward_features") else model
-        forward(blank)
+        features = forward(blank)
     finally:
         for handle in handles:
             handle.remove()
+    if hasattr(model, "forward_features") and isinstance(features, Tensor) and features.ndim != 4:
+        return {}
     return shapes
 
 

@@ -9,15 +9,33 @@ in batcher.py, the page in static/.
 
 from __future__ import annotations
 
+import socket
 import warnings
 from pathlib import Path
 
+from ..errors import UserError
 from .app import create_app
 from .inputs import RequestError, ServeConfig
 
 __all__ = ["RequestError", "ServeConfig", "create_app", "serve_run"]
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A busy port or an unknown host is one line before the model loads (uvicorn logs it and exits 3)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, OverflowError) as exc:
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({exc})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); "
+                            "another server holds the port? choose another with --port") from None
 
 
 def serve_run(run_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
@@ -27,6 +45,7 @@ def serve_run(run_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, confi
 
     from ..predict import load_run
 
+    _check_port_free(host, port)
     run = load_run(Path(run_dir), device=device, threads=threads, fp32=fp32)
     app = create_app(run, config or ServeConfig())
     if host not in LOOPBACK_HOSTS:

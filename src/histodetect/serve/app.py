@@ -26,6 +26,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -34,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import UserError
-from ..explain import explain_patches
+from ..explain import class_activation_maps, render_overlays
 from ..predict import LoadedRun, predict_samples, sample_probabilities, uncertainty_measures
 from .batcher import PredictionBatcher, ServerBusy
 from .inputs import (
@@ -180,11 +181,16 @@ def _png_base64(image_uint8: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _results(run: LoadedRun, decoded: DecodedUploads, logits: np.ndarray, overlays: np.ndarray | None,
+def _results(run: LoadedRun, decoded: DecodedUploads, logits: np.ndarray, cams: np.ndarray | None,
              tta: int) -> PredictResponse:
-    """The same arithmetic as predict_to_csv: mean of the calibrated views' probabilities."""
+    """The same arithmetic as predict_to_csv: mean of the calibrated views' probabilities.
+
+    Overlays print that same probability (of the request's `tta` views), not the
+    one view the Grad-CAM pass saw.
+    """
     sample_probs = sample_probabilities(logits, run.temperature)  # (N, 1, tta)
     probs = sample_probs.reshape(len(logits), -1).mean(axis=1)
+    overlays = render_overlays(decoded.patches, cams, probs) if cams is not None else None
     threshold = run.threshold_for(tta)
     measures = uncertainty_measures(sample_probs, threshold)
     results = []
@@ -207,7 +213,8 @@ def create_app(run: LoadedRun, config: ServeConfig | None = None) -> FastAPI:
     run.check_tta(config.tta)
     batcher = PredictionBatcher(
         lambda patches, tta: predict_samples(run, patches, tta=tta),
-        lambda patches: explain_patches(run, patches, method="gradcam").overlays,
+        lambda patches: class_activation_maps(run.model, patches, mean=run.mean, std=run.std, crop_px=run.crop_px,
+                                              device=run.device, method="gradcam")[0],
         max_batch_patches=config.max_batch_patches, max_wait_ms=config.max_wait_ms,
         max_queued_patches=config.max_queued_patches,
     )
@@ -220,7 +227,9 @@ def create_app(run: LoadedRun, config: ServeConfig | None = None) -> FastAPI:
         finally:
             batcher.stop()
 
-    app = FastAPI(title="histodetect", version=__version__, lifespan=lifespan,
+    # FastAPIOffline: FastAPI whose /docs page loads Swagger UI from the package, not a
+    # CDN, so that it works on a hospital network with no internet.
+    app = FastAPIOffline(title="histodetect", version=__version__, lifespan=lifespan,
                   description="Metastatic tissue in 96x96 lymph-node histopathology patches (PatchCamelyon). "
                               "The web page is at /.")
     app.state.batcher = batcher

@@ -29,7 +29,7 @@ class ScoredPatches:
     """One request's share of a batch."""
 
     logits: np.ndarray  # (N, 1, V): one pass, V dihedral views, before temperature scaling
-    overlays: np.ndarray | None  # (N, H, W, 3) uint8 Grad-CAM overlays when asked for
+    overlays: np.ndarray | None  # (N, ...) what the overlay function gave per patch (the app's: Grad-CAM maps)
 
 
 @dataclass
@@ -48,7 +48,7 @@ class BatcherStats:
 
 
 ScoreFn = Callable[[np.ndarray, int], np.ndarray]  # (patches uint8 (N, 96, 96, 3), tta) -> logits (N, 1, tta)
-OverlayFn = Callable[[np.ndarray], np.ndarray]  # patches uint8 (N, 96, 96, 3) -> overlays uint8 (N, H, W, 3)
+OverlayFn = Callable[[np.ndarray], np.ndarray]  # patches uint8 (N, 96, 96, 3) -> (N, ...), e.g. Grad-CAM maps
 
 
 class PredictionBatcher:

@@ -147,7 +147,9 @@ def parse_json_uploads(body: bytes, config: ServeConfig) -> list[Upload]:
     """{"patches": [{"id": str (optional), "image_base64": str}, ...]} -> uploads."""
     try:
         document = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    # ValueError covers JSONDecodeError and integers over Python's 4,300-digit limit;
+    # RecursionError, arrays nested thousands deep.
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise RequestError(f"request body: not valid JSON{where}; expected {JSON_EXAMPLE}") from None
     patches = document.get("patches") if isinstance(document, dict) else None

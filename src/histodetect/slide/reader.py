@@ -95,10 +95,15 @@ class SlideReader:
         # rounding down; ceil(x * downsample) lands back on exactly x.
         downsample = self.geometry.level_downsamples[level]
         location = (math.ceil(x0 * downsample - 1e-6), math.ceil(y0 * downsample - 1e-6))
-        if self.geometry.backend == "openslide":
-            pixels = np.asarray(self._slide.read_region(location, level, (x1 - x0, y1 - y0)))
-        else:
-            pixels = self._slide.read_region(location, level, (x1 - x0, y1 - y0), as_array=True, padding=False)
+        try:
+            if self.geometry.backend == "openslide":
+                pixels = np.asarray(self._slide.read_region(location, level, (x1 - x0, y1 - y0)))
+            else:
+                pixels = self._slide.read_region(location, level, (x1 - x0, y1 - y0), as_array=True, padding=False)
+        # The decoders (imagecodecs, openslide) raise their own types for a damaged tile.
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"{self.geometry.path}: cannot decode level {level} at ({x0}, {y0}) "
+                            f"({type(exc).__name__}: {exc}); the file is truncated or corrupt") from None
         out[y0 - y : y1 - y, x0 - x : x1 - x] = as_rgb_on_white(pixels)
         return out
 
@@ -151,7 +156,8 @@ def open_slide(path: Path, *, mpp: float | None = None) -> SlideGeometry:
 
     try:
         slide = tiffslide.TiffSlide(path)
-    except (tifffile.TiffFileError, ValueError, KeyError, NotImplementedError) as exc:
+    # IndexError: a TIFF header without pages (a truncated file).
+    except (tifffile.TiffFileError, ValueError, KeyError, IndexError, NotImplementedError) as exc:
         if openslide_available():
             return _open_with_openslide(path, mpp)
         raise UserError(f"{path}: not a readable whole-slide image ({type(exc).__name__}: {exc}); "
@@ -166,8 +172,12 @@ def open_slide(path: Path, *, mpp: float | None = None) -> SlideGeometry:
         # fluorescence image is reported here rather than from deep inside the tiling.
         try:
             pixel = slide.read_region((0, 0), slide.level_count - 1, (1, 1), as_array=True)
-        except (ValueError, RuntimeError, KeyError, NotImplementedError) as exc:
-            raise UserError(f"{path}: cannot decode its pixels ({type(exc).__name__}: {exc})") from exc
+        except Exception as exc:  # noqa: BLE001 (the decoders raise their own types)
+            raise UserError(f"{path}: cannot decode its pixels ({type(exc).__name__}: {exc}); "
+                            "the file is truncated or corrupt, or compressed in a way tiffslide cannot read") from None
+    if np.asarray(pixel).ndim == 2 or np.asarray(pixel).shape[-1] == 1:
+        # The tissue mask looks for stain colour (saturation): a grey scan would be all background.
+        raise UserError(f"{path}: a one-channel (grey) image; expected a brightfield RGB scan of an H&E slide")
     as_rgb_on_white(pixel, where=str(path))
     return _with_mpp(geometry, properties.get("tiffslide.mpp-x"), properties.get("tiffslide.mpp-y"), mpp)
 

@@ -6,7 +6,7 @@
 const IMAGE_NAME = /\.(png|jpe?g|tiff?)$/i;
 const BROWSER_CAN_SHOW = /\.(png|jpe?g)$/i; // browsers do not display TIFF
 const state = {
-  rows: [], // {name, url, prob, label, entropy, sd, overlay, error}
+  rows: [], // {name, url, prob, label, threshold, entropy, sd, overlay, error}
   limits: { max_files: 256, max_upload_bytes: 16 * 2 ** 20, tta: 1 },
   threshold: 0.5,
 };
@@ -60,12 +60,13 @@ function chunksOf(files) {
   return chunks;
 }
 
-function addRow(item, result, error) {
+// threshold: the response's, which depends on its number of views (tta).
+function addRow(item, result, error, threshold = state.threshold) {
   const url = BROWSER_CAN_SHOW.test(item.file.name) ? URL.createObjectURL(item.file) : null;
   const row = { name: item.name, url, error: error || null };
   if (result) {
     Object.assign(row, {
-      prob: result.prob_tumour, label: result.label, entropy: result.entropy_bits, sd: result.prob_sd_tta,
+      prob: result.prob_tumour, label: result.label, threshold, entropy: result.entropy_bits, sd: result.prob_sd_tta,
       overlay: result.overlay_png_base64 ? `data:image/png;base64,${result.overlay_png_base64}` : null,
     });
   }
@@ -85,7 +86,7 @@ async function postChunk(items, query) {
     return;
   }
   if (response.ok) {
-    body.results.forEach((result, i) => addRow(items[i], result, null));
+    body.results.forEach((result, i) => addRow(items[i], result, null, body.threshold));
   } else if (response.status === 503) { // queue full: wait as told, then again
     await new Promise((resolve) => setTimeout(resolve, 1000 * Number(response.headers.get("Retry-After") || 1)));
     await postChunk(items, query);
@@ -200,7 +201,7 @@ function render() {
       const bar = document.createElement("div");
       bar.className = "bar";
       bar.innerHTML = `<span style="width:${(100 * row.prob).toFixed(1)}%"></span>` +
-        `<i style="left:${(100 * state.threshold).toFixed(1)}%" title="threshold"></i>`;
+        `<i style="left:${(100 * row.threshold).toFixed(1)}%" title="threshold ${row.threshold.toFixed(3)}"></i>`;
       prob.append(bar);
       cell(tr, `label label-${row.label}`, row.label === 1 ? "tumour" : "normal");
       cell(tr, "uncertainty", `${row.entropy.toFixed(3)} bits` + (row.sd !== null ? ` · ±${row.sd.toFixed(3)}` : ""));

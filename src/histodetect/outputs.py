@@ -1,0 +1,96 @@
+"""Where results go: `--out` paths checked before any work starts, and files written whole.
+
+A command that scores 57,000 patches for an hour must not fail at its last line
+because `--out` names a folder, sits inside a file or on a read-only disk; and it
+must never delete what was there (`evaluate --out .` once emptied the working folder).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from .errors import UserError
+
+
+def _nearest_existing(path: Path) -> Path:
+    return next(folder for folder in (path, *path.parents) if folder.exists())
+
+
+def _check_parent_writable(path: Path, flag: str) -> None:
+    existing = _nearest_existing(path.parent)
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write in {existing} (permission denied or a read-only disk)")
+
+
+def check_output_file(path: Path, flag: str = "--out", example: str = "preds.csv") -> Path:
+    """Refuse an output file path that cannot be written, before the work that fills it."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; pass a file name such as {path / example}")
+    _check_parent_writable(path, flag)
+    return path
+
+
+def check_output_folder(path: Path, flag: str, is_ours: Callable[[Path], bool], keep: list[Path]) -> Path:
+    """Refuse an output folder that exists and is not an earlier output of the same command.
+
+    `is_ours(folder)` says whether an existing folder is one this command wrote (it
+    will be replaced); `keep` lists folders that must survive (the run, the store),
+    so neither they nor anything holding them, nor the working folder, can be `--out`.
+    """
+    path = Path(path)
+    resolved = path.resolve()
+    for kept in [Path.cwd(), *keep]:
+        kept = Path(kept).resolve()
+        if resolved == kept or resolved in kept.parents:
+            raise UserError(f"{flag} {path}: would replace {kept}; name a new folder for the output")
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{flag} {path}: is a file; name a folder for the output")
+        if any(path.iterdir()) and not is_ours(path):
+            raise UserError(f"{flag} {path}: exists and holds other files; name a new folder for the output")
+    _check_parent_writable(path, flag)
+    return path
+
+
+def replace_folder(partial: Path, out: Path) -> None:
+    """Move a finished output folder into place; an earlier one goes only after the new one is there."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(partial, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_file_atomic(path: Path, write: Callable[[IO], None], mode: str = "w") -> Path:
+    """Call `write(handle)` on a temporary file beside `path`, then rename it over `path`.
+
+    A reader never sees half a file, and a failure leaves the old one. A `path` that is
+    not a regular file (/dev/stdout, a named pipe) is written straight through instead.
+    Disk errors become one-line UserErrors naming the file.
+    """
+    path = Path(path)
+    newline = {"newline": ""} if "b" not in mode else {}
+    try:
+        if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+            with path.open(mode, **newline) as handle:
+                write(handle)
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with tmp.open(mode, **newline) as handle:
+                write(handle)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write it ({exc.strerror or exc})") from None
+    return path
