@@ -303,6 +303,18 @@ def test_augment_batch_with_everything_off_equals_preprocess_batch(
     assert torch.equal(augmented, preprocess_batch(real_patches_uint8, MEAN, STD, crop_px=crop_px))
 
 
+@pytest.mark.parametrize("window_px", [75, 76, 87, 88])
+def test_a_turn_of_almost_nothing_reads_the_same_centre_crop_as_prediction(
+    real_patches_uint8: torch.Tensor, window_px: int
+) -> None:
+    # An odd 96 - window puts the whole-pixel centre crop half a pixel off the patch's
+    # centre; a turned window must turn about the crop's centre, not the patch's.
+    config = AugmentConfig(crop_px=window_px, rotate_deg=1e-9)
+    turned = augment_batch(real_patches_uint8, config, IDENTITY_MEAN, IDENTITY_STD, seeded())
+    plain = preprocess_batch(real_patches_uint8, IDENTITY_MEAN, IDENTITY_STD, crop_px=window_px)
+    assert (turned - plain).abs().max() < 1e-4
+
+
 def test_preprocess_batch_is_the_normalised_centre_crop(real_patches_uint8: torch.Tensor) -> None:
     out = preprocess_batch(real_patches_uint8, MEAN, STD, crop_px=64)
     centre = real_patches_uint8[:, 16:80, 16:80].permute(0, 3, 1, 2).float() / 255

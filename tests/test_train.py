@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -718,6 +719,55 @@ def test_device_batches_follow_the_epochs_order_from_any_step(small_store):
         assert np.array_equal(labels.numpy(), store.labels[expected].astype(np.float32))
     resumed = list(batches.epoch(1, first_step=2))
     assert len(resumed) == len(whole) - 2 and torch.equal(resumed[0][0], whole[2][0])
+
+
+def test_streamed_batches_raise_a_read_error_and_stop_their_thread_when_left(small_store, monkeypatch):
+    """The GPU's streamed path (store too big for the GPU), run on the CPU with the CUDA calls stubbed."""
+    import contextlib
+    import threading
+    import types
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: types.SimpleNamespace(wait_stream=lambda s: None))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None, raising=False)
+    store = open_store(small_store)
+    rows = store.split_indices("train")
+    resident = DeviceBatches(store, rows, torch.device("cpu"), 16, seed=3, resident_fraction=0.5)
+    streamed = DeviceBatches(store, rows, torch.device("cpu"), 16, seed=3, resident_fraction=0.5)
+    streamed.resident = False
+    for first_step in (0, 5):
+        pairs = list(zip(resident.epoch(1, first_step), streamed.epoch(1, first_step), strict=True))
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
+
+    def producers() -> int:
+        return sum(thread.name == "histodetect-batches" for thread in threading.enumerate())
+
+    for _ in zip(range(2), streamed.epoch(0)):  # the loop leaves early, as on a time limit
+        pass
+    for _ in range(50):
+        if producers() == 0:
+            break
+        time.sleep(0.1)
+    assert producers() == 0, "the reading thread ends with the loop"
+
+    def broken_read(rows):
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(store, "read_batch", broken_read)
+    with pytest.raises(OSError, match="the disk went away"):  # raised in the loop, not a hang
+        list(streamed.epoch(0))
+
+
+def test_a_run_resumes_only_on_the_kind_of_device_it_trained_on(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    last["rng"]["device_type"] = "cuda"
+    torch.save(last, run / "checkpoints" / "last.pt")
+    code, _, err = run_cli(capsys, "train", "--resume", run)
+    assert code == 2 and "was trained on cuda and can only be resumed exactly on cuda" in err, err
 
 
 @pytest.mark.gpu

@@ -431,10 +431,13 @@ def _turned_window(images: Tensor, window_px: int, angle: Tensor, zoom: Tensor) 
     # window / side factors convert between the two normalised scales.
     along_x = window_px / (width_px * zoom)
     along_y = window_px / (height_px * zoom)
-    zero = torch.zeros_like(angle)
+    # The window turns about the centre of the whole-pixel centre crop (_centre_crop,
+    # the test-time views), half a pixel off the patch's centre when 96 - window is odd.
+    to_x = torch.full_like(angle, ((width_px - window_px) // 2 + window_px / 2 - width_px / 2) * 2 / width_px)
+    to_y = torch.full_like(angle, ((height_px - window_px) // 2 + window_px / 2 - height_px / 2) * 2 / height_px)
     theta = torch.stack(
-        [torch.stack([cos * along_x, -sin * along_x, zero], dim=-1),
-         torch.stack([sin * along_y, cos * along_y, zero], dim=-1)],
+        [torch.stack([cos * along_x, -sin * along_x, to_x], dim=-1),
+         torch.stack([sin * along_y, cos * along_y, to_y], dim=-1)],
         dim=-2,
     )  # (N, 2, 3)
     grid = F.affine_grid(theta, [n, images.shape[1], window_px, window_px], align_corners=False)

@@ -152,25 +152,50 @@ class DeviceBatches:
         yield from self._streamed(order, order_on_device, steps)
 
     def _streamed(self, order: torch.Tensor, order_on_device: torch.Tensor, steps: range):
-        """Gather from the memory map in a thread, into pinned memory, copy on a side stream."""
+        """Gather from the memory map in a thread, into pinned memory, copy on a side stream.
+
+        An error in the thread (a read error, pinned memory running out) is raised
+        here, in the training loop; when the loop leaves early (a time limit), the
+        thread stops too instead of holding its pinned batches.
+        """
         ready: queue.Queue = queue.Queue(maxsize=3)
+        finished = threading.Event()
+
+        def hand_over(item) -> bool:
+            """Put `item` on the queue unless the consumer has gone; whether it was put."""
+            while not finished.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def produce():
-            for s in steps:
-                local = order[s * self.batch_size : (s + 1) * self.batch_size]
-                patches = torch.from_numpy(self.store.read_batch(self.rows[local.numpy()])).pin_memory()
-                ready.put((patches, s))
-            ready.put(None)
+            try:
+                for s in steps:
+                    local = order[s * self.batch_size : (s + 1) * self.batch_size]
+                    patches = torch.from_numpy(self.store.read_batch(self.rows[local.numpy()])).pin_memory()
+                    if not hand_over((patches, s)):
+                        return
+                hand_over(None)
+            except BaseException as error:  # noqa: BLE001 (re-raised in the training loop)
+                hand_over(error)
 
-        threading.Thread(target=produce, daemon=True).start()
+        threading.Thread(target=produce, daemon=True, name="histodetect-batches").start()
         stream = torch.cuda.Stream(self.device)
-        while (item := ready.get()) is not None:
-            patches, s = item
-            with torch.cuda.stream(stream):
-                on_device = patches.to(self.device, non_blocking=True)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            on_device.record_stream(torch.cuda.current_stream(self.device))
-            yield on_device, self.labels[order_on_device[s * self.batch_size : (s + 1) * self.batch_size]]
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                patches, s = item
+                with torch.cuda.stream(stream):
+                    on_device = patches.to(self.device, non_blocking=True)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                on_device.record_stream(torch.cuda.current_stream(self.device))
+                yield on_device, self.labels[order_on_device[s * self.batch_size : (s + 1) * self.batch_size]]
+        finally:
+            finished.set()
 
 
 # --- schedule, checkpoints ------------------------------------------------------------------
@@ -481,6 +506,11 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
         random.setstate(checkpoint["rng"]["python"])
         if len(checkpoint["rng"]["augment"]) != dist.world_size:
             raise UserError(f"{out}: was trained with {len(checkpoint['rng']['augment'])} processes; resume it with as many")
+        # The augmentation generator lives on the training device: its state only fits that kind.
+        trained_on = checkpoint["rng"].get("device_type", "cuda" if checkpoint["rng"].get("cuda") is not None else "cpu")
+        if trained_on != device.type:
+            raise UserError(f"{out}: was trained on {trained_on} and can only be resumed exactly on {trained_on} "
+                            f"(this process has {device.type}); pass --device {trained_on} on a machine that has it")
         aug_generator.set_state(checkpoint["rng"]["augment"][dist.rank])
         if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
@@ -573,7 +603,7 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "state": state,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "augment": [s.cpu() for s in augment_states],
+                    "augment": [s.cpu() for s in augment_states], "device_type": device.type,
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
             "preprocessing": {"mean": mean, "std": std, "crop_px": cfg.crop_px},
         }, out / "checkpoints" / "last.pt")
