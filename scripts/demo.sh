@@ -15,7 +15,16 @@ if [ -z "${DATA:-}" ]; then
 fi
 "$HD" prepare "$DATA" --out "$DEMO/store" --quiet
 "$HD" info "$DEMO/store"
-"$HD" train --data "$DEMO/store" --preset cpu --out "$DEMO/run" --max-minutes "$MINUTES"
+# A small real dataset (the Kaggle sample has 15 labelled patches) gets batches that fit it:
+# the cpu preset's 128 needs at least that many training patches.
+N_TRAIN=$("$HD" info "$DEMO/store" --json | python3 -c \
+  'import json, sys; s = json.load(sys.stdin)["splits"].get("train", {}); print(s.get("positive", 0) + s.get("negative", 0))')
+BATCH=()
+if [ "$N_TRAIN" -lt 256 ]; then
+  BATCH=(--batch-size "$(( N_TRAIN / 2 > 1 ? N_TRAIN / 2 : 1 ))")
+  echo "demo: only $N_TRAIN training patches; training with ${BATCH[*]}"
+fi
+"$HD" train --data "$DEMO/store" --preset cpu --out "$DEMO/run" --max-minutes "$MINUTES" "${BATCH[@]}"
 "$HD" evaluate "$DEMO/run" --data "$DEMO/store:valid" --tta 8 --json > "$DEMO/metrics.json"
 "$HD" predict "$DEMO/run" "$DEMO/store" --split valid --out "$DEMO/predictions.csv" --quiet
 python3 - "$DEMO/metrics.json" "$DEMO/predictions.csv" <<'PY'

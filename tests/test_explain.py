@@ -349,7 +349,7 @@ def test_predict_writes_uncertainty_columns_and_marks_doubtful_patches_review(re
         assert float(row["entropy_bits"]) == pytest.approx(float(entropy_bits(float(row["prob"]))), abs=1e-5)
         assert 0 <= float(row["prob_sd_tta"]) <= 0.5 and 0 <= float(row["prob_sd_mc"]) <= 0.5
     assert 0 < sum(row["decision"] == "review" for row in rows) < len(rows)
-    with pytest.raises(UserError, match="--review-by tta_sd: this uncertainty needs --tta 4 or 8"):
+    with pytest.raises(UserError, match="--review-by tta_sd: this uncertainty needs --tta 4 or more"):
         predict_to_csv(run, [real_store], tmp_path / "q.csv", review_above=0.1, review_by="tta_sd", progress=False)
     with pytest.raises(UserError, match="--kaggle-submission writes exactly id,label"):
         predict_to_csv(run, [real_store], tmp_path / "k.csv", uncertainty=True, kaggle_submission=True, progress=False)
@@ -493,7 +493,7 @@ def test_cli_calibrate_explain_predict_and_evaluate(copied_run, real_store, pcam
                                             "prob_sd_mc", "decision"]
 
     code, out, err = run_cli(capsys, "evaluate", copied_run, "--data", f"{real_store}:valid", "--mc", "4",
-                             "--bootstrap", "50", "--out", tmp_path / "eval")
+                             "--bootstrap", "100", "--out", tmp_path / "eval")
     assert code == 0, err
     assert "(before temperature scaling: NLL" in out and "accuracy on the most confident half, by doubt" in out
 

@@ -228,27 +228,27 @@ def test_evaluate_out_never_replaces_what_it_did_not_write(trained_run, small_st
     for out, problem in ((run, "would replace"), (tmp_path, "would replace"), (".", "would replace"),
                          (tmp_path / "mine", "would replace"), (tmp_path / "afile", "is a file"),
                          (tmp_path / "afile" / "x", "afile is a file")):
-        code, _, err = run_cli(capsys, "evaluate", run, "--data", data, "--out", out, "--bootstrap", "10")
+        code, _, err = run_cli(capsys, "evaluate", run, "--data", data, "--out", out, "--bootstrap", "100")
         assert code == 2 and problem in err and err.count("\n") == 1, (out, err)
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(capsys, "evaluate", run, "--data", data, "--out", tmp_path / "mine", "--bootstrap", "10")
+    code, _, err = run_cli(capsys, "evaluate", run, "--data", data, "--out", tmp_path / "mine", "--bootstrap", "100")
     assert code == 2 and "holds other files" in err, err
     assert (tmp_path / "mine" / "thesis.txt").read_text() == "two years of work"
     assert (run / "run.json").is_file() and (run / "checkpoints" / "best.pt").is_file()
     # An earlier evaluation is replaced; one on another store gets its own default folder.
     for _ in range(2):
         code, out, err = run_cli(capsys, "evaluate", run, "--data", data, "--out", tmp_path / "ev", "--json",
-                                 "--bootstrap", "10")
+                                 "--bootstrap", "100")
         assert code == 0, err
     other = tmp_path / "other-store"
     shutil.copytree(small_store, other)
     manifest = json.loads((other / "manifest.json").read_text())
     (other / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "another"}))
-    code, out, err = run_cli(capsys, "evaluate", run, "--data", f"{other}:valid", "--json", "--bootstrap", "10")
+    code, out, err = run_cli(capsys, "evaluate", run, "--data", f"{other}:valid", "--json", "--bootstrap", "100")
     assert code == 0 and json.loads(out)["out"] == str(run / "eval-other-store-valid-tta1"), err
     # A run without metrics.csv is still evaluated, without the training curves.
     (run / "metrics.csv").unlink()
-    code, out, err = run_cli(capsys, "evaluate", run, "--data", data, "--json", "--bootstrap", "10")
+    code, out, err = run_cli(capsys, "evaluate", run, "--data", data, "--json", "--bootstrap", "100")
     assert code == 0 and not (Path(json.loads(out)["out"]) / "training_curves.png").exists(), err
 
 
@@ -273,6 +273,8 @@ def test_evaluate_names_a_missing_store_a_one_class_split_and_a_bad_device(train
     monkeypatch.undo()
     code, _, err = run_cli(capsys, "evaluate", trained_run, "--data", f"{small_store}:valid", "--device", "gpu")
     assert code == 2 and "--device 'gpu': expected auto, cpu, cuda or cuda:N" in err, err
+    code, _, err = run_cli(capsys, "evaluate", trained_run, "--data", f"{small_store}:valid", "--bootstrap", "1")
+    assert code == 2 and "--bootstrap 1: expected 100 resamples or more" in err, err
 
 
 def test_predict_checks_out_and_batch_size_before_scoring(trained_run, pcam_jpeg, tmp_path, capsys, monkeypatch):
@@ -325,6 +327,16 @@ def test_the_command_line_parser_loads_neither_torch_nor_timm():
             "print(sorted(m for m in ('torch', 'timm', 'sklearn') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_every_training_option_explains_itself_in_help(capsys):
+    from histodetect.presets import OPTION_HELP, TrainConfig
+
+    assert set(OPTION_HELP) == {f.name for f in dataclasses.fields(TrainConfig)}
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "PX@FRACTION pairs, e.g. 64@0.4,76@0.7" in text and "(0 = never)" in text and "made from 10% of train" in text
 
 
 def test_moved_crop_tta_extends_the_eight_dihedral_views_and_needs_a_shifted_crop(trained_run, small_store, capsys,
@@ -400,6 +412,20 @@ def test_kaggle_submission_is_exactly_id_label_for_the_test_folder(trained_run, 
     code, _, _ = run_cli(capsys, "predict", trained_run, kaggle_sample, "--out", tmp_path / "sub2.csv",
                          "--kaggle-submission", "--quiet")
     assert (tmp_path / "sub2.csv").read_text() == (tmp_path / "sub.csv").read_text(), "a Kaggle root scores test/ only"
+
+
+def test_a_kaggle_root_whose_first_chunks_are_all_labelled_still_gives_the_submission(trained_run, kaggle_sample,
+                                                                                    tmp_path, monkeypatch):
+    # The real Kaggle train/ holds 220,025 patches: chunks of 1,024 with no test patch in them.
+    import histodetect.predict as predict_module
+
+    real_iter = predict_module.iter_inputs
+    monkeypatch.setattr(predict_module, "iter_inputs", lambda inputs, **kwargs: real_iter(inputs, **kwargs, chunk_size=4))
+    run = predict_module.load_run(trained_run, device="cpu")
+    predict_module.predict_to_csv(run, [kaggle_sample], tmp_path / "sub.csv", kaggle_submission=True, progress=False)
+    ids = [line.split(",")[0] for line in (tmp_path / "sub.csv").read_text().splitlines()[1:]]
+    assert sorted(ids) == sorted(p.stem for p in (kaggle_sample / "test").glob("*.tif"))
+    assert predict_module.predict_patches(run, np.zeros((0, 96, 96, 3), np.uint8)).shape == (0,)
 
 
 @pytest.mark.parametrize("preset, backbone", [("seed-xception", "legacy_xception"), ("seed-mobilenetv2", "mobilenetv2_100")])

@@ -137,6 +137,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_run, parse_data_arg
 
+    if args.bootstrap < 100:
+        raise UserError(f"--bootstrap {args.bootstrap}: expected 100 resamples or more for a 95% interval "
+                        "(1000, the default, is usual)")
     data, split = parse_data_arg(args.data) if args.data else (None, None)
     metrics = evaluate_run(args.run, data, split=split, tta=args.tta, out=args.out, device=args.device,
                            fp32=args.fp32, n_boot=args.bootstrap, mc_passes=args.mc, seed=args.seed)
@@ -262,16 +265,18 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, overriding the preset's value."""
     from dataclasses import MISSING, fields
 
-    from .presets import TrainConfig
+    from .presets import OPTION_HELP, TrainConfig
 
     group = p.add_argument_group("overrides of the preset's values (see 'histodetect presets')")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default) if f.default is not MISSING and f.default is not None else str
         if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=OPTION_HELP[f.name])
         else:
-            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper())
+            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
+                               help=OPTION_HELP[f.name])
 
 
 def build_parser() -> argparse.ArgumentParser:

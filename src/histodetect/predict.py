@@ -177,7 +177,12 @@ def predict_logits(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1,
 
 def probabilities(run: LoadedRun, logits: np.ndarray) -> np.ndarray:
     """Logits (N, V) or (N, P, V) -> calibrated probability (N,): the mean over views (and passes)."""
-    return sample_probabilities(logits, run.temperature).reshape(len(logits), -1).mean(axis=1)
+    return mean_over_samples(sample_probabilities(logits, run.temperature))
+
+
+def mean_over_samples(sample_probs: np.ndarray) -> np.ndarray:
+    """(N, V) or (N, P, V) -> (N,): the mean over views (and passes); N may be 0."""
+    return sample_probs.mean(axis=tuple(range(1, sample_probs.ndim)))
 
 
 def sample_probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -423,7 +428,7 @@ def _check_unique_ids(rows: list[tuple], inputs: list[Path], kaggle_submission: 
 
 
 def _check_review(review_above: float | None, review_by: str, tta: int, mc_passes: int) -> None:
-    needs = {"doubt": None, "entropy": None, "tta_sd": ("--tta 4 or 8", tta > 1), "mc_sd": ("--mc N", mc_passes > 0)}
+    needs = {"doubt": None, "entropy": None, "tta_sd": ("--tta 4 or more", tta > 1), "mc_sd": ("--mc N", mc_passes > 0)}
     if review_by not in needs:
         raise UserError(f"--review-by {review_by!r}: expected one of {', '.join(needs)}")
     if needs[review_by] is not None and not needs[review_by][1]:
@@ -470,7 +475,7 @@ def predict_to_csv(run: LoadedRun, inputs: list[Path], out: Path, *, tta: int = 
             logits = predict_samples(run, patches, tta=tta, mc_passes=mc_passes, batch_size=batch_size,
                                      seed=seed + index)  # (N, P, V)
             sample_probs = sample_probabilities(logits, run.temperature)
-            probs = sample_probs.reshape(len(ids), -1).mean(axis=1)
+            probs = mean_over_samples(sample_probs)
             if kaggle_submission:
                 rows += [(i, f"{p:.6f}") for i, p in zip(ids, probs)]
             elif not with_uncertainty:

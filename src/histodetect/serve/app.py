@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import UserError
 from ..explain import class_activation_maps, render_overlays
-from ..predict import LoadedRun, predict_samples, sample_probabilities, uncertainty_measures
+from ..predict import LoadedRun, mean_over_samples, predict_samples, sample_probabilities, uncertainty_measures
 from .batcher import PredictionBatcher, ServerBusy
 from .inputs import (
     JSON_TYPE,
@@ -59,7 +59,7 @@ class PatchResult(BaseModel):
     label: int = Field(description="1 (tumour) when prob_tumour >= `threshold`, else 0")
     entropy_bits: float = Field(description="uncertainty: predictive entropy of prob_tumour in bits (0 certain, 1 = 0.5)")
     prob_sd_tta: float | None = Field(None, description="uncertainty: spread of the probability over the dihedral "
-                                                         "views (only with tta 4 or 8)")
+                                                         "views (only with tta 4 or more)")
     resized_from: list[int] | None = Field(None, description="original [width, height] when resized to 96x96")
     converted_from: str | None = Field(None, description="original colour mode when not RGB")
     overlay_png_base64: str | None = Field(None, description="Grad-CAM heat map over the patch, PNG, base64 "
@@ -189,7 +189,7 @@ def _results(run: LoadedRun, decoded: DecodedUploads, logits: np.ndarray, cams: 
     one view the Grad-CAM pass saw.
     """
     sample_probs = sample_probabilities(logits, run.temperature)  # (N, 1, tta)
-    probs = sample_probs.reshape(len(logits), -1).mean(axis=1)
+    probs = mean_over_samples(sample_probs)
     overlays = render_overlays(decoded.patches, cams, probs) if cams is not None else None
     threshold = run.threshold_for(tta)
     measures = uncertainty_measures(sample_probs, threshold)
