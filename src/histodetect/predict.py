@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -415,8 +416,8 @@ def write_csv_atomic(path: Path, header: tuple[str, ...], rows) -> Path:
 
 def _check_unique_ids(rows: list[tuple], inputs: list[Path], kaggle_submission: bool) -> None:
     """Kaggle refuses a submission that repeats an id; elsewhere a repeat is worth a warning."""
-    seen: set[str] = set()
-    repeated = [row[0] for row in rows if row[0] in seen or seen.add(row[0])]
+    counts = Counter(row[0] for row in rows)
+    repeated = [patch_id for patch_id, n in counts.items() for _ in range(n - 1)]
     if not repeated:
         return
     where = ", ".join(map(str, inputs))

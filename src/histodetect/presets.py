@@ -8,7 +8,6 @@ without loading torch and timm (`histodetect --help`, `prepare` and `info` start
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -152,6 +151,13 @@ def scheduled_crop(stages: list[tuple[float, int]], progress: float, crop_px: in
     return min(px, crop_px) if crop_px else px
 
 
+def training_crop_sizes(cfg: TrainConfig) -> list[int]:
+    """Every crop side (px) a run uses, largest first: crop_px (96 for the whole patch), which
+    validation and prediction use too, and each --progressive-crop stage as scheduled_crop caps it."""
+    stages = [min(px, cfg.crop_px) if cfg.crop_px else px for _, px in parse_progressive_crop(cfg.progressive_crop)]
+    return sorted({cfg.crop_px or PATCH_SIZE_PX, *stages}, reverse=True)
+
+
 def preset_config(name: str, **overrides) -> TrainConfig:
     """A preset with some fields replaced; unknown names are UserErrors listing the known ones."""
     if name not in PRESETS:
@@ -180,32 +186,26 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise UserError(f"--optimizer {cfg.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:
         raise UserError(f"--schedule {cfg.schedule!r}: expected one of {', '.join(SCHEDULES)}")
-    # (name, lowest, highest, whether the highest itself is allowed)
-    ranges = (
-        ("epochs", 1, math.inf, True), ("batch_size", 1, math.inf, True), ("val_batch_size", 1, math.inf, True),
-        ("lr", 1e-12, math.inf, True), ("weight_decay", 0.0, math.inf, True),
-        ("drop_rate", 0.0, 1.0, False), ("ema_decay", 0.0, 1.0, False), ("warmup_fraction", 0.0, 1.0, False),
-        ("label_smoothing", 0.0, 1.0, False), ("grad_clip_norm", 0.0, math.inf, True),
-        ("max_minutes", 0.0, math.inf, True), ("early_stopping", 0, math.inf, True),
-        ("checkpoint_minutes", 1e-6, math.inf, True), ("threads", 0, math.inf, True),
-        ("resident_fraction", 0.0, 1.0, True),
-    )
-    for name, low, high, high_ok in ranges:
+    at_least_one, positive, not_negative = (lambda v: v >= 1, ">= 1"), (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
+    below_one, fraction = (lambda v: 0 <= v < 1, "in [0, 1)"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+    ranges = {
+        "epochs": at_least_one, "batch_size": at_least_one, "val_batch_size": at_least_one, "lr": positive,
+        "weight_decay": not_negative, "drop_rate": below_one, "ema_decay": below_one, "warmup_fraction": below_one,
+        "label_smoothing": below_one, "grad_clip_norm": not_negative, "max_minutes": not_negative,
+        "early_stopping": not_negative, "checkpoint_minutes": positive, "threads": not_negative,
+        "resident_fraction": fraction,
+    }
+    for name, (allowed, expected) in ranges.items():
         value = getattr(cfg, name)
-        if not (low <= value <= high and (high_ok or value < high)):
-            bound = "]" if high_ok else ")"
-            expected = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}{bound}"
-            if name == "lr" or name == "checkpoint_minutes":
-                expected = "> 0"
+        if not allowed(value):  # NaN fails every comparison, so it is refused too
             raise UserError(f"{flag(name)} {value}: expected a value {expected}")
     if not cfg.mixup >= 0:
         raise UserError(f"--mixup {cfg.mixup}: expected an alpha >= 0 (0 turns mixup off, 0.2-0.4 is usual)")
     if not 0 <= cfg.sam_rho <= 1:
         raise UserError(f"--sam-rho {cfg.sam_rho}: expected a radius in [0, 1] (0 turns SAM off, 0.05 is usual)")
-    stages = parse_progressive_crop(cfg.progressive_crop)
-    for px in sorted({cfg.crop_px, *(scheduled_crop(stages, until - 1e-9, cfg.crop_px) for until, _ in stages)}, reverse=True):
-        window_px = (px or PATCH_SIZE_PX) + 2 * cfg.shift_px
-        if px and window_px > PATCH_SIZE_PX:
+    for px in training_crop_sizes(cfg):
+        window_px = px + 2 * cfg.shift_px
+        if window_px > PATCH_SIZE_PX:
             where = f"--crop-px {px}" if px == cfg.crop_px else f"the --progressive-crop stage of {px} px"
             raise UserError(f"{where} with --shift-px {cfg.shift_px}: the crop reads a {window_px}-pixel window "
                             f"of a {PATCH_SIZE_PX} px patch; choose crop + 2 * shift <= {PATCH_SIZE_PX}")

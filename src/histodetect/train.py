@@ -38,7 +38,6 @@ from tqdm import tqdm
 
 from . import __version__
 from .augment import augment_batch, check_blur_fits, mixup_batch, tta_view_counts
-from .data.decode import PATCH_SIZE_PX
 from .data.store import PatchStore, open_store
 from .errors import UserError
 from .models import create_model
@@ -49,6 +48,7 @@ from .presets import (  # noqa: F401 (PRESETS and preset_config re-exported)
     parse_progressive_crop,
     preset_config,
     scheduled_crop,
+    training_crop_sizes,
 )
 
 CHECKPOINT_FORMAT = "histodetect-checkpoint-1"
@@ -368,18 +368,17 @@ def _check_run_folder(out: Path, overwrite: bool) -> None:
             raise UserError(f"{out}: already holds a run; pass --resume {out} to continue it or --overwrite to replace it")
 
 
-def _check_model_takes_crops(model: torch.nn.Module, cfg: TrainConfig, crop_stages: list[tuple[float, int]]) -> None:
+def _check_model_takes_crops(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """One blank batch at every crop size training and prediction will use, before anything is written.
 
     timm builds vision transformers for one input size (224 px): they fail on 88 px
     crops, and that must be one line now rather than a traceback after run.json.
     """
-    sizes = {cfg.crop_px or PATCH_SIZE_PX, *(scheduled_crop(crop_stages, until - 1e-9, cfg.crop_px) for until, _ in crop_stages)}
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for px in sorted(sizes):
+            for px in sorted(training_crop_sizes(cfg)):
                 try:
                     model(torch.zeros(2, 3, px, px))
                 except Exception as exc:  # noqa: BLE001 (any model's own complaint)
@@ -454,7 +453,7 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
     crop_stages = parse_progressive_crop(cfg.progressive_crop)
     augment_cfg = cfg.augment()
     if cfg.blur_sigma:  # the smallest training crop, before anything is written
-        check_blur_fits(cfg.blur_sigma, min([cfg.crop_px or PATCH_SIZE_PX] + [size for _, size in crop_stages]))
+        check_blur_fits(cfg.blur_sigma, min(training_crop_sizes(cfg)))
     check_train_config(cfg)
 
     dist = init_distributed("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -475,7 +474,7 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
     # On resume the checkpoint holds the weights: the starting ones are neither read nor downloaded again.
     model = create_model(cfg.model, pretrained=cfg.pretrained and not resume,
                          weights=Path(cfg.weights) if cfg.weights and not resume else None, drop_rate=cfg.drop_rate)
-    _check_model_takes_crops(model, cfg, crop_stages)
+    _check_model_takes_crops(model, cfg)
     data_cfg = model.pretrained_cfg if hasattr(model, "pretrained_cfg") else {}
     mean = tuple(data_cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(data_cfg.get("std", (0.229, 0.224, 0.225)))

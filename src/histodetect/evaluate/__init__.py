@@ -107,6 +107,7 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
     from ..predict import (
         DEFAULT_UNCERTAINTY,
         load_run,
+        mean_over_samples,
         predict_samples,
         run_thresholds,
         sample_probabilities,
@@ -137,8 +138,8 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
                                              seed=seed + b)
                              for b in range(0, len(rows), 4096)])  # (N, P, V)
     sample_probs = sample_probabilities(logits, run.temperature)  # (N, P, V)
-    probs = sample_probs.reshape(len(rows), -1).mean(axis=1)
-    uncalibrated_probs = sample_probabilities(logits).reshape(len(rows), -1).mean(axis=1)
+    probs = mean_over_samples(sample_probs)
+    uncalibrated_probs = mean_over_samples(sample_probabilities(logits))
     labels = store.labels[rows].astype(np.int64)
     threshold = run.threshold_for(tta)
     metrics = binary_metrics(labels, probs, threshold=threshold)
