@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -251,6 +256,35 @@ def test_interrupted_prepare_leaves_no_store(pcam_jpeg, tmp_path, monkeypatch):
         prepare(src, tmp_path / "s", progress=False)
     assert not (tmp_path / "s").exists()
     assert list(tmp_path.glob(".s.*")) == [], "the partial folder is removed"
+
+
+CTRL_C_DURING_PREPARE = """
+import sys, time
+import histodetect.data.store as store
+read_chunk = store.read_chunk
+store.read_chunk = lambda task: (time.sleep(0.2), read_chunk(task))[1]  # slow, so Ctrl-C lands mid-decode
+from histodetect.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
+def test_ctrl_c_during_a_parallel_prepare_prints_one_line_and_leaves_no_store(pcam_jpeg, tmp_path):
+    """Ctrl-C reaches every process of the group: the decoding workers must leave it to the parent."""
+    out = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_DURING_PREPARE, "prepare", str(pcam_jpeg), "--out", str(out),
+                             "--workers", "2", "--quiet"], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".s.*/patches.npy")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)  # the pool is decoding
+    assert proc.poll() is None, proc.communicate()[0]
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, output
+    assert output.strip() == "histodetect: interrupted"
+    assert not out.exists() and list(tmp_path.glob(".s.*")) == []
 
 
 # --- bad input: one line, naming the file, exit 2, no traceback ---------------------------

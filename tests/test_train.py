@@ -109,7 +109,7 @@ def test_the_run_chooses_one_threshold_per_tta_view_count_on_validation(trained_
 
 def test_moved_crop_thresholds_are_chosen_on_a_subset_of_a_large_validation_split(trained_run, small_store,
                                                                                   monkeypatch):
-    import histodetect.train as train_module
+    import histodetect.train.loop as train_module
 
     checkpoint = load_checkpoint(trained_run / "checkpoints" / "best.pt")
     cfg, pre = train_module.TrainConfig(**checkpoint["config"]), checkpoint["preprocessing"]
@@ -133,7 +133,7 @@ def test_moved_crop_thresholds_are_chosen_on_a_subset_of_a_large_validation_spli
 
 
 def test_progressive_crop_grows_the_training_crop_on_schedule(small_store, tmp_path, monkeypatch):
-    import histodetect.train as train_module
+    import histodetect.train.loop as train_module
 
     crops = []
     real_augment = train_module.augment_batch
@@ -182,6 +182,15 @@ def test_evaluate_writes_metrics_plots_and_one_self_contained_report(trained_run
     assert json.loads((report_dir / "metrics.json").read_text())["roc_auc"] == metrics["roc_auc"]
 
 
+def assert_preds_follow(rows: list[dict], threshold: float) -> None:
+    """pred is prob >= threshold. The threshold is one validation patch's probability: that
+    patch, and any within the CSV's 6 decimals or a batch's float noise of it, may fall
+    either side."""
+    decided = [r for r in rows if abs(float(r["prob"]) - threshold) > 1e-5]
+    assert len(decided) >= len(rows) - 2
+    assert all(r["pred"] == str(int(float(r["prob"]) >= threshold)) for r in decided)
+
+
 def test_predict_writes_id_prob_pred_for_folders_files_stores_and_h5(trained_run, small_store, pcam_jpeg, tmp_path, capsys):
     folder = pcam_jpeg / "valid" / "1"
     files = sorted(folder.glob("*.jpg"))[:5]
@@ -192,7 +201,7 @@ def test_predict_writes_id_prob_pred_for_folders_files_stores_and_h5(trained_run
     assert [r["id"] for r in rows] == [f.stem for f in files]
     assert all(0 <= float(r["prob"]) <= 1 and r["pred"] in ("0", "1") for r in rows)
     threshold = json.loads((trained_run / "run.json").read_text())["thresholds"]["4"]  # the one for 4 views
-    assert all(r["pred"] == str(int(float(r["prob"]) >= threshold)) for r in rows)
+    assert_preds_follow(rows, threshold)
 
     from histodetect.predict import load_run, predict_patches
 
@@ -371,7 +380,7 @@ def test_moved_crop_tta_extends_the_eight_dihedral_views_and_needs_a_shifted_cro
     with (tmp_path / "p72.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     threshold = json.loads((trained_run / "run.json").read_text())["thresholds"]["72"]
-    assert all(r["pred"] == str(int(float(r["prob"]) >= threshold)) for r in rows)
+    assert_preds_follow(rows, threshold)
 
 
 def test_predict_uses_bf16_where_fast_and_fp32_gives_the_plain_float32_model(trained_run, small_store, tmp_path,
@@ -572,7 +581,7 @@ def test_resume_finishes_a_stopped_run_without_training_more_and_can_follow_a_mo
 
 
 def test_a_mid_epoch_resume_keeps_the_epochs_training_loss(small_store, tmp_path, monkeypatch):
-    import histodetect.train as train_module
+    import histodetect.train.loop as train_module
 
     cfg = preset_config("cpu", **{**TINY, "checkpoint_minutes": 1e-5})  # last.pt after every step
     fit(cfg, small_store, tmp_path / "straight", progress=False)
@@ -600,7 +609,7 @@ def test_a_mid_epoch_resume_keeps_the_epochs_training_loss(small_store, tmp_path
 
 def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_again(small_store, tmp_path, capsys,
                                                                            monkeypatch):
-    import histodetect.train as train_module
+    import histodetect.train.loop as train_module
 
     def die(*args, **kwargs):
         raise KeyboardInterrupt
@@ -637,7 +646,7 @@ def test_a_store_without_validation_split_gets_one_and_says_so(small_store, tmp_
 
 
 def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(small_store, tmp_path, monkeypatch):
-    import histodetect.train as train_module
+    import histodetect.train.loop as train_module
 
     calls = {"n": 0}
     real_loss = train_module.training_loss
@@ -707,7 +716,7 @@ def test_unknown_model_name_suggests_close_timm_names(small_store, tmp_path, cap
 
 
 def test_out_of_gpu_memory_suggests_a_smaller_batch(small_store, tmp_path, monkeypatch):
-    import histodetect.train as train_module
+    import histodetect.train.loop as train_module
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -125,6 +126,13 @@ def _decode_into(job: tuple[ReadTask, Path]) -> ChunkResult:
     return dataclasses.replace(result, patches=result.patches[:0])
 
 
+def ignore_interrupts() -> None:
+    """Worker initializer: Ctrl-C reaches the whole process group, but only the parent
+    should answer it (it stops the pool and removes the partial store); a worker that
+    raised KeyboardInterrupt would print its own traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _decode_all(source: PatchSource, patches_path: Path, *, resize: bool, skip_bad: bool,
                 workers: int, chunk_size: int, progress: bool):
     """Decode every item into row `i` of `patches_path`.
@@ -144,7 +152,8 @@ def _decode_all(source: PatchSource, patches_path: Path, *, resize: bool, skip_b
         # which breaks (recursively) for a script without an `if __name__` guard. The
         # workers only decode with Pillow and numpy, never touching the parent's threads.
         methods = multiprocessing.get_all_start_methods()
-        pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(workers)
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        pool = context.Pool(workers, initializer=ignore_interrupts)
         results = pool.imap_unordered(_decode_into, jobs)
     else:
         results = map(_decode_into, jobs)

@@ -13,6 +13,7 @@ Like reader.py, this module stays free of torch: worker processes import it.
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -173,7 +174,10 @@ _worker_reader: SlideReader | None = None
 
 
 def init_worker(geometry: SlideGeometry) -> None:
+    """Open the slide in a reader process. Ctrl-C is left to the parent, which stops the
+    pool; a worker answering it too would print a traceback of its own."""
     global _worker_reader
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_reader = SlideReader(geometry)
 
 

@@ -1,18 +1,8 @@
 """fit(config) -> run folder: the training loop, top to bottom.
 
-A run folder holds:
-
-    run.json          the full config, preprocessing (mean, std, patch and crop size),
-                      the store's fingerprint, package versions, seed, device
-    metrics.csv       one row per epoch: train loss, validation loss / AUC / accuracy
-    checkpoints/      last.pt (resume from it) and best.pt (highest validation AUC),
-                      each written to a temporary file and renamed
-
-Data path: patches stay uint8 until they are on the device; the whole training
-shard lives there when it fits (on the GPU under `resident_fraction` of free
-memory; in RAM on the CPU), otherwise batches are gathered from the memory-mapped
-store by a background thread into pinned memory and copied on a side stream.
-Augmentation and normalisation run on whole batches on the device (augment.py).
+Augmentation and normalisation run on whole batches on the device (augment.py);
+batches.py brings the patches there, step.py holds the pieces of a step,
+checkpoint.py writes what survives a kill.
 """
 
 from __future__ import annotations
@@ -23,332 +13,28 @@ import json
 import math
 import os
 import platform
-import queue
 import random
 import shutil
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import __version__
-from .augment import augment_batch, check_blur_fits, mixup_batch, tta_view_counts
-from .data.store import PatchStore, open_store
-from .errors import UserError
-from .models import create_model
-from .presets import (  # noqa: F401 (PRESETS and preset_config re-exported)
-    PRESETS,
-    TrainConfig,
-    check_train_config,
-    parse_progressive_crop,
-    preset_config,
-    scheduled_crop,
-    training_crop_sizes,
-)
+from ..augment import augment_batch, check_blur_fits, mixup_batch, tta_view_counts
+from ..data.store import PatchStore, open_store
+from ..errors import UserError
+from ..models import create_model
+from ..presets import TrainConfig, check_train_config, parse_progressive_crop, scheduled_crop, training_crop_sizes
+from .batches import DeviceBatches
+from .checkpoint import CHECKPOINT_FORMAT, RUN_FILE, load_checkpoint, package_versions, read_run, save_atomic, write_text_atomic
+from .device import bf16_is_fast, init_distributed, resolve_device
+from .step import build_optimizer, lr_factor, model_logits, sam_second_pass, training_loss, validate
 
-CHECKPOINT_FORMAT = "histodetect-checkpoint-1"
-RUN_FILE = "run.json"
 METRICS_FILE = "metrics.csv"
 METRICS_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "val_acc", "lr", "seconds")
-
-
-# --- distributed --------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_type: str) -> Dist:
-    """Join the process group torchrun set up (RANK / WORLD_SIZE in the environment)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def resolve_device(name: str, dist: Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-        if name == "cuda":
-            name = f"cuda:{dist.local_rank}"
-    elif name != "cpu":
-        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: there are {torch.cuda.device_count()} GPUs (cuda:0 to "
-                        f"cuda:{torch.cuda.device_count() - 1})")
-    return device
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bf16 autocast speeds training up here: on CUDA, and on CPUs with native
-    bf16 matrix units (AMX or AVX512-BF16), where a histo_tinynet training step ran
-    1.5-1.7x faster than fp32 (benchmarks/cpu_bf16.py). Elsewhere bf16 is emulated."""
-    if device.type == "cuda":
-        return True
-    native = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
-    return device.type == "cpu" and any(check is not None and check() for check in native)
-
-
-# --- data on the device ---------------------------------------------------------------------
-
-
-class DeviceBatches:
-    """The training shard as uint8 batches on the device, in a seeded order per epoch."""
-
-    def __init__(self, store: PatchStore, rows: np.ndarray, device: torch.device, batch_size: int,
-                 seed: int, resident_fraction: float):
-        self.store, self.rows, self.device, self.batch_size, self.seed = store, rows, device, batch_size, seed
-        self.labels = torch.from_numpy(store.labels[rows].astype(np.float32)).to(device)
-        shard_bytes = len(rows) * int(np.prod(store.patches.shape[1:]))
-        if device.type == "cuda":
-            free_bytes, _ = torch.cuda.mem_get_info(device)
-            self.resident = shard_bytes < resident_fraction * free_bytes
-        else:
-            self.resident = True  # already in RAM through the page cache; a copy makes gathers fast
-        self.patches = torch.from_numpy(store.read_batch(rows)).to(device) if self.resident else None
-        self.steps_per_epoch = len(rows) // batch_size  # drop the ragged last batch
-
-    def order(self, epoch: int) -> torch.Tensor:
-        """A permutation of the shard for `epoch`, the same whenever it is asked for (resume)."""
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(len(self.rows), generator=generator)
-
-    def epoch(self, epoch: int, first_step: int = 0):
-        """Yield (patches uint8 (B, 96, 96, 3), labels float (B,)) from `first_step` on."""
-        order = self.order(epoch)
-        # One copy of the epoch's order to the device, not one per step: a blocking
-        # host-to-device copy waits for the GPU to finish the previous step.
-        order_on_device = order.to(self.device)
-        steps = range(first_step, self.steps_per_epoch)
-        if self.resident:
-            for s in steps:
-                local = order_on_device[s * self.batch_size : (s + 1) * self.batch_size]
-                yield self.patches[local], self.labels[local]
-            return
-        yield from self._streamed(order, order_on_device, steps)
-
-    def _streamed(self, order: torch.Tensor, order_on_device: torch.Tensor, steps: range):
-        """Gather from the memory map in a thread, into pinned memory, copy on a side stream.
-
-        An error in the thread (a read error, pinned memory running out) is raised
-        here, in the training loop; when the loop leaves early (a time limit), the
-        thread stops too instead of holding its pinned batches.
-        """
-        ready: queue.Queue = queue.Queue(maxsize=3)
-        finished = threading.Event()
-
-        def hand_over(item) -> bool:
-            """Put `item` on the queue unless the consumer has gone; whether it was put."""
-            while not finished.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce():
-            try:
-                for s in steps:
-                    local = order[s * self.batch_size : (s + 1) * self.batch_size]
-                    patches = torch.from_numpy(self.store.read_batch(self.rows[local.numpy()])).pin_memory()
-                    if not hand_over((patches, s)):
-                        return
-                hand_over(None)
-            except BaseException as error:  # noqa: BLE001 (re-raised in the training loop)
-                hand_over(error)
-
-        threading.Thread(target=produce, daemon=True, name="histodetect-batches").start()
-        stream = torch.cuda.Stream(self.device)
-        try:
-            while (item := ready.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                patches, s = item
-                with torch.cuda.stream(stream):
-                    on_device = patches.to(self.device, non_blocking=True)
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                on_device.record_stream(torch.cuda.current_stream(self.device))
-                yield on_device, self.labels[order_on_device[s * self.batch_size : (s + 1) * self.batch_size]]
-        finally:
-            finished.set()
-
-
-# --- schedule, checkpoints ------------------------------------------------------------------
-
-
-def lr_factor(progress: float, warmup_fraction: float, schedule: str) -> float:
-    """Learning-rate multiplier at `progress` in [0, 1] of the run (steps or time, whichever is further)."""
-    if schedule == "constant":
-        return 1.0
-    if schedule == "onecycle":
-        peak = max(warmup_fraction, 0.25)  # one-cycle spends its first part rising (Smith & Topin 2017)
-        if progress < peak:
-            return 0.04 + 0.96 * (1 - math.cos(math.pi * progress / peak)) / 2
-        return (1 + math.cos(math.pi * min(1.0, (progress - peak) / (1 - peak)))) / 2
-    if progress < warmup_fraction:
-        return progress / warmup_fraction
-    rest = (progress - warmup_fraction) / max(1e-9, 1 - warmup_fraction)
-    return (1 + math.cos(math.pi * min(1.0, rest))) / 2
-
-
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A histodetect checkpoint, or a UserError in one line saying why it is not one."""
-    if not path.is_file():
-        raise UserError(f"{path}: no checkpoint here; is this a histodetect run folder?")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}); it is damaged, start a new run") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not a histodetect checkpoint (expected format {CHECKPOINT_FORMAT})")
-    return checkpoint
-
-
-def package_versions() -> dict[str, str]:
-    import sklearn
-    import timm
-
-    return {"histodetect": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": np.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version()}
-
-
-# --- validation -----------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def model_logits(model, patches_uint8, mean, std, crop_px: int, device: torch.device,
-                   batch_size: int, *, tta: int = 1, shift_px: int = 0, bf16: bool = True) -> np.ndarray:
-    """Logits (N, tta) of uint8 patches (N, 96, 96, 3): one column per test-time view, batched.
-
-    The views are `augment.tta_view_groups`'s: dihedral views of the centre crop, and
-    for 40 or 72 of crops moved by `shift_px` (the training crop's shift). With `bf16`,
-    the model runs under bf16 autocast where that is fast (`bf16_is_fast`: CUDA, and
-    CPUs with AMX / AVX512-BF16), as training does; elsewhere in float32.
-    """
-    from .augment import tta_view_groups
-
-    fast_bf16 = bf16 and bf16_is_fast(device)
-    columns = []
-    for begin in range(0, len(patches_uint8), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(patches_uint8[begin : begin + batch_size])).to(device)
-        parts = []
-        for views in tta_view_groups(batch, tta, mean, std, crop_px, shift_px):  # (V, B, 3, H, W)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_bf16):
-                logits = model(views.flatten(0, 1).contiguous(memory_format=torch.channels_last)).float()
-            parts.append(logits.reshape(len(views), -1))
-        columns.append(torch.cat(parts).T.cpu().numpy())
-    return np.concatenate(columns) if columns else np.empty((0, tta), np.float32)
-
-
-def validate(model, store: PatchStore, rows: np.ndarray, cfg: TrainConfig, mean, std, device) -> dict[str, float]:
-    from sklearn.metrics import roc_auc_score
-
-    model.eval()
-    logits = model_logits(model, store.read_batch(rows), mean, std, cfg.crop_px, device,
-                            cfg.val_batch_size, bf16=cfg.bf16)[:, 0]
-    labels = store.labels[rows].astype(np.float32)
-    probs = 1 / (1 + np.exp(-logits))
-    loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(labels))
-    return {
-        "val_loss": float(loss),
-        "val_auc": float(roc_auc_score(labels, probs)),
-        "val_acc": float(((probs >= 0.5) == (labels == 1)).mean()),
-    }
-
-
-def sam_second_pass(train_model, model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
-                    cfg: TrainConfig, bf16: bool) -> None:
-    """Replace the gradients in `model` by SAM's: those at w + rho * g / ||g|| (Foret et al. 2021).
-
-    Called after the first backward pass; the weights are put back before returning,
-    so the optimizer then steps from w. BatchNorm running statistics are frozen for the
-    second pass, so each batch updates them once, as without SAM.
-    """
-    params = [p for p in model.parameters() if p.grad is not None]
-    grads = [p.grad for p in params]
-    with torch.no_grad():
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        moves = torch._foreach_mul(grads, cfg.sam_rho / (norm + 1e-12))
-        torch._foreach_add_(params, moves)
-    # In training mode a BatchNorm that does not track statistics normalises by the
-    # batch's, as the first pass did, and leaves its running buffers alone.
-    norms = [m for m in model.modules()
-             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for module in norms:
-        module.track_running_stats = False
-    try:
-        for p in params:
-            p.grad = None
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = train_model(x).float().reshape(-1)
-        training_loss(logits, labels, cfg.label_smoothing).backward()
-    finally:
-        for module in norms:
-            module.track_running_stats = True
-        with torch.no_grad():
-            torch._foreach_sub_(params, moves)
-
-
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Adam (the seed's) or AdamW, fused: one kernel for all parameters instead of one per tensor."""
-    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-    if cfg.optimizer not in optimizers:
-        raise UserError(f"--optimizer {cfg.optimizer!r}: expected adam or adamw")
-    # No weight decay on biases and BatchNorm parameters (1-D tensors): decaying them
-    # only fights the normalisation (as timm's param_groups_weight_decay does).
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return optimizers[cfg.optimizer](groups, lr=cfg.lr, fused=True)
-
-
-def training_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Binary cross-entropy of one sigmoid output, computed from the logit (the same loss as the
-    seed's sigmoid + BCE, without its overflow); labels are smoothed towards 0.5."""
-    targets = labels * (1 - label_smoothing) + 0.5 * label_smoothing
-    return F.binary_cross_entropy_with_logits(logits, targets)
-
-
-# --- the loop ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -408,7 +94,7 @@ def _class_rows(store: PatchStore, cfg: TrainConfig) -> tuple[np.ndarray, np.nda
         val_rows = store.split_indices(cfg.val_split)
         val_rows = val_rows[store.labels[val_rows] >= 0]
     if len(val_rows) == 0:  # no such split, or one without labels
-        from .data.splits import make_validation_split
+        from ..data.splits import make_validation_split
 
         missing = "no" if cfg.val_split not in store.split_names else "no labelled"
         moved = make_validation_split(store.labels[train_rows], list(store.slides[train_rows]), 0.1, cfg.seed)
@@ -800,8 +486,8 @@ def _validation_thresholds(out: Path, store: PatchStore, val_rows: np.ndarray, c
     evenly spaced validation patches: 72 views cost 9 times 8 (on a CPU, PCam's whole
     valid split would take minutes).
     """
-    from .augment import DIHEDRAL_VIEW_COUNTS, tta_view_counts
-    from .evaluate.metrics import choose_threshold
+    from ..augment import DIHEDRAL_VIEW_COUNTS, tta_view_counts
+    from ..evaluate.metrics import choose_threshold
 
     best = load_checkpoint(out / "checkpoints" / "best.pt")
     model = create_model(cfg.model, drop_rate=cfg.drop_rate)
@@ -824,13 +510,3 @@ def _validation_thresholds(out: Path, store: PatchStore, val_rows: np.ndarray, c
         labels = store.labels[rows]
         thresholds.update({str(n): float(choose_threshold(labels, view_probs[:, :n].mean(axis=1))) for n in counts})
     return thresholds
-
-
-def read_run(run_dir: Path) -> dict:
-    path = Path(run_dir) / RUN_FILE
-    if not path.is_file():
-        raise UserError(f"{run_dir}: not a run folder (no {RUN_FILE}); train one with 'histodetect train'")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: corrupt ({exc.msg})") from None

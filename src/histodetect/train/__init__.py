@@ -1,0 +1,38 @@
+"""fit(config) -> run folder.
+
+A run folder holds:
+
+    run.json          the full config, preprocessing (mean, std, patch and crop size),
+                      the store's fingerprint, package versions, seed, device
+    metrics.csv       one row per epoch: train loss, validation loss / AUC / accuracy
+    checkpoints/      last.pt (resume from it) and best.pt (highest validation AUC),
+                      each written to a temporary file and renamed
+
+Data path: patches stay uint8 until they are on the device; the whole training
+shard lives there when it fits (on the GPU under `resident_fraction` of free
+memory; in RAM on the CPU), otherwise batches are gathered from the memory-mapped
+store by a background thread into pinned memory and copied on a side stream.
+Augmentation and normalisation run on whole batches on the device (augment.py).
+
+The package, in the order a step meets it:
+
+    device.py      which device, bf16 where it is fast, torchrun's process group
+    batches.py     DeviceBatches: the training shard as uint8 batches on the device
+    step.py        the loss, the optimizer, SAM, the learning-rate schedule, validation
+    checkpoint.py  atomic checkpoints, run.json, package versions
+    loop.py        fit(): the training loop, top to bottom
+"""
+
+from ..presets import PRESETS, TrainConfig, preset_config
+from .batches import DeviceBatches
+from .checkpoint import CHECKPOINT_FORMAT, RUN_FILE, load_checkpoint, read_run, save_atomic, write_text_atomic
+from .device import Dist, bf16_is_fast, init_distributed, resolve_device
+from .loop import METRICS_COLUMNS, METRICS_FILE, FitResult, fit
+from .step import build_optimizer, lr_factor, model_logits, sam_second_pass, training_loss, validate
+
+__all__ = [
+    "CHECKPOINT_FORMAT", "METRICS_COLUMNS", "METRICS_FILE", "PRESETS", "RUN_FILE", "DeviceBatches", "Dist", "FitResult",
+    "TrainConfig", "bf16_is_fast", "build_optimizer", "fit", "init_distributed", "load_checkpoint", "lr_factor",
+    "model_logits", "preset_config", "read_run", "resolve_device", "sam_second_pass", "save_atomic", "training_loss",
+    "validate", "write_text_atomic",
+]

@@ -1,0 +1,62 @@
+"""What a run folder keeps: atomic checkpoints, run.json, the package versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import UserError
+
+CHECKPOINT_FORMAT = "histodetect-checkpoint-1"
+RUN_FILE = "run.json"
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A histodetect checkpoint, or a UserError in one line saying why it is not one."""
+    if not path.is_file():
+        raise UserError(f"{path}: no checkpoint here; is this a histodetect run folder?")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}); it is damaged, start a new run") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a histodetect checkpoint (expected format {CHECKPOINT_FORMAT})")
+    return checkpoint
+
+
+def package_versions() -> dict[str, str]:
+    import sklearn
+    import timm
+
+    return {"histodetect": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": np.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+
+
+def read_run(run_dir: Path) -> dict:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a run folder (no {RUN_FILE}); train one with 'histodetect train'")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: corrupt ({exc.msg})") from None
