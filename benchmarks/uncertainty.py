@@ -42,6 +42,7 @@ from histodetect.predict import (
     has_dropout,
     load_run,
     predict_samples,
+    run_thresholds,
     sample_probabilities,
     uncertainty_measures,
 )
@@ -108,12 +109,18 @@ def main() -> None:
     labels = store.labels[rows].astype(np.int64)
     patches = store.read_batch(rows)
     mc = args.mc if has_dropout(run.model) else 0
-    uncalibrated_threshold = float(run.run.get("threshold", 0.5))
+    # One threshold per view count, chosen on validation at the end of training (averaging
+    # views pulls probabilities to the middle), each moved by this script's temperature as
+    # `calibrate_run` moves them.
+    uncalibrated = run_thresholds(run.run, calibrated=False)
 
     views = predict_samples(run, patches, tta=8)[:, 0, :]  # (N, 8) logits; view 0 is the patch as it is
     calibration = calibration_numbers(views[:, :1], labels, args.seed)
     temperature = calibration["temperature"]
-    threshold = calibrated_threshold(uncalibrated_threshold, temperature)
+    thresholds = {views: calibrated_threshold(t, temperature) for views, t in uncalibrated.items()}
+
+    def threshold_for(views: int) -> float:  # as LoadedRun.threshold_for: the largest count <= views
+        return thresholds[max(n for n in thresholds if n <= views)]
 
     def probs_of(logits: np.ndarray) -> np.ndarray:
         return sample_probabilities(logits, temperature)
@@ -124,19 +131,20 @@ def main() -> None:
     for name, sample, measure in (("plain confidence (1 view)", one_view, "doubt"),
                                   ("TTA spread (8 views)", eight_views, "tta_sd")):
         prob = sample.mean(axis=(1, 2))
+        threshold = threshold_for(sample.shape[2])
         own[name] = triage_rows(labels, (prob >= threshold).astype(int), uncertainty_measures(sample, threshold)[measure])
     common_logits = views[:, None, :]
     if mc:
         mc_one_view = probs_of(predict_samples(run, patches, tta=1, mc_passes=mc, seed=args.seed))  # (N, P, 1)
         prob = mc_one_view.mean(axis=(1, 2))
         own[f"MC-dropout spread ({mc} passes)"] = triage_rows(
-            labels, (prob >= threshold).astype(int), uncertainty_measures(mc_one_view, threshold)["mc_sd"])
+            labels, (prob >= threshold_for(1)).astype(int), uncertainty_measures(mc_one_view, threshold_for(1))["mc_sd"])
         common_logits = predict_samples(run, patches, tta=8, mc_passes=mc, seed=args.seed)
     common = probs_of(common_logits)
     common_prob = common.mean(axis=(1, 2))
-    common_preds = (common_prob >= threshold).astype(int)
+    common_preds = (common_prob >= threshold_for(8)).astype(int)
     ranked = {name: triage_rows(labels, common_preds, doubt)
-              for name, doubt in uncertainty_measures(common, threshold).items()}
+              for name, doubt in uncertainty_measures(common, threshold_for(8)).items()}
     best = max(ranked, key=lambda name: ranked[name]["mean_accuracy_50_to_100"])
 
     timed = patches[: args.timing_patches]
@@ -150,7 +158,7 @@ def main() -> None:
             lambda: [predict_samples(run, timed) for _ in range(mc)], len(timed))
 
     result = {"run": str(args.run), "store": str(store.path), "split": split, "n": len(rows), "mc_passes": mc,
-              "calibration": calibration, "threshold": threshold, "triage_own_predictions": own,
+              "calibration": calibration, "thresholds": thresholds, "triage_own_predictions": own,
               "triage_common_prediction": ranked, "best_ranking": best, "seconds_per_1000_patches": timing,
               "machine": f"{platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"}
 
