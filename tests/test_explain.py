@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -260,9 +261,11 @@ def test_an_out_folder_that_is_not_an_explain_output_is_left_alone(real_run, pca
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     file = min((pcam_jpeg / "valid" / "0").glob("*.jpg"))
-    with pytest.raises(UserError, match="exists and is not an earlier explain output; choose a new folder"):
+    with pytest.raises(UserError, match="exists and holds other files; name a new folder for the output"):
         write_explanations(run, [file], tmp_path / "mine", progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(UserError, match=f"would replace {re.escape(str(real_run))}"):
+        write_explanations(run, [file], real_run, progress=False)
     write_explanations(run, [file], tmp_path / "again", progress=False)
     write_explanations(run, [file], tmp_path / "again", progress=False)  # an earlier output is replaced
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == sorted(
@@ -471,6 +474,15 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def test_cli_explain_refuses_an_out_inside_a_file_before_loading_the_model(pcam_jpeg, tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    file = min((pcam_jpeg / "valid" / "0").glob("*.jpg"))
+    # The run does not exist: the --out mistake is reported first, before any model is loaded.
+    code, _, err = run_cli(capsys, "explain", tmp_path / "no-run", file, "--out", tmp_path / "afile" / "x", "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"--out {tmp_path / 'afile' / 'x'}: {tmp_path / 'afile'} is a file, not a folder" in err
 
 
 def test_cli_calibrate_explain_predict_and_evaluate(copied_run, real_store, pcam_jpeg, tmp_path, capsys):

@@ -214,6 +214,10 @@ def test_the_export_command_checks_and_says_so_and_predict_runs_through_onnx(tra
     assert main(["predict", str(tmp_path / "m.onnx"), *files, "--out", str(tmp_path / "p.csv"),
                  "--engine", "onnx", "--quiet"]) == 0
     assert (tmp_path / "p.csv").read_text().count("\n") == 4
+    assert main(["predict", str(tmp_path / "m.onnx"), *files, "--out", str(tmp_path / "mc.csv"),
+                 "--engine", "onnx", "--mc", "4", "--quiet"]) == 2
+    assert "--mc 4: MC-dropout needs the PyTorch engine" in capsys.readouterr().err
+    assert not (tmp_path / "mc.csv").exists()
     assert main(["export", str(trained_run), "--out", str(tmp_path / "m.pt")]) == 2
     assert "--out" in capsys.readouterr().err
 

@@ -578,6 +578,9 @@ def test_the_command_prints_a_line_per_slide_and_exits_2_when_one_failed(trained
     assert "1 of 2 slides failed" in err and (tmp_path / "many" / "slides.csv").is_file()
     code, _, err = histodetect("slide", trained_run.run_dir, slide_path, "--out", tmp_path / "x", "--roi", "1,2,3")
     assert code == 2 and "--roi '1,2,3': expected x,y,width,height" in err
+    (tmp_path / "afile").write_text("not a folder")
+    code, _, err = histodetect("slide", trained_run.run_dir, slide_path, "--out", tmp_path / "afile" / "r", "--quiet")
+    assert code == 2 and err.count("\n") == 1 and f"{tmp_path / 'afile'} is a file, not a folder" in err
 
 
 def test_a_truncated_or_grey_slide_is_one_line_naming_it(trained_run, slide_path, tmp_path, capsys):

@@ -424,3 +424,13 @@ def test_bad_write_arguments_are_refused_before_anything_is_written(tmp_path, kw
         write_synthetic(tmp_path / "synth", arguments.pop("n"), **arguments)
     assert str(error.value) == message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_synth_command_refuses_an_out_inside_a_file_in_one_line(tmp_path, capsys):
+    from histodetect.cli import main
+
+    (tmp_path / "afile").write_text("not a folder")
+    assert main(["synth", "--out", str(tmp_path / "afile" / "x"), "--n", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'afile'} is a file, not a folder; choose another path" in err
+    assert (tmp_path / "afile").read_text() == "not a folder"

@@ -28,7 +28,9 @@ def _example(text: str) -> str:
 
 def _cmd_synth(args: argparse.Namespace) -> None:
     from .data.synthetic import write_synthetic
+    from .outputs import check_folder_location
 
+    check_folder_location(args.out)
     out = write_synthetic(args.out, args.n, format=args.format, seed=args.seed, unlabelled=args.unlabelled)
     print(f"wrote {args.n} synthetic patches ({args.format} layout) to {out}")
 
@@ -171,6 +173,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
         if args.device not in ("auto", "cpu"):
             raise UserError(f"--engine onnx runs on the CPU (ONNX Runtime); drop --device {args.device}")
+        if args.mc:
+            raise UserError(f"--mc {args.mc}: MC-dropout needs the PyTorch engine (the ONNX export runs the model "
+                            "without dropout); drop --engine onnx or --mc")
         run = load_exported_run(args.run)
     else:
         run = load_run(args.run, device=args.device, fp32=args.fp32)
@@ -184,9 +189,10 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:
-    from .explain import write_explanations
+    from .explain import check_explain_out, write_explanations
     from .predict import load_run
 
+    check_explain_out(Path(args.out), Path(args.run))  # before the model loads
     run = load_run(args.run, device=args.device, fp32=args.fp32)
     report = write_explanations(run, args.images, args.out, method=args.method, layer=args.layer,
                                 split=args.split, resize=args.resize, progress=not args.quiet)
@@ -233,6 +239,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _cmd_slide(args: argparse.Namespace) -> None:
+    from .outputs import check_folder_location
     from .predict import load_run
     from .slide import SlideConfig, analyse_slides, parse_roi
 
@@ -240,6 +247,7 @@ def _cmd_slide(args: argparse.Namespace) -> None:
                    min_tissue_fraction=args.min_tissue, batch_size=args.batch_size, workers=args.workers,
                    roi=parse_roi(args.roi) if args.roi else None)
     config = SlideConfig(**{k: v for k, v in options.items() if v is not None})
+    check_folder_location(args.out)  # before the model loads and the slide is read
     run = load_run(args.run, device=args.device, fp32=args.fp32)
     report = analyse_slides(run, args.slides, args.out, config, overwrite=args.overwrite, progress=not args.quiet)
     for result in report.results:

@@ -29,6 +29,16 @@ def _check_parent_writable(path: Path, flag: str) -> None:
         raise UserError(f"{flag} {path}: cannot write in {existing} (permission denied or a read-only disk)")
 
 
+def check_folder_location(path: Path, flag: str = "--out") -> Path:
+    """Refuse a folder path that is a file or cannot be made (a file in the way, a read-only
+    disk), before any work; what it may already hold is the command's own business."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: is a file; name a folder for the output")
+    _check_parent_writable(path, flag)
+    return path
+
+
 def check_output_file(path: Path, flag: str = "--out", example: str = "preds.csv") -> Path:
     """Refuse an output file path that cannot be written, before the work that fills it."""
     path = Path(path)

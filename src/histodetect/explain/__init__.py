@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ..data.decode import PATCH_SHAPE, PATCH_SIZE_PX
 from ..errors import UserError
+from ..outputs import check_output_folder
 from ..predict import LoadedRun, count_inputs, iter_inputs, predict_patches, sample_probabilities
 from ..train import bf16_is_fast
 from .calibration import (
@@ -124,9 +125,9 @@ def _file_stem(patch_id: str, taken: set[str]) -> str:
     return unique
 
 
-def _check_out_folder(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPLANATIONS_CSV).is_file())):
-        raise UserError(f"--out {out}: exists and is not an earlier explain output; choose a new folder")
+def check_explain_out(out: Path, run_dir: Path) -> None:
+    """`out` must be new, empty or an earlier explain output, and makeable; never the run or the working folder."""
+    check_output_folder(out, "--out", lambda folder: (folder / EXPLANATIONS_CSV).is_file(), keep=[run_dir])
 
 
 def write_explanations(run: LoadedRun, inputs: list[Path], out: Path, *, method: str = "gradcam",
@@ -141,7 +142,7 @@ def write_explanations(run: LoadedRun, inputs: list[Path], out: Path, *, method:
     earlier explain output is refused.
     """
     out = Path(out)
-    _check_out_folder(out)
+    check_explain_out(out, run.run_dir)
     # A wrong method or layer is reported before anything is decoded or written.
     check_cam_method(method)
     layer = resolve_cam_layer(run.model, layer, run.crop_px or PATCH_SIZE_PX)

@@ -38,6 +38,7 @@ from .. import __version__
 from ..augment import TTA_VIEW_COUNTS
 from ..errors import UserError
 from ..evaluate.report import write_json_atomic
+from ..outputs import check_folder_location
 from ..predict import DEFAULT_BATCH_SIZE, LoadedRun, predict_patches, write_csv_atomic
 from .outputs import geojson_text, region_features, write_heatmap_png, write_overlay_png
 from .reader import (
@@ -148,6 +149,7 @@ def analyse_slides(run: LoadedRun, inputs: list[str | Path], out: Path, config: 
     and the others go on; slides already done with the same settings are reused.
     """
     config = config or SlideConfig()
+    check_folder_location(out)
     slides = find_slides(inputs)
     if len(inputs) == 1 and Path(inputs[0]).is_file():
         return SlidesReport(results=[analyse_slide(run, slides[0], out, config, overwrite=overwrite,
