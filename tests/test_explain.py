@@ -36,6 +36,7 @@ from histodetect.predict import (
     entropy_bits,
     load_run,
     mc_dropout,
+    predict_logits,
     predict_patches,
     predict_samples,
     predict_to_csv,
@@ -457,6 +458,18 @@ def test_evaluate_reports_nll_and_ece_before_and_after_and_the_triage_curve(copi
     assert saved["ece_uncalibrated"] == metrics["ece_uncalibrated"] and saved["ece"] == metrics["ece"]
 
 
+def test_evaluate_headline_metrics_are_the_calibrated_ones_with_the_uncalibrated_beside(copied_run, real_store,
+                                                                                      tmp_path):
+    record = calibrate_run(copied_run, real_store, split="valid", device="cpu")  # 1 view, as evaluated below
+    assert record["temperature"] != pytest.approx(1.0, abs=0.05)
+    metrics = evaluate_run(copied_run, real_store, split="valid", tta=1, out=tmp_path / "eval", device="cpu", n_boot=20)
+    assert metrics["nll"] == pytest.approx(record["nll_after"], abs=1e-6)
+    assert metrics["ece"] == pytest.approx(record["ece_after"], abs=1e-6)
+    assert metrics["nll_uncalibrated"] == pytest.approx(record["nll_before"], abs=1e-6)
+    assert metrics["ece_uncalibrated"] == pytest.approx(record["ece_before"], abs=1e-6)
+    assert metrics["nll"] < metrics["nll_uncalibrated"], "fitted on this split, the temperature lowers its NLL"
+
+
 def test_triage_on_a_real_trained_model_gains_accuracy_at_half_coverage(real_run, real_store, tmp_path):
     metrics = evaluate_run(real_run, real_store, split="valid", tta=1, out=tmp_path / "eval", device="cpu", n_boot=50)
     rows = {row["coverage"]: row for row in metrics["accuracy_coverage"]}
@@ -503,6 +516,18 @@ def test_cli_calibrate_explain_predict_and_evaluate(copied_run, real_store, pcam
     with (tmp_path / "p.csv").open() as handle:
         assert next(csv.reader(handle)) == ["id", "prob", "pred", "doubt", "entropy_bits", "prob_sd_tta",
                                             "prob_sd_mc", "decision"]
+
+    # The prob column is the calibrated probability: the mean over views of sigmoid(logit / T).
+    calibrated = load_run(copied_run, device="cpu")
+    assert calibrated.temperature != pytest.approx(1.0, abs=0.05)
+    code, out, err = run_cli(capsys, "predict", copied_run, real_store, "--split", "valid", "--out",
+                             tmp_path / "plain.csv", "--tta", "4", "--quiet")
+    assert code == 0, err
+    with (tmp_path / "plain.csv").open() as handle:
+        probs = np.array([float(row["prob"]) for row in csv.DictReader(handle)])
+    logits = predict_logits(calibrated, valid_patches(real_store), tta=4)  # (N, 4), before temperature scaling
+    np.testing.assert_allclose(probs, (1 / (1 + np.exp(-logits / calibrated.temperature))).mean(axis=1), atol=2e-6)
+    assert np.abs(probs - (1 / (1 + np.exp(-logits))).mean(axis=1)).max() > 1e-3, "T moves these probabilities"
 
     code, out, err = run_cli(capsys, "evaluate", copied_run, "--data", f"{real_store}:valid", "--mc", "4",
                              "--bootstrap", "100", "--out", tmp_path / "eval")

@@ -6,6 +6,7 @@ import base64
 import concurrent.futures
 import csv
 import io
+import json
 import re
 import shutil
 import socket
@@ -28,7 +29,7 @@ from histodetect.data.decode import decode_patch_file
 from histodetect.data.store import prepare
 from histodetect.errors import UserError
 from histodetect.explain import render_overlays
-from histodetect.predict import load_run, predict_patches, predict_samples, predict_to_csv
+from histodetect.predict import load_run, predict_logits, predict_patches, predict_samples, predict_to_csv
 from histodetect.serve import ServeConfig, create_app, serve_run
 from histodetect.serve.batcher import PredictionBatcher, ServerBusy
 from histodetect.train import fit, preset_config
@@ -158,6 +159,25 @@ def test_base64_json_answers_the_same_as_multipart_and_tta_adds_a_spread(client,
     patches = np.stack([decode_patch_file(p).patch for p in patch_files])
     np.testing.assert_allclose([r["prob_tumour"] for r in by_json], predict_patches(run, patches, tta=8), atol=1e-5)
     assert all(r["prob_sd_tta"] > 0 for r in by_json)
+
+
+def test_a_calibrated_run_serves_its_temperature_scaled_probabilities(trained_run, patch_files, tmp_path):
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(trained_run, calibrated)
+    run_json = json.loads((calibrated / "run.json").read_text())
+    run_json["calibration"] = {"temperature": 2.5}
+    (calibrated / "run.json").write_text(json.dumps(run_json))
+    run = load_run(calibrated, device="cpu")
+    assert run.temperature == 2.5
+    with TestClient(create_app(run)) as client:
+        body = client.post("/v1/predict?tta=8", files=multipart(patch_files)).json()
+        assert client.get("/v1/model").json()["calibration"]["temperature"] == 2.5
+    assert body["temperature"] == 2.5
+    probs = np.array([r["prob_tumour"] for r in body["results"]])
+    logits = predict_logits(run, np.stack([decode_patch_file(p).patch for p in patch_files]), tta=8)  # (N, 8)
+    np.testing.assert_allclose(probs, (1 / (1 + np.exp(-logits / 2.5))).mean(axis=1), atol=1e-5)
+    uncalibrated = (1 / (1 + np.exp(-logits))).mean(axis=1)
+    assert np.abs(probs - uncalibrated).max() > 1e-3, "the temperature moves these patches' probabilities"
 
 
 def test_moved_crop_tta_is_offered_and_served_for_a_run_trained_on_a_shifted_crop(client, run, patch_files):
@@ -416,25 +436,36 @@ def test_concurrent_requests_are_batched_into_one_model_call_with_the_same_answe
 
 def test_requests_with_other_tta_or_overlays_share_a_batch_but_get_their_own_answers(run, patch_files):
     patches = np.stack([decode_patch_file(p).patch for p in patch_files[:4]])
-    release = threading.Event()
-    batcher = PredictionBatcher(
-        lambda batch, tta: (release.wait(timeout=60), predict_samples(run, batch, tta=tta))[1],
-        lambda batch: batch[:, :2, :2] + 1, max_batch_patches=256, max_wait_ms=0, max_queued_patches=1024)
+    release, scoring = threading.Event(), threading.Event()
+
+    def score(batch: np.ndarray, tta: int) -> np.ndarray:
+        scoring.set()
+        release.wait(timeout=60)  # hold the first call so that the rest queue up behind it
+        return predict_samples(run, batch, tta=tta)
+
+    batcher = PredictionBatcher(score, lambda batch: batch[:, :2, :2] + 1, max_batch_patches=256, max_wait_ms=0,
+                                max_queued_patches=1024)
     batcher.start()
     try:
         blocker = batcher.submit(patches[:1], tta=1)
+        assert scoring.wait(timeout=60)
         plain = batcher.submit(patches[:2], tta=1)
         views = batcher.submit(patches[2:], tta=8, overlay=True)
         with_overlay = batcher.submit(patches[:2], tta=1, overlay=True)
+        other_overlay = batcher.submit(patches[2:], tta=1, overlay=True)  # same tta: the same model call
         release.set()
         blocker.result(timeout=60)
-        plain, views, with_overlay = plain.result(timeout=60), views.result(timeout=60), with_overlay.result(timeout=60)
+        plain, views = plain.result(timeout=60), views.result(timeout=60)
+        with_overlay, other_overlay = with_overlay.result(timeout=60), other_overlay.result(timeout=60)
     finally:
         batcher.stop()
+    assert batcher.stats.batches == 3, "the blocker, then one model call per tta for the other four requests"
     assert plain.logits.shape == (2, 1, 1) and plain.overlays is None
     assert views.logits.shape == (2, 1, 8)
     np.testing.assert_array_equal(views.overlays, patches[2:, :2, :2] + 1)
     np.testing.assert_array_equal(with_overlay.overlays, patches[:2, :2, :2] + 1)
+    np.testing.assert_array_equal(other_overlay.overlays, patches[2:, :2, :2] + 1)
+    np.testing.assert_allclose(other_overlay.logits, predict_samples(run, patches[2:], tta=1), atol=1e-5)
 
 
 def test_a_full_queue_refuses_with_server_busy(run, patch_files):

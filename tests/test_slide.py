@@ -36,8 +36,14 @@ from histodetect.slide import (
     plan_grid,
 )
 from histodetect.slide import analyse as analyse_module
-from histodetect.slide.reader import openslide_available, read_downsampled
+from histodetect.slide.outputs import region_features
+from histodetect.slide.reader import (
+    SlideGeometry,
+    openslide_available,
+    read_downsampled,
+)
 from histodetect.slide.regions import label_regions, trace_rings
+from histodetect.slide.tiling import mask_downsample, tile_tissue_fractions
 from histodetect.slide.tissue import (
     MIN_TISSUE_SATURATION,
     otsu_threshold,
@@ -211,6 +217,46 @@ def test_a_level_off_pcam_resolution_is_resampled_to_it(banks, tmp_path):
 
 
 # --- the tissue mask and the regions: pure functions --------------------------------------
+
+
+def geometry_like_the_test_slide() -> SlideGeometry:
+    """The main test slide's geometry (level 0 at 0.486 um/px, level 1 at PCam's 0.972), without a file."""
+    return SlideGeometry(path="mosaic.tif", backend="tiffslide", level_dimensions=((3072, 3072), (1536, 1536)),
+                         level_downsamples=(1.0, 2.0), mpp=0.486, mpp_source="metadata")
+
+
+def test_at_stride_32_a_heatmap_cell_is_the_centre_32_px_of_its_tile():
+    """A tile is 192 level-0 px and the stride 64, so cell (r, c) is the 64-px square
+    (PCam's labelled centre) starting 64 px into tile (r, c), not the tile's top-left corner."""
+    roi = (2 * PATCH * 8, 2 * PATCH * 5, 2 * PATCH * 2, 2 * PATCH * 2)
+    grid = plan_grid(geometry_like_the_test_slide(), stride_px=32, roi=roi)
+    assert (grid.tile_px0, grid.stride_px0, grid.rows, grid.cols) == (192, 64, 4, 4)
+    xs, ys = grid.cell_corner_xy0(np.array([0, 1, 4]), np.array([0, 2, 4]))
+    assert xs.tolist() == [roi[0] + 64, roi[0] + 128, roi[0] + 320]
+    assert ys.tolist() == [roi[1] + 64, roi[1] + 192, roi[1] + 320]
+    tile_x, tile_y = grid.tile_xy0(np.array([2]), np.array([1]))
+    cell_x, cell_y = grid.cell_corner_xy0(np.array([1]), np.array([2]))
+    assert (cell_x[0] + 32, cell_y[0] + 32) == (tile_x[0] + 96, tile_y[0] + 96), "cell and tile share a centre"
+    heatmap = np.zeros((4, 4), np.float32)
+    heatmap[0, 0] = 0.9
+    (feature,) = region_features(heatmap, grid, threshold=0.5, mpp=0.486)
+    (outline,) = feature["geometry"]["coordinates"]
+    x, y = roi[0] + 64.0, roi[1] + 64.0
+    assert sorted(map(tuple, outline[:-1])) == [(x, y), (x, y + 64), (x + 64, y), (x + 64, y + 64)]
+
+
+def test_tissue_fractions_are_the_share_of_each_tile_the_mask_covers():
+    grid = plan_grid(geometry_like_the_test_slide(), stride_px=96)  # 16 x 16 tiles of 192 level-0 px
+    downsample = mask_downsample(grid)
+    assert downsample == 24.0  # 8 x 8 mask pixels per tile
+    mask = np.zeros((128, 128), bool)
+    mask[0:4, 0:4] = True  # a quarter of tile (0, 0)
+    mask[8:16, 8:12] = True  # the left half of tile (1, 1)
+    mask[16:24, 16:24] = True  # all of tile (2, 2)
+    fractions = tile_tissue_fractions(mask, downsample, grid)
+    assert fractions.shape == (16, 16) and fractions.dtype == np.float32
+    assert (fractions[0, 0], fractions[1, 1], fractions[2, 2]) == (0.25, 0.5, 1.0)
+    assert fractions.sum() == 1.75, "no other tile holds tissue"
 
 
 def test_otsu_splits_two_populations_and_the_mask_fills_small_holes_only():
