@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,15 @@ def copy_patches(pcam_jpeg: Path, dest: Path, per_class: dict[str, int]) -> Path
             (dest / split / label).mkdir(parents=True)
             for path in sorted((pcam_jpeg / split / label).glob("*.jpg"))[:n]:
                 shutil.copy(path, dest / split / label / path.name)
+    return dest
+
+
+def calibrated_copy(run_dir: Path, dest: Path, temperature: float) -> Path:
+    """A copy of a run folder whose run.json carries a calibration temperature."""
+    shutil.copytree(run_dir, dest)
+    run_json = json.loads((dest / "run.json").read_text())
+    run_json["calibration"] = {"temperature": temperature}
+    (dest / "run.json").write_text(json.dumps(run_json))
     return dest
 
 

@@ -18,7 +18,7 @@ from histodetect.errors import UserError
 from histodetect.export import MAX_PROB_DIFF, ExportedModel, export_run, exported_path, load_exported_run
 from histodetect.predict import load_run, predict_patches, predict_to_csv
 from histodetect.train import fit, preset_config
-from conftest import copy_patches
+from conftest import calibrated_copy, copy_patches
 
 # Small and fast: one epoch of 4 steps is all an export needs to have weights to check.
 TINY = dict(model="histo_tinynet", batch_size=32, epochs=1, max_minutes=0.0, crop_px=48, shift_px=2,
@@ -92,11 +92,7 @@ def test_the_onnx_file_carries_preprocessing_threshold_and_temperature(onnx_expo
 
 
 def test_a_calibration_temperature_is_applied_inside_the_export(trained_run, tmp_path, valid_patches):
-    calibrated = tmp_path / "calibrated"
-    shutil.copytree(trained_run, calibrated)
-    run_json = json.loads((calibrated / "run.json").read_text())
-    run_json["calibration"] = {"temperature": 2.5}
-    (calibrated / "run.json").write_text(json.dumps(run_json))
+    calibrated = calibrated_copy(trained_run, tmp_path / "calibrated", temperature=2.5)
     report = export_run(calibrated, format="onnx")
     exported = ExportedModel(report.path)
     assert exported.metadata.temperature == 2.5

@@ -6,7 +6,6 @@ import base64
 import concurrent.futures
 import csv
 import io
-import json
 import re
 import shutil
 import socket
@@ -33,7 +32,7 @@ from histodetect.predict import load_run, predict_logits, predict_patches, predi
 from histodetect.serve import ServeConfig, create_app, serve_run
 from histodetect.serve.batcher import PredictionBatcher, ServerBusy
 from histodetect.train import fit, preset_config
-from conftest import copy_patches
+from conftest import calibrated_copy, copy_patches
 
 # Small and fast: one epoch of 4 steps gives weights whose probabilities differ per patch.
 TINY = dict(model="histo_tinynet", batch_size=32, epochs=1, max_minutes=0.0, crop_px=48, shift_px=2,
@@ -162,11 +161,7 @@ def test_base64_json_answers_the_same_as_multipart_and_tta_adds_a_spread(client,
 
 
 def test_a_calibrated_run_serves_its_temperature_scaled_probabilities(trained_run, patch_files, tmp_path):
-    calibrated = tmp_path / "calibrated"
-    shutil.copytree(trained_run, calibrated)
-    run_json = json.loads((calibrated / "run.json").read_text())
-    run_json["calibration"] = {"temperature": 2.5}
-    (calibrated / "run.json").write_text(json.dumps(run_json))
+    calibrated = calibrated_copy(trained_run, tmp_path / "calibrated", temperature=2.5)
     run = load_run(calibrated, device="cpu")
     assert run.temperature == 2.5
     with TestClient(create_app(run)) as client:
