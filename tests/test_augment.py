@@ -211,12 +211,14 @@ def test_hed_jitter_scales_a_haematoxylin_only_image_along_the_haematoxylin_vect
     # od = amount * H vector, rgb = exp(-od)).
     amount = torch.linspace(0.05, 1.0, 64, dtype=torch.float64).view(1, 1, 8, 8)
     od = amount * RGB_FROM_HED[0].view(1, 3, 1, 1)
-    images = torch.exp(-od).expand(16, 3, 8, 8).float()
+    images = torch.exp(-od).expand(64, 3, 8, 8).float()
     out = hed_jitter(images, sigma=0.3, bias=0.0, generator=seeded())
     ratio = -torch.log(out.double()) / od  # (N, 3, 8, 8): alpha_H for every pixel and channel
     alpha = ratio.flatten(1).median(1).values
     assert torch.allclose(ratio, alpha.view(-1, 1, 1, 1).expand_as(ratio), rtol=1e-3)
     assert ((0.7 <= alpha) & (alpha <= 1.3)).all() and alpha.std() > 0.05
+    # U(0.7, 1.3) thins the stain as often as it thickens it: 64 draws fall on both sides of 1.
+    assert alpha.min() < 0.9 and alpha.max() > 1.1 and abs(alpha.mean() - 1) < 0.08
 
 
 def test_hed_jitter_bias_shifts_each_stain_by_at_most_bias_in_optical_density() -> None:
@@ -387,6 +389,38 @@ def test_crop_shift_and_dihedral_show_a_symmetry_of_a_window_near_the_centre() -
         assert abs(top - centre_px) <= 3 and abs(left - centre_px) <= 3
         offsets_seen.add(matches[0])
     assert len(offsets_seen) > 10, "the window should move between patches"
+
+
+def test_crop_shift_reaches_every_offset_up_to_the_shift_in_both_directions() -> None:
+    # Each pixel holds its own row (red) and column (green), so an output's first pixel
+    # names where the crop starts: 0 to 2 * shift_px in a window of crop_px + 2 * shift_px.
+    crop_px, shift_px = 8, 3
+    window_px = crop_px + 2 * shift_px
+    steps = torch.arange(window_px, dtype=torch.uint8)
+    patch = torch.stack([steps[:, None].expand(window_px, window_px), steps[None, :].expand(window_px, window_px),
+                         torch.zeros(window_px, window_px, dtype=torch.uint8)], dim=-1)
+    config = AugmentConfig(crop_px=crop_px, shift_px=shift_px)
+    out = augment_batch(patch.expand(400, -1, -1, -1), config, IDENTITY_MEAN, IDENTITY_STD, seeded())
+    corner = (out[:, :2, 0, 0] * 255).round().long()  # (N, 2): top, left
+    assert set(corner[:, 0].tolist()) == set(corner[:, 1].tolist()) == set(range(2 * shift_px + 1))
+
+
+def test_rotation_and_zoom_draw_angles_and_zooms_across_their_whole_range() -> None:
+    # A ramp along the columns turned by angle and zoomed by zoom changes, across the
+    # output, by cos(angle) / zoom per column and -sin(angle) / zoom per row (bilinear
+    # sampling is exact on a linear image), which gives back each drawn angle and zoom.
+    n, rotate_deg, scale = 200, 30.0, 0.2
+    ramp = (torch.arange(96, dtype=torch.uint8) * 2).expand(96, 96)
+    patches_uint8 = torch.stack([ramp, ramp, ramp], dim=-1).expand(n, -1, -1, -1)
+    config = AugmentConfig(crop_px=32, rotate_deg=rotate_deg, scale=scale)
+    out = augment_batch(patches_uint8, config, IDENTITY_MEAN, IDENTITY_STD, seeded())[:, 0].double() * 255 / 2
+    per_column = (out[:, :, -1] - out[:, :, 0]).mean(1) / 31
+    per_row = (out[:, -1, :] - out[:, 0, :]).mean(1) / 31
+    angle_deg = torch.rad2deg(torch.atan2(-per_row, per_column))
+    zoom = 1 / torch.hypot(per_column, per_row)
+    assert angle_deg.abs().max() <= rotate_deg + 0.1 and ((1 - scale - 1e-3 <= zoom) & (zoom <= 1 + scale + 1e-3)).all()
+    assert angle_deg.min() < -0.8 * rotate_deg and angle_deg.max() > 0.8 * rotate_deg, "turns both ways"
+    assert zoom.min() < 1 - 0.8 * scale and zoom.max() > 1 + 0.8 * scale, "shrinks and magnifies"
 
 
 def test_turned_window_with_no_turn_or_zoom_is_the_centre_crop_and_a_quarter_turn_is_counterclockwise(

@@ -20,6 +20,7 @@ from PIL import Image
 from histodetect.cli import main
 from histodetect.data.decode import decode_patch_file, patch_sha1
 from histodetect.data.formats import detect_format, open_source
+from histodetect.data.splits import make_validation_split
 from histodetect.data.store import PrepareWarning, describe_store, is_store, open_store, prepare
 
 
@@ -119,6 +120,17 @@ def test_every_reader_yields_the_same_record(kaggle_sample, pcam_jpeg, tmp_path)
     h5_pixels = np.concatenate([b.patches for b in pcam.iter_batches()])
     assert np.array_equal(h5_pixels, patches), "h5 pixels are stored losslessly"
 
+    def label_by_pixels(source) -> dict[str, int]:
+        return {patch_sha1(patch): int(label) for batch in source.iter_batches(chunk_size=5)
+                for patch, label in zip(batch.patches, batch.labels)}
+
+    folder_labels = label_by_pixels(folder)
+    assert sorted(folder_labels.values()) == [0] * 8 + [1] * 8
+    assert label_by_pixels(pcam) == folder_labels, "each h5 patch keeps the label the folder gave it"
+    with (kaggle_sample / "train_labels.csv").open() as handle:
+        kaggle_labels = {row["id"]: int(row["label"]) for row in csv.DictReader(handle)}
+    assert {sha1: label for sha1, label in label_by_pixels(kaggle).items() if label >= 0} == kaggle_labels
+
 
 def write_pcam_h5(root: Path, splits: dict, meta: dict | None = None, prefix="camelyonpatch_level_2_split_") -> Path:
     root.mkdir(parents=True, exist_ok=True)
@@ -146,9 +158,12 @@ def test_pcam_h5_keeps_splits_and_reads_slide_ids(tmp_path):
     assert source.splits == ["train"] * 12 + ["valid"] * 4
     assert source.slides[:12] == slides and source.slides[12:] == [""] * 4
     assert source.ids[0] == "train_0" and source.ids[12] == "valid_0"
+    assert source.labels.tolist() == y.tolist() + y[:4].tolist(), "row i of y labels row i of x"
     report = prepare(root, tmp_path / "store", progress=False)
     assert not report.made_validation_split
-    assert np.array_equal(open_store(tmp_path / "store").patches[:12], x)
+    store = open_store(tmp_path / "store")
+    assert np.array_equal(store.patches[:12], x)
+    assert store.labels[:12].tolist() == y.tolist()
 
 
 def test_folder_without_splits_gets_a_stratified_validation_split(pcam_jpeg, tmp_path):
@@ -163,6 +178,21 @@ def test_folder_without_splits_gets_a_stratified_validation_split(pcam_jpeg, tmp
     prepare(src, tmp_path / "s2", valid_fraction=0.2, seed=3, progress=False)
     first, second = open_store(tmp_path / "s"), open_store(tmp_path / "s2")
     assert list(first.splits) == list(second.splits), "the split is reproducible for a seed"
+
+
+def test_a_validation_split_made_from_an_imbalanced_train_set_keeps_its_class_ratio(tmp_path):
+    # 40 normal and 10 tumour patches: a fifth moved is 10 patches, 2 of them tumour, for every seed.
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 255, (50, 96, 96, 3), dtype=np.uint8)
+    y = np.array([0] * 40 + [1] * 10)
+    root = write_pcam_h5(tmp_path / "pcam", {"train": (x, y)})
+    report = prepare(root, tmp_path / "s", valid_fraction=0.2, progress=False)
+    assert report.made_validation_split
+    assert report.counts["valid"] == {"n": 10, "positive": 2, "negative": 8, "unlabelled": 0}
+    assert report.counts["train"] == {"n": 40, "positive": 8, "negative": 32, "unlabelled": 0}
+    for seed in range(10):
+        moved = make_validation_split(y, [""] * len(y), 0.2, seed)
+        assert moved.sum() == 10 and y[moved].sum() == 2, f"seed {seed}: {y[moved].sum()} tumour of {moved.sum()}"
 
 
 def test_validation_split_is_grouped_by_slide_when_slides_are_known(tmp_path):
@@ -196,6 +226,24 @@ def test_store_is_memory_mapped_and_reads_random_batches_in_order(pcam_store):
         assert np.array_equal(batch[row], store.patches[index])
     assert store.manifest["source"]["format"] == "folder"
     assert len(store.fingerprint) == 40
+
+
+def test_fingerprint_is_stable_but_changes_with_any_label_or_split(tmp_path):
+    # The same pixels in the same order each time: only the labels and the split boundary differ.
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 255, (12, 96, 96, 3), dtype=np.uint8)
+    y = np.array([0, 1] * 6)
+    relabelled = y.copy()
+    relabelled[3] = 1 - relabelled[3]
+
+    def fingerprint(name: str, splits: dict) -> str:
+        prepare(write_pcam_h5(tmp_path / name, splits), tmp_path / f"{name}-store", progress=False)
+        return open_store(tmp_path / f"{name}-store").fingerprint
+
+    first = fingerprint("first", {"train": (x[:8], y[:8]), "valid": (x[8:], y[8:])})
+    assert fingerprint("again", {"train": (x[:8], y[:8]), "valid": (x[8:], y[8:])}) == first
+    assert fingerprint("label", {"train": (x[:8], relabelled[:8]), "valid": (x[8:], y[8:])}) != first
+    assert fingerprint("split", {"train": (x[:9], y[:9]), "valid": (x[9:], y[9:])}) != first
 
 
 def test_dedupe_keeps_the_first_of_each_duplicate_group(pcam_jpeg, tmp_path):

@@ -18,6 +18,7 @@ from histodetect.evaluate import (
     binary_metrics,
     bootstrap_ci,
     choose_threshold,
+    evaluate_run,
     expected_calibration_error,
     plot_accuracy_coverage,
     plot_confusion_matrix,
@@ -172,6 +173,13 @@ def test_expected_calibration_error_by_hand():
     assert ece == pytest.approx(0.5 * 0.4 + 0.5 * 0.1)
 
 
+def test_expected_calibration_error_weights_each_bin_by_its_share_of_patches():
+    # Bin [0.1, 0.2): one normal at 0.1 -> gap 0.1. Bin [0.9, 1]: three at 0.9, two tumour -> gap 0.9 - 2/3.
+    # Weighted by count: (1 * 0.1 + 3 * (0.9 - 2/3)) / 4 = 0.2 (an unweighted mean of the gaps would be 1/6).
+    ece = expected_calibration_error([0, 1, 1, 0], [0.1, 0.9, 0.9, 0.9], n_bins=10)
+    assert ece == pytest.approx(0.2)
+
+
 def test_calibrated_probabilities_have_small_ece_and_overconfident_ones_large():
     labels, probs = calibrated_scores(20_000)
     overconfident = np.where(probs > 0.5, 0.99, 0.01)
@@ -201,6 +209,21 @@ def test_bootstrap_interval_contains_the_point_estimate():
 
     low, high = bootstrap_ci(labels, probs, accuracy_at_half, n_boot=300)
     assert low < accuracy_at_half(labels, probs) < high
+
+
+def test_bootstrap_interval_of_an_accuracy_is_as_wide_as_the_normal_approximation():
+    # The bootstrap distribution of a proportion over n patches is close to normal with
+    # sd sqrt(a (1 - a) / n): a 95% interval spans 2 * 1.96 sd (a 90% one only 2 * 1.64 sd).
+    labels, probs = separable_scores(1_000)
+
+    def accuracy_at_half(y, p):
+        return np.mean((p >= 0.5) == y)
+
+    accuracy = accuracy_at_half(labels, probs)
+    sd = math.sqrt(accuracy * (1 - accuracy) / labels.size)
+    low, high = bootstrap_ci(labels, probs, accuracy_at_half, n_boot=2_000)
+    assert (high - low) / sd == pytest.approx(2 * 1.96, rel=0.07)
+    assert (low + high) / 2 == pytest.approx(accuracy, abs=0.5 * sd)
 
 
 def test_bootstrap_interval_narrows_with_more_patches():
@@ -485,3 +508,24 @@ def test_a_colour_score_on_real_pcam_valid_patches_is_honestly_reported(pcam_jpe
         {"ROC": plot_roc(labels, saturation, metrics["roc_auc"], metrics["roc_auc_ci"], tmp_path / "roc.png")},
     ).read_text(encoding="utf-8")
     assert f"{metrics['roc_auc']:.3f} [{metrics['roc_auc_ci'][0]:.3f}, {metrics['roc_auc_ci'][1]:.3f}]" in page
+
+
+# --- evaluate_run -----------------------------------------------------------
+
+
+def test_evaluate_bootstraps_whole_slides_when_every_patch_names_its_slide(tmp_path):
+    # Synthetic PCam h5 files name each patch's slide in *_meta.csv, as PCam's own do.
+    # (A store without slide ids resamples patches: every other evaluate_run test.)
+    from histodetect.data.store import prepare
+    from histodetect.data.synthetic import write_synthetic
+    from histodetect.train import fit, preset_config
+
+    source = write_synthetic(tmp_path / "src", 200, format="pcam_h5", seed=0)
+    store = prepare(source, tmp_path / "store", progress=False).store
+    config = preset_config("cpu", model="histo_tinynet", epochs=1, batch_size=32, max_minutes=0.0, crop_px=0,
+                           shift_px=0, device="cpu")
+    fit(config, store, tmp_path / "run", preset="cpu", progress=False)
+    metrics = evaluate_run(tmp_path / "run", store, split="valid", out=tmp_path / "eval", device="cpu", n_boot=50)
+    assert metrics["bootstrap"] == "slide-grouped"
+    report = (tmp_path / "eval" / "report.html").read_text(encoding="utf-8")
+    assert "ROC AUC interval: 95% slide-grouped bootstrap, 50 resamples." in report

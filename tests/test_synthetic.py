@@ -341,6 +341,9 @@ def test_every_layout_reads_back_with_its_labels_and_pixels(tmp_path, format):
     assert len(source.ids) == 20
     if format == "pcam_h5":
         assert sorted(set(source.splits)) == ["test", "train", "valid"]
+        read_back = {patch_sha1(patch): label for batch in source.iter_batches()
+                     for patch, label in zip(batch.patches, batch.labels)}
+        assert read_back == by_sha1, "every patch reads back with its own label"
     else:
         for path, label in zip(source.files, source.labels):
             assert by_sha1[patch_sha1(decode_patch_file(path).patch)] == label
