@@ -454,6 +454,49 @@ def test_h5_without_key_x_asks_if_it_is_pcam(tmp_path, capsys):
     expect_error(capsys, tmp_path / "pcam", tmp_path / "s", "no dataset 'x' (found 'images'). Is this a PCam file?")
 
 
+def test_h5_with_one_hot_labels_is_refused_not_read_inverted(tmp_path, capsys):
+    labels = np.array([0, 1, 1, 0])
+    root = write_pcam_h5(tmp_path / "pcam", {"train": (np.zeros((4, 96, 96, 3), np.uint8), labels)})
+    with h5py.File(root / "camelyonpatch_level_2_split_train_y.h5", "w") as h5:
+        h5["y"] = np.eye(2, dtype=np.uint8)[labels]  # (4, 2): its first column is the inverted label
+    expect_error(capsys, root, tmp_path / "s", "train_y.h5", "dataset 'y' is (4, 2)", "one 0/1 label per patch")
+
+
+def test_h5_with_a_group_for_x_or_a_meta_csv_not_in_utf8(tmp_path, capsys):
+    (tmp_path / "group").mkdir()
+    with h5py.File(tmp_path / "group" / "camelyonpatch_level_2_split_test_x.h5", "w") as h5:
+        h5.create_group("x")
+    expect_error(capsys, tmp_path / "group", tmp_path / "s", "'x' is an HDF5 group, not a dataset")
+    root = write_pcam_h5(tmp_path / "pcam", {"train": (np.zeros((2, 96, 96, 3), np.uint8), [0, 1])})
+    (root / "camelyonpatch_level_2_split_train_meta.csv").write_bytes("wsi\ncaf\xe9\ncaf\xe9\n".encode("latin-1"))
+    expect_error(capsys, root, tmp_path / "s", "train_meta.csv: not a UTF-8 text CSV")
+
+
+def test_prepare_refuses_a_seed_numpy_cannot_take(pcam_jpeg, tmp_path, capsys):
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=2)
+    expect_error(capsys, src, tmp_path / "s", "--seed -1: expected an integer in [0, 2**32)", extra=("--seed", "-1"))
+
+
+def test_damaged_store_files_are_one_line_each(pcam_jpeg, tmp_path, capsys):
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=2)
+    prepare(src, tmp_path / "good", progress=False)
+    for name, damage, needle in (
+        ("empty-patches", lambda s: (s / "patches.npy").write_bytes(b""), "patches.npy: unreadable (No data left in file)"),
+        ("list-manifest", lambda s: (s / "manifest.json").write_text("[]"), "not a store manifest (no 'n_patches'"),
+        ("no-splits", lambda s: (s / "manifest.json").write_text(json.dumps(
+            {k: v for k, v in json.loads((s / "manifest.json").read_text()).items() if k != "splits"})),
+         "not a store manifest (no 'splits')"),
+    ):
+        store = tmp_path / name
+        shutil.copytree(tmp_path / "good", store)
+        damage(store)
+        code, _, err = run_cli(capsys, "info", store)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and needle in err, (name, err)
+    # Pointed at the images instead of a store: the advice prepares them, into a new folder.
+    code, _, err = run_cli(capsys, "info", src)
+    assert code == 2 and f"make one with 'histodetect prepare {src} --out STORE'" in err
+
+
 def test_missing_source_and_unknown_format(tmp_path, capsys):
     expect_error(capsys, tmp_path / "nowhere", tmp_path / "s", "nowhere: no such file or folder")
     code, _, err = run_cli(capsys, "info", tmp_path)

@@ -216,6 +216,11 @@ def test_the_export_command_checks_and_says_so_and_predict_runs_through_onnx(tra
     assert not (tmp_path / "mc.csv").exists()
     assert main(["export", str(trained_run), "--out", str(tmp_path / "m.pt")]) == 2
     assert "--out" in capsys.readouterr().err
+    best = trained_run / "checkpoints" / "best.pt"
+    before = best.read_bytes()
+    assert main(["export", str(trained_run), "--format", "torchscript", "--out", str(best)]) == 2
+    assert f"would overwrite {(trained_run / 'checkpoints').resolve()}" in capsys.readouterr().err
+    assert best.read_bytes() == before, "the run's weights are untouched"
 
 
 def test_an_export_older_than_its_runs_calibration_is_refused(trained_run, tmp_path):

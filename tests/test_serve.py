@@ -191,6 +191,15 @@ def test_a_data_url_is_accepted_as_base64(client, patch_files):
     assert response.status_code == 200 and response.json()["results"][0]["id"] == "patch0"
 
 
+def test_base64_wrapped_at_76_columns_is_accepted(client, patch_files):
+    """`base64` and MIME wrap their output; the line breaks are not part of the data."""
+    import textwrap
+
+    wrapped = "\n".join(textwrap.wrap(base64.b64encode(patch_files[0].read_bytes()).decode(), 76))
+    response = client.post("/v1/predict", json={"patches": [{"image_base64": wrapped}]})
+    assert response.status_code == 200, response.text
+
+
 def test_overlay_returns_a_grad_cam_png_per_patch(client, patch_files):
     response = client.post("/v1/predict?overlay=true", files=multipart(patch_files[:3]))
     assert response.status_code == 200
@@ -247,7 +256,11 @@ def test_serve_run_binds_loopback_unless_told_and_warns_beyond_it(trained_run, m
         busy = taken.getsockname()[1]
         with pytest.raises(UserError, match=f"--host 127.0.0.1 --port {busy}: cannot listen there .* choose another"):
             serve_run(trained_run, port=busy)
-    assert len(calls) == 2, "nothing served on a busy port"
+    with pytest.raises(UserError, match=r"--port 99999: expected a port number in 0-65535"):
+        serve_run(trained_run, port=99999)
+    with pytest.raises(UserError, match=r"--threads -1: expected a count >= 0"):
+        serve_run(trained_run, port=_free_port(), threads=-1)
+    assert len(calls) == 2, "nothing served on a busy port, a port out of range or a negative thread count"
 
 
 # --- bad input: a 4xx with a JSON error naming the problem, and the server keeps serving ------

@@ -495,6 +495,11 @@ def test_an_interrupted_run_leaves_no_result_and_the_rerun_resumes(trained_run, 
         analyse_slide(trained_run, slide_path, tmp_path / "node", other, progress=False)
     replaced = analyse_slide(trained_run, slide_path, tmp_path / "node", other, overwrite=True, progress=False)
     assert replaced.summary["config"]["roi"] == [0, 0, 1536, 1536]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match=r"mine: already holds files that are not a slide result; choose another --out$"):
+        analyse_slide(trained_run, slide_path, tmp_path / "mine", other, overwrite=True, progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_a_slide_without_tissue_gives_an_empty_result_and_says_so(trained_run, tmp_path):
@@ -646,3 +651,8 @@ def test_a_truncated_or_grey_slide_is_one_line_naming_it(trained_run, slide_path
                      resolutionunit="CENTIMETER")
     with pytest.raises(UserError, match=r"grey.tif: a one-channel \(grey\) image; expected a brightfield RGB scan"):
         open_slide(grey)
+    cmyk = tmp_path / "print.tif"
+    tifffile.imwrite(cmyk, np.full((512, 512, 4), 60, np.uint8), photometric="separated", tile=(256, 256),
+                     resolution=(1e4 / 0.486,) * 2, resolutionunit="CENTIMETER")
+    with pytest.raises(UserError, match=r"print.tif: a CMYK \(print\) image; expected a brightfield RGB scan"):
+        open_slide(cmyk)

@@ -236,6 +236,42 @@ def test_predict_decides_with_the_threshold_chosen_for_its_view_count(trained_ru
         assert len(rows) == 64 and {r["pred"] for r in rows} == {pred}, tta
 
 
+def test_predict_out_never_lands_on_an_input_or_the_runs_files(trained_run, pcam_jpeg, tmp_path, capsys):
+    image = tmp_path / "patch.jpg"
+    shutil.copy(min((pcam_jpeg / "valid" / "1").glob("*.jpg")), image)
+    before = image.read_bytes()
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (tmp_path / "notes.txt").write_text("mine")
+    for out, problem in ((image, f"would overwrite {image.resolve()}"),
+                         (tmp_path / "notes.txt", "exists and is not a .csv file this command wrote"),
+                         (run / "run.json", f"would overwrite {(run / 'run.json').resolve()}"),
+                         (run / "checkpoints" / "preds.csv", f"would overwrite {(run / 'checkpoints').resolve()}")):
+        code, _, err = run_cli(capsys, "predict", run, image, "--out", out, "--quiet")
+        assert code == 2 and problem in err and err.count("\n") == 1, err
+    assert image.read_bytes() == before and json.loads((run / "run.json").read_text())["config"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    code, _, _ = run_cli(capsys, "predict", run, image, "--out", tmp_path / "p.csv", "--quiet")
+    assert code == 0
+    code, _, _ = run_cli(capsys, "predict", run, image, "--out", tmp_path / "p.csv", "--quiet")
+    assert code == 0, "an earlier CSV is replaced"
+
+
+def test_a_hand_edited_run_json_with_wrong_types_is_one_line(trained_run, tmp_path, capsys):
+    from histodetect.predict import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    good = json.loads((run / "run.json").read_text())
+    for edit, problem in (([], "not a run file (a JSON list, expected an object)"),
+                          ({**good, "thresholds": {"1": "high"}}, "decision thresholds are not numbers"),
+                          ({**good, "thresholds": {"1": 2.5}}, "are not probabilities in [0, 1]"),
+                          ({**good, "calibration": {"temperature": -1}}, "calibration temperature -1 is not")):
+        (run / "run.json").write_text(json.dumps(edit))
+        with pytest.raises(UserError, match=re.escape(problem)):
+            load_run(run, device="cpu")
+
+
 def test_evaluate_out_never_replaces_what_it_did_not_write(trained_run, small_store, tmp_path, capsys, monkeypatch):
     data = f"{small_store}:valid"
     run = tmp_path / "run"
@@ -734,6 +770,27 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(small_
         fit(preset_config("cpu", **TINY), small_store, tmp_path / "r0", progress=False)
 
 
+def test_weights_made_non_finite_by_an_epochs_last_update_stop_in_one_line(small_store, tmp_path, monkeypatch):
+    """Every loss was finite, but the update after the last step was not: validation sees NaN weights."""
+    import histodetect.train.loop as train_module
+
+    real_validate = train_module.validate
+
+    def validate_after_a_bad_second_epoch(model, *args, **kwargs):
+        if len(calls) == 1:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        calls.append(1)
+        return real_validate(model, *args, **kwargs)
+
+    calls: list[int] = []
+    monkeypatch.setattr(train_module, "validate", validate_after_a_bad_second_epoch)
+    with pytest.raises(UserError, match=r"the weights became non-finite in epoch 2's last update \(step \d+\); "
+                                        r"training stopped and .*last.pt holds the last good weights; try a lower --lr"):
+        fit(preset_config("cpu", **TINY), small_store, tmp_path / "r", progress=False)
+    assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["state"]["epoch"] == 1
+
+
 @pytest.mark.parametrize("flag, value, problem", [
     ("--hue", "0.7", r"augment hue: expected a value in \[0.0, 0.5\], found 0.7"),
     ("--rotate-deg", "-5", r"augment rotate_deg: expected a value in \[0.0, 180.0\], found -5.0"),
@@ -746,6 +803,10 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(small_
     ("--batch-size", "0", r"--batch-size 0: expected a value >= 1"),
     ("--epochs", "0", r"--epochs 0: expected a value >= 1"),
     ("--lr", "-1", r"--lr -1.0: expected a value > 0"),
+    ("--lr", "inf", r"--lr inf: expected a value > 0"),
+    ("--seed", "-1", r"--seed -1: expected a value in \[0, 2\*\*32\)"),
+    ("--hed-bias", "inf", r"augment hed_bias: expected a value in \[0.0, 10.0\], found inf"),
+    ("--mixup", "inf", r"--mixup inf: expected an alpha >= 0"),
     ("--drop-rate", "1.5", r"--drop-rate 1.5: expected a value in \[0, 1\)"),
     ("--threads", "-1", r"--threads -1: expected a value >= 0"),
     ("--model", "vit_tiny_patch16_224", r"--model vit_tiny_patch16_224: cannot take 64 px crops .* choose a CNN"),

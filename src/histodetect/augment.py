@@ -69,10 +69,12 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         for name, low, high in (
             ("hed_sigma", 0.0, 1.0),  # above 1 the stain scale can turn negative
-            ("hed_bias", 0.0, math.inf),
-            ("brightness", 0.0, math.inf),
-            ("contrast", 0.0, math.inf),
-            ("saturation", 0.0, math.inf),
+            # Finite: an infinite jitter turns every patch into NaN (the loss check then blamed --lr).
+            # 10 is already far past anything useful (the presets use 0.05-0.1).
+            ("hed_bias", 0.0, 10.0),
+            ("brightness", 0.0, 10.0),
+            ("contrast", 0.0, 10.0),
+            ("saturation", 0.0, 10.0),
             ("hue", 0.0, 0.5),  # half a turn each way already covers the wheel
             ("crop_px", 0, math.inf),
             ("shift_px", 0, math.inf),

@@ -39,11 +39,25 @@ def check_folder_location(path: Path, flag: str = "--out") -> Path:
     return path
 
 
-def check_output_file(path: Path, flag: str = "--out", example: str = "preds.csv") -> Path:
-    """Refuse an output file path that cannot be written, before the work that fills it."""
+def check_output_file(path: Path, flag: str = "--out", example: str = "preds.csv", *,
+                      replaces: tuple[str, ...] = (), protect: list[Path] = ()) -> Path:
+    """Refuse an output file path that cannot be written, before the work that fills it.
+
+    An existing regular file is replaced only if its suffix is in `replaces` (an earlier
+    output of the command: `predict --out photo.jpg` must not turn an input image into a
+    CSV); nothing is ever written at or inside a `protect` path (a run's checkpoints).
+    """
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder; pass a file name such as {path / example}")
+    resolved = path.resolve()
+    for kept in protect:
+        kept = Path(kept).resolve()
+        if resolved == kept or kept in resolved.parents:
+            raise UserError(f"{flag} {path}: would overwrite {kept}; choose another path such as {example}")
+    if replaces and path.is_file() and path.suffix.lower() not in replaces:
+        raise UserError(f"{flag} {path}: exists and is not a {' or '.join(replaces)} file this command wrote; "
+                        f"choose another path such as {example}")
     _check_parent_writable(path, flag)
     return path
 

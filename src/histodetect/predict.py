@@ -14,6 +14,7 @@ need it and imports flow down the pipeline (explain imports predict).
 from __future__ import annotations
 
 import csv
+import math
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from .errors import UserError
 from .models import create_model
 from .outputs import check_output_file, write_file_atomic
 from .train import (
+    RUN_FILE,
     Dist,
     bf16_is_fast,
     load_checkpoint,
@@ -114,7 +116,7 @@ class LoadedRun:
         check_tta(tta, self.crop_px, self.shift_px, str(self.run_dir))
 
 
-def run_thresholds(run: dict, *, calibrated: bool = True) -> dict[int, float]:
+def run_thresholds(run: dict, *, calibrated: bool = True, where: str = RUN_FILE) -> dict[int, float]:
     """run.json's decision thresholds by TTA view count, moved by the temperature when calibrated.
 
     Temperature scaling moves every probability, so a threshold chosen on the
@@ -123,8 +125,15 @@ def run_thresholds(run: dict, *, calibrated: bool = True) -> dict[int, float]:
     `calibrated=False` gives the thresholds chosen at the end of training.
     """
     source = (run.get("calibration") if calibrated else None) or run
-    thresholds = {int(views): float(t) for views, t in (source.get("thresholds") or {}).items()}
-    thresholds.setdefault(1, float(source.get("threshold", 0.5)))
+    try:
+        thresholds = {int(views): float(t) for views, t in (source.get("thresholds") or {}).items()}
+        thresholds.setdefault(1, float(source.get("threshold", 0.5)))
+    except (TypeError, ValueError, AttributeError):  # a hand-edited run.json
+        raise UserError(f"{where}: its decision thresholds are not numbers by view count; "
+                        "restore the file or train the run again") from None
+    outside = {views: t for views, t in thresholds.items() if not 0 <= t <= 1}
+    if outside:
+        raise UserError(f"{where}: thresholds {outside} are not probabilities in [0, 1]; restore the file")
     return thresholds
 
 
@@ -132,6 +141,8 @@ def load_run(run_dir: Path, *, checkpoint: str = "best", device: str = "auto", t
              fp32: bool = False) -> LoadedRun:
     """Load a run folder's `best` (or `last`) weights for inference; `fp32` turns bf16 autocast off."""
     run_dir = Path(run_dir)
+    if threads < 0:
+        raise UserError(f"--threads {threads}: expected a count >= 0 (0: one per core)")
     run = read_run(run_dir)
     state = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
     config = state["config"]
@@ -154,12 +165,25 @@ def load_run(run_dir: Path, *, checkpoint: str = "best", device: str = "auto", t
     model.to(torch_device).eval().to(memory_format=torch.channels_last)
     pre = state["preprocessing"]
     calibration = run.get("calibration") or {}
-    thresholds = run_thresholds(run)  # moved by the temperature when calibrated
+    if not isinstance(calibration, dict):
+        raise UserError(f"{run_dir / RUN_FILE}: 'calibration' is not a record; run 'histodetect calibrate' again")
+    thresholds = run_thresholds(run, where=str(run_dir / RUN_FILE))  # moved by the temperature when calibrated
     return LoadedRun(
         run_dir=run_dir, model=model, device=torch_device, mean=tuple(pre["mean"]), std=tuple(pre["std"]),
         crop_px=int(pre["crop_px"]), thresholds=thresholds,
-        temperature=float(calibration.get("temperature", 1.0)), config=config, run=run, bf16=not fp32,
+        temperature=_temperature(calibration, run_dir), config=config, run=run, bf16=not fp32,
     )
+
+
+def _temperature(calibration: dict, run_dir: Path) -> float:
+    try:
+        temperature = float(calibration.get("temperature", 1.0))
+    except (TypeError, ValueError):
+        temperature = math.nan
+    if not 0 < temperature < math.inf:
+        raise UserError(f"{run_dir / RUN_FILE}: calibration temperature {calibration.get('temperature')!r} is not "
+                        "a positive number; run 'histodetect calibrate' again")
+    return temperature
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -454,7 +478,9 @@ def predict_to_csv(run: LoadedRun, inputs: list[Path], out: Path, *, tta: int = 
     where the `review_by` uncertainty is above U, so that a pathologist looks
     only at those.
     """
-    check_output_file(out)
+    # Never over an input, the run's own files or a model file: only an earlier CSV is replaced.
+    check_output_file(out, replaces=(".csv",), protect=[run.run_dir / "run.json", run.run_dir / "checkpoints",
+                                                        *(Path(i) for i in inputs if Path(i).is_file())])
     check_batch_size(batch_size)
     _check_mc_passes(run, mc_passes)
     _check_review(review_above, review_by, tta, mc_passes)

@@ -8,6 +8,7 @@ without loading torch and timm (`histodetect --help`, `prepare` and `info` start
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -186,9 +187,12 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise UserError(f"--optimizer {cfg.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:
         raise UserError(f"--schedule {cfg.schedule!r}: expected one of {', '.join(SCHEDULES)}")
-    at_least_one, positive, not_negative = (lambda v: v >= 1, ">= 1"), (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
+    # Finite too: --lr inf passed "> 0" and made the weights NaN in the first update.
+    at_least_one = (lambda v: 1 <= v < math.inf, ">= 1")
+    positive, not_negative = (lambda v: 0 < v < math.inf, "> 0"), (lambda v: 0 <= v < math.inf, ">= 0")
     below_one, fraction = (lambda v: 0 <= v < 1, "in [0, 1)"), (lambda v: 0 <= v <= 1, "in [0, 1]")
     ranges = {
+        "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),  # numpy's and torch's seeds
         "epochs": at_least_one, "batch_size": at_least_one, "val_batch_size": at_least_one, "lr": positive,
         "weight_decay": not_negative, "drop_rate": below_one, "ema_decay": below_one, "warmup_fraction": below_one,
         "label_smoothing": below_one, "grad_clip_norm": not_negative, "max_minutes": not_negative,
@@ -199,7 +203,7 @@ def check_train_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if not allowed(value):  # NaN fails every comparison, so it is refused too
             raise UserError(f"{flag(name)} {value}: expected a value {expected}")
-    if not cfg.mixup >= 0:
+    if not 0 <= cfg.mixup < math.inf:
         raise UserError(f"--mixup {cfg.mixup}: expected an alpha >= 0 (0 turns mixup off, 0.2-0.4 is usual)")
     if not 0 <= cfg.sam_rho <= 1:
         raise UserError(f"--sam-rho {cfg.sam_rho}: expected a radius in [0, 1] (0 turns SAM off, 0.05 is usual)")

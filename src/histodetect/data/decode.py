@@ -150,7 +150,9 @@ def decode_patch_file(path: Path, *, resize: bool = False) -> Decoded:
             pixels = np.asarray(image)
     except UnidentifiedImageError:
         return Decoded(None, "is not an image Pillow can read")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # raised by Image.open itself, before the size check above
+        return Decoded(None, f"is far too large for a patch ({exc})")
+    except (OSError, SyntaxError, ValueError) as exc:
         # Pillow reports truncated and corrupt files as OSError ("image file is truncated").
         return Decoded(None, f"is truncated or corrupt ({exc})")
     decoded = _to_patch(pixels, path, resize)

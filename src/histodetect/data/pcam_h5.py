@@ -38,6 +38,10 @@ def h5_dataset(h5, path: Path, key: str):
     if key not in h5:
         found = ", ".join(repr(k) for k in h5.keys()) or "nothing"
         raise UserError(f"{path}: no dataset {key!r} (found {found}). Is this a PCam file?")
+    import h5py
+
+    if not isinstance(h5[key], h5py.Dataset):
+        raise UserError(f"{path}: {key!r} is an HDF5 group, not a dataset. Is this a PCam file?")
     return h5[key]
 
 
@@ -48,7 +52,12 @@ def read_h5_labels(y_path: Path, n_expected: int, x_path: Path) -> np.ndarray:
             raise UserError(
                 f"{y_path}: {len(y)} labels but {x_path.name} holds {n_expected} patches; the pair must match"
             )
-        labels = np.asarray(y[:]).reshape(len(y), -1)[:, 0]
+        # One label per patch: PCam's (N, 1, 1, 1), or (N, 1) / (N,). A one-hot (N, 2) would
+        # otherwise be read by its first column, every label inverted.
+        if y.size != len(y):
+            raise UserError(f"{y_path}: dataset 'y' is {tuple(y.shape)}, expected one 0/1 label per patch "
+                            "(N, 1, 1, 1) as PCam's; convert one-hot labels with argmax first")
+        labels = np.asarray(y[:]).reshape(len(y))
     bad = ~np.isin(labels, (0, 1))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
@@ -71,8 +80,11 @@ def read_slide_ids(meta_path: Path, n_expected: int) -> list[str]:
     """The `wsi` column of a PCam meta CSV, or "" for every row when there is none."""
     if not meta_path.is_file():
         return [""] * n_expected
-    with meta_path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    try:
+        with meta_path.open(newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+    except UnicodeDecodeError:
+        raise UserError(f"{meta_path}: not a UTF-8 text CSV; save it as UTF-8") from None
     if rows and "wsi" not in rows[0]:
         raise UserError(f"{meta_path}: no 'wsi' column (found {', '.join(rows[0])}); is this a PCam meta CSV?")
     if len(rows) != n_expected:

@@ -235,6 +235,8 @@ def prepare(
     src, out = Path(src), Path(out)
     if not 0 < valid_fraction < 1:
         raise UserError(f"--valid-fraction {valid_fraction}: expected a fraction between 0 and 1")
+    if not 0 <= seed < 2**32:
+        raise UserError(f"--seed {seed}: expected an integer in [0, 2**32), e.g. --seed 0")
     # Resolved, so that '.' or 'stores/x/..' name the folder itself and its real parent.
     out = out.resolve()
     _check_out_folder(out, overwrite)
@@ -372,14 +374,19 @@ class PatchStore:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST_FILE
         if not manifest_path.is_file():
-            raise UserError(
-                f"{self.path}: not a histodetect store (no {MANIFEST_FILE}); make one with "
-                f"'histodetect prepare SRC --out {self.path}'"
-            )
+            # Something there (images, a run, a file) is the source to prepare, not the store's place.
+            how = (f"'histodetect prepare {self.path} --out STORE'" if self.path.exists()
+                   else f"'histodetect prepare SRC --out {self.path}'")
+            raise UserError(f"{self.path}: not a histodetect store (no {MANIFEST_FILE}); make one with {how}")
         try:
             self.manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"{manifest_path}: corrupt ({exc.msg}); prepare the store again") from None
+        missing = [key for key in ("n_patches", "splits", "fingerprint", "source")
+                   if not isinstance(self.manifest, dict) or key not in self.manifest]
+        if missing or not isinstance(self.manifest["n_patches"], int):
+            what = f"no {', '.join(repr(k) for k in missing)}" if missing else "'n_patches' is not a count"
+            raise UserError(f"{manifest_path}: not a store manifest ({what}); prepare the store again")
         version = self.manifest.get("format_version")
         if version != STORE_FORMAT_VERSION:
             raise UserError(
@@ -387,8 +394,8 @@ class PatchStore:
             )
         try:
             self.patches = np.load(self.path / PATCHES_FILE, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{self.path / PATCHES_FILE}: unreadable ({exc}); prepare the store again") from None
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
+            raise UserError(f"{self.path / PATCHES_FILE}: unreadable ({exc or 'empty'}); prepare the store again") from None
         damaged = "the store is damaged, prepare it again"
         try:
             with (self.path / INDEX_FILE).open(newline="") as handle:

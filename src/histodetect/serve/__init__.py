@@ -24,6 +24,8 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def _check_port_free(host: str, port: int) -> None:
     """A busy port or an unknown host is one line before the model loads (uvicorn logs it and exits 3)."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: expected a port number in 0-65535 (e.g. 8000)")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, OverflowError) as exc:

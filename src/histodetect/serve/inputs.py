@@ -174,9 +174,13 @@ def parse_json_uploads(body: bytes, config: ServeConfig) -> list[Upload]:
 
 
 def _decode_base64(text: str, where: str) -> bytes:
-    """Standard base64 (a data: URL prefix is allowed), strictly: any other character is an error."""
+    """Standard base64 (a data: URL prefix is allowed), strictly: any other character is an error.
+
+    Line breaks and spaces are dropped first: `base64` and MIME wrap their output at 76 columns.
+    """
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
+    text = "".join(text.split())
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:

@@ -387,8 +387,10 @@ def _existing_result(out_dir: Path, key: str, overwrite: bool) -> dict | None:
         return summary
     if overwrite and (summary is not None or not any(out_dir.iterdir())):
         return None
-    what = "a slide result from other settings" if summary is not None else "files that are not a slide result"
-    raise UserError(f"{out_dir}: already holds {what}; pass --overwrite to replace it, or choose another --out")
+    if summary is None:  # never replaced, --overwrite or not: they are someone's files
+        raise UserError(f"{out_dir}: already holds files that are not a slide result; choose another --out")
+    raise UserError(f"{out_dir}: already holds a slide result from other settings; pass --overwrite to replace it, "
+                    "or choose another --out")
 
 
 def _load_progress(path: Path, key: str) -> np.ndarray | None:

@@ -168,6 +168,10 @@ def open_slide(path: Path, *, mpp: float | None = None) -> SlideGeometry:
         axes = properties.get("tiffslide.series-axes", "YXS")
         if axes not in ("YXS", "CYX", "YX"):
             raise UserError(f"{path}: image axes {axes!r}; expected a 2-D RGB slide (YXS)")
+        # A 4-channel CMYK (print) TIFF would otherwise pass for RGBA, its black ink read as transparency.
+        with tifffile.TiffFile(path) as tiff:
+            if tiff.pages[0].photometric == tifffile.PHOTOMETRIC.SEPARATED:
+                raise UserError(f"{path}: a CMYK (print) image; expected a brightfield RGB scan of an H&E slide")
         # Decode one pixel now, so that an unreadable compression or a 16-bit or
         # fluorescence image is reported here rather than from deep inside the tiling.
         try:

@@ -65,6 +65,9 @@ def read_run(run_dir: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{run_dir}: not a run folder (no {RUN_FILE}); train one with 'histodetect train'")
     try:
-        return json.loads(path.read_text())
+        run = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: corrupt ({exc.msg})") from None
+    if not isinstance(run, dict):
+        raise UserError(f"{path}: not a run file (a JSON {type(run).__name__}, expected an object)")
+    return run

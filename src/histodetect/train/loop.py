@@ -413,6 +413,11 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                 metrics = {"epoch": state["epoch"], "train_loss": train_loss,
                            **validate(eval_model, store, val_rows, cfg, mean, std, device),
                            "lr": optimizer.param_groups[0]["lr"], "seconds": state["train_seconds"]}
+                if not math.isfinite(metrics["val_loss"]):  # every loss was finite, the update after the last was not
+                    last = out / "checkpoints" / "last.pt"
+                    kept = f"{last} holds the last good weights" if last.is_file() else "no checkpoint had been written yet"
+                    raise UserError(f"{out}: the weights became non-finite in epoch {epoch + 1}'s last update (step "
+                                    f"{state['global_step'] - 1}); training stopped and {kept}; try a lower --lr")
                 state["history"].append(metrics)
                 with (out / METRICS_FILE).open("a", newline="") as handle:
                     csv.writer(handle).writerow([round(metrics[c], 6) if isinstance(metrics[c], float) else metrics[c]

@@ -62,6 +62,8 @@ def validate(model, store: PatchStore, rows: np.ndarray, cfg: TrainConfig, mean,
     logits = model_logits(model, store.read_batch(rows), mean, std, cfg.crop_px, device,
                             cfg.val_batch_size, bf16=cfg.bf16)[:, 0]
     labels = store.labels[rows].astype(np.float32)
+    if not np.isfinite(logits).all():  # the last update made the weights NaN or inf: the caller stops
+        return {"val_loss": math.nan, "val_auc": math.nan, "val_acc": math.nan}
     probs = 1 / (1 + np.exp(-logits))
     loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(labels))
     return {
