@@ -380,6 +380,31 @@ def test_skip_bad_skips_and_logs_the_bad_files(pcam_jpeg, tmp_path, capsys):
         assert np.array_equal(store.patches[row], decode_patch_file(next(src.rglob(stem + ".jpg"))).patch)
 
 
+def test_a_decompression_bomb_is_called_far_too_large(pcam_jpeg, tmp_path, capsys):
+    import struct
+    import zlib
+
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=1)
+    # A PNG header announcing 20,000 x 20,000 pixels (Pillow refuses it in Image.open itself).
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)
+    bomb = next((src / "train" / "0").iterdir()).with_name("bomb.png")
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+    expect_error(capsys, src, tmp_path / "s", "bomb.png: is far too large for a patch")
+
+
+def test_an_h5_pair_without_patches_is_an_empty_source(tmp_path, capsys):
+    root = tmp_path / "pcam"
+    root.mkdir()
+    with h5py.File(root / "camelyonpatch_level_2_split_train_x.h5", "w") as h5:
+        h5["x"] = np.zeros((0, 96, 96, 3), np.uint8)
+    with h5py.File(root / "camelyonpatch_level_2_split_train_y.h5", "w") as h5:
+        h5["y"] = np.zeros((0, 1, 1, 1), np.uint8)
+    expect_error(capsys, root, tmp_path / "s", "the source holds no patches")
+
+
 def test_wrong_size_is_refused_unless_resize(pcam_jpeg, tmp_path, capsys):
     src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=1)
     victim = next((src / "valid" / "1").iterdir())
