@@ -17,8 +17,9 @@ set -u -o pipefail
 mode=${1:?train or slide}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 # Absolute: the link below and the tar in /tmp/hd-gpu resolve them from other folders.
-OUT=$(realpath -m "${OUT:?OUT=folder for the results}")
-PCAM=$(realpath -e "${PCAM:?PCAM=the pcam-jpeg folder}") || { echo "gpu_session.sh: no such PCAM folder" >&2; exit 2; }
+: "${OUT:?OUT=folder for the results}" "${PCAM:?PCAM=the pcam-jpeg folder}"  # here: inside $(...) it would not stop
+OUT=$(realpath -m "$OUT")
+PCAM=$(realpath -e "$PCAM") || { echo "gpu_session.sh: no such PCAM folder: $PCAM" >&2; exit 2; }
 mkdir -p "$OUT"
 failed=0
 fail() { echo "gpu_session.sh: $1 failed; going on" >&2; failed=1; }

@@ -520,6 +520,13 @@ def test_damaged_store_files_are_one_line_each(pcam_jpeg, tmp_path, capsys):
     # Pointed at the images instead of a store: the advice prepares them, into a new folder.
     code, _, err = run_cli(capsys, "info", src)
     assert code == 2 and f"make one with 'histodetect prepare {src} --out STORE'" in err
+    (tmp_path / "new").mkdir()  # made ahead for the store
+    code, _, err = run_cli(capsys, "info", tmp_path / "new")
+    assert code == 2 and f"make one with 'histodetect prepare SRC --out {tmp_path / 'new'}'" in err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}")
+    code, _, err = run_cli(capsys, "info", tmp_path / "run")
+    assert code == 2 and "a run folder, not a store; pass the store it was trained on" in err
 
 
 def test_missing_source_and_unknown_format(tmp_path, capsys):

@@ -521,7 +521,7 @@ def test_cli_calibrate_explain_predict_and_evaluate(copied_run, real_store, pcam
     calibrated = load_run(copied_run, device="cpu")
     assert calibrated.temperature != pytest.approx(1.0, abs=0.05)
     code, out, err = run_cli(capsys, "predict", copied_run, real_store, "--split", "valid", "--out",
-                             tmp_path / "plain.csv", "--tta", "4", "--quiet")
+                             tmp_path / "plain.csv", "--tta", "4", "--quiet", "--device", "cpu")
     assert code == 0, err
     with (tmp_path / "plain.csv").open() as handle:
         probs = np.array([float(row["prob"]) for row in csv.DictReader(handle)])

@@ -244,7 +244,7 @@ def test_predict_out_never_lands_on_an_input_or_the_runs_files(trained_run, pcam
     shutil.copytree(trained_run, run)
     (tmp_path / "notes.txt").write_text("mine")
     for out, problem in ((image, f"would overwrite {image.resolve()}"),
-                         (tmp_path / "notes.txt", "exists and is not a .csv file this command wrote"),
+                         (tmp_path / "notes.txt", "exists and is not an earlier output of this command"),
                          (run / "run.json", f"would overwrite {(run / 'run.json').resolve()}"),
                          (run / "checkpoints" / "preds.csv", f"would overwrite {(run / 'checkpoints').resolve()}")):
         code, _, err = run_cli(capsys, "predict", run, image, "--out", out, "--quiet")
@@ -254,7 +254,10 @@ def test_predict_out_never_lands_on_an_input_or_the_runs_files(trained_run, pcam
     code, _, _ = run_cli(capsys, "predict", run, image, "--out", tmp_path / "p.csv", "--quiet")
     assert code == 0
     code, _, _ = run_cli(capsys, "predict", run, image, "--out", tmp_path / "p.csv", "--quiet")
-    assert code == 0, "an earlier CSV is replaced"
+    assert code == 0, "an earlier output is replaced"
+    for _ in range(2):  # whatever its name
+        code, _, err = run_cli(capsys, "predict", run, image, "--out", tmp_path / "preds", "--quiet")
+        assert code == 0, err
 
 
 def test_a_hand_edited_run_json_with_wrong_types_is_one_line(trained_run, tmp_path, capsys):
@@ -457,7 +460,7 @@ def test_predict_uses_bf16_where_fast_and_fp32_gives_the_plain_float32_model(tra
 
 def test_kaggle_submission_is_exactly_id_label_for_the_test_folder(trained_run, kaggle_sample, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "predict", trained_run, kaggle_sample / "test", "--out", tmp_path / "sub.csv",
-                           "--kaggle-submission", "--quiet")
+                           "--kaggle-submission", "--quiet", "--device", "cpu")
     assert code == 0
     lines = (tmp_path / "sub.csv").read_text().splitlines()
     assert lines[0] == "id,label" and len(lines) == 30
@@ -476,6 +479,13 @@ def test_kaggle_submission_is_exactly_id_label_for_the_test_folder(trained_run, 
     code, _, _ = run_cli(capsys, "predict", trained_run, kaggle_sample, "--out", tmp_path / "sub2.csv",
                          "--kaggle-submission", "--quiet")
     assert (tmp_path / "sub2.csv").read_text() == (tmp_path / "sub.csv").read_text(), "a Kaggle root scores test/ only"
+    # Its labels file reads "id,label" like a submission, but it is the data set's: never written over.
+    root = tmp_path / "kaggle"
+    shutil.copytree(kaggle_sample, root)
+    before = (root / "train_labels.csv").read_bytes()
+    code, _, err = run_cli(capsys, "predict", trained_run, root, "--out", root / "train_labels.csv",
+                           "--kaggle-submission", "--quiet")
+    assert code == 2 and "would overwrite" in err and (root / "train_labels.csv").read_bytes() == before
 
 
 def test_a_kaggle_root_whose_first_chunks_are_all_labelled_still_gives_the_submission(trained_run, kaggle_sample,
@@ -791,6 +801,26 @@ def test_weights_made_non_finite_by_an_epochs_last_update_stop_in_one_line(small
     assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["state"]["epoch"] == 1
 
 
+def test_a_mid_epoch_checkpoint_never_saves_weights_an_update_made_non_finite(small_store, tmp_path, monkeypatch):
+    """The update after a finite loss makes the weights NaN; the save that follows must refuse them."""
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_then_poison_the_third(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        calls.append(1)
+        if len(calls) == 3:
+            parameters[0].grad.fill_(float("nan"))
+        return real_clip(parameters, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_poison_the_third)
+    cfg = preset_config("cpu", **{**TINY, "grad_clip_norm": 1e9, "checkpoint_minutes": 1e-9})  # a save after every step
+    with pytest.raises(UserError, match=r"the weights became non-finite by step 2 \(epoch 1\); training stopped and "
+                                        r".*last.pt holds the last good weights"):
+        fit(cfg, small_store, tmp_path / "r", progress=False)
+    kept = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
+    assert kept["state"]["global_step"] == 2 and all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
 @pytest.mark.parametrize("flag, value, problem", [
     ("--hue", "0.7", r"augment hue: expected a value in \[0.0, 0.5\], found 0.7"),
     ("--rotate-deg", "-5", r"augment rotate_deg: expected a value in \[0.0, 180.0\], found -5.0"),
@@ -800,15 +830,15 @@ def test_weights_made_non_finite_by_an_epochs_last_update_stop_in_one_line(small
     ("--crop-px", "96", r"--crop-px 96 with --shift-px 4: the crop reads a 104-pixel window"),
     ("--shift-px", "20", r"--crop-px 88 with --shift-px 20: the crop reads a 128-pixel window"),
     ("--schedule", "linear", r"--schedule 'linear': expected one of cosine, onecycle, constant"),
-    ("--batch-size", "0", r"--batch-size 0: expected a value >= 1"),
-    ("--epochs", "0", r"--epochs 0: expected a value >= 1"),
-    ("--lr", "-1", r"--lr -1.0: expected a value > 0"),
-    ("--lr", "inf", r"--lr inf: expected a value > 0"),
+    ("--batch-size", "0", r"--batch-size 0: expected a finite value >= 1"),
+    ("--epochs", "0", r"--epochs 0: expected a finite value >= 1"),
+    ("--lr", "-1", r"--lr -1.0: expected a finite value > 0"),
+    ("--lr", "inf", r"--lr inf: expected a finite value > 0"),
     ("--seed", "-1", r"--seed -1: expected a value in \[0, 2\*\*32\)"),
     ("--hed-bias", "inf", r"augment hed_bias: expected a value in \[0.0, 10.0\], found inf"),
     ("--mixup", "inf", r"--mixup inf: expected an alpha >= 0"),
     ("--drop-rate", "1.5", r"--drop-rate 1.5: expected a value in \[0, 1\)"),
-    ("--threads", "-1", r"--threads -1: expected a value >= 0"),
+    ("--threads", "-1", r"--threads -1: expected a finite value >= 0"),
     ("--model", "vit_tiny_patch16_224", r"--model vit_tiny_patch16_224: cannot take 64 px crops .* choose a CNN"),
 ])
 def test_a_setting_out_of_range_is_one_line_and_writes_no_run(small_store, tmp_path, capsys, flag, value, problem):

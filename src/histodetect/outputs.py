@@ -39,15 +39,26 @@ def check_folder_location(path: Path, flag: str = "--out") -> Path:
     return path
 
 
+def is_stream(path: Path) -> bool:
+    """/dev/stdout, /dev/null, /proc/self/fd/N, a named pipe: written straight through, never replaced
+    by a renamed temporary file (with stdout sent to a file, /dev/stdout resolves to that file)."""
+    path = Path(path)
+    if str(path).startswith(("/dev/", "/proc/")):
+        return True
+    return path.exists() and not stat.S_ISREG(path.stat().st_mode)
+
+
 def check_output_file(path: Path, flag: str = "--out", example: str = "preds.csv", *,
-                      replaces: tuple[str, ...] = (), protect: list[Path] = ()) -> Path:
+                      is_ours: Callable[[Path], bool] | None = None, protect: list[Path] = ()) -> Path:
     """Refuse an output file path that cannot be written, before the work that fills it.
 
-    An existing regular file is replaced only if its suffix is in `replaces` (an earlier
-    output of the command: `predict --out photo.jpg` must not turn an input image into a
-    CSV); nothing is ever written at or inside a `protect` path (a run's checkpoints).
+    With `is_ours`, an existing file is replaced only if it says it is an earlier output
+    of the command (`predict --out photo.jpg` must not turn an input image into a CSV);
+    nothing is ever written at or inside a `protect` path (a run's checkpoints, an input).
     """
     path = Path(path)
+    if is_stream(path):
+        return path
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder; pass a file name such as {path / example}")
     resolved = path.resolve()
@@ -55,8 +66,8 @@ def check_output_file(path: Path, flag: str = "--out", example: str = "preds.csv
         kept = Path(kept).resolve()
         if resolved == kept or kept in resolved.parents:
             raise UserError(f"{flag} {path}: would overwrite {kept}; choose another path such as {example}")
-    if replaces and path.is_file() and path.suffix.lower() not in replaces:
-        raise UserError(f"{flag} {path}: exists and is not a {' or '.join(replaces)} file this command wrote; "
+    if is_ours is not None and path.is_file() and not is_ours(path):
+        raise UserError(f"{flag} {path}: exists and is not an earlier output of this command; "
                         f"choose another path such as {example}")
     _check_parent_writable(path, flag)
     return path
@@ -103,7 +114,7 @@ def write_file_atomic(path: Path, write: Callable[[IO], None], mode: str = "w") 
     path = Path(path)
     newline = {"newline": ""} if "b" not in mode else {}
     try:
-        if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+        if is_stream(path):
             with path.open(mode, **newline) as handle:
                 write(handle)
             return path

@@ -168,6 +168,7 @@ def load_run(run_dir: Path, *, checkpoint: str = "best", device: str = "auto", t
     if not isinstance(calibration, dict):
         raise UserError(f"{run_dir / RUN_FILE}: 'calibration' is not a record; run 'histodetect calibrate' again")
     thresholds = run_thresholds(run, where=str(run_dir / RUN_FILE))  # moved by the temperature when calibrated
+    run_thresholds(run, calibrated=False, where=str(run_dir / RUN_FILE))  # checked here: evaluate and calibrate read them
     return LoadedRun(
         run_dir=run_dir, model=model, device=torch_device, mean=tuple(pre["mean"]), std=tuple(pre["std"]),
         crop_px=int(pre["crop_px"]), thresholds=thresholds,
@@ -463,6 +464,16 @@ def _check_review(review_above: float | None, review_by: str, tta: int, mc_passe
                         f"(doubt, entropy in bits, or a probability spread), e.g. --review-above 0.5")
 
 
+def _is_predict_csv(path: Path) -> bool:
+    """Whether `path` starts with a header predict writes (`id,prob,pred...` or Kaggle's `id,label`)."""
+    try:
+        with path.open("rb") as handle:
+            first = handle.readline(256).strip()
+    except OSError:
+        return False
+    return first.startswith(b"id,prob,pred") or first == b"id,label"
+
+
 def predict_to_csv(run: LoadedRun, inputs: list[Path], out: Path, *, tta: int = 1, split: str | None = None,
                    kaggle_submission: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
                    progress: bool = True, uncertainty: bool = False, mc_passes: int = 0,
@@ -478,9 +489,13 @@ def predict_to_csv(run: LoadedRun, inputs: list[Path], out: Path, *, tta: int = 
     where the `review_by` uncertainty is above U, so that a pathologist looks
     only at those.
     """
-    # Never over an input, the run's own files or a model file: only an earlier CSV is replaced.
-    check_output_file(out, replaces=(".csv",), protect=[run.run_dir / "run.json", run.run_dir / "checkpoints",
-                                                        *(Path(i) for i in inputs if Path(i).is_file())])
+    # Never over an input (or the labels and slide table beside it), the run's own files or
+    # a model file: only an earlier output of predict is replaced.
+    inputs = [Path(i) for i in inputs]
+    beside = [f for folder in inputs if folder.is_dir()
+              for f in (*folder.glob("*labels*.csv"), *folder.glob("*_meta.csv"))]
+    check_output_file(out, is_ours=_is_predict_csv, protect=[
+        run.run_dir / RUN_FILE, run.run_dir / "checkpoints", *(i for i in inputs if i.is_file()), *beside])
     check_batch_size(batch_size)
     _check_mc_passes(run, mc_passes)
     _check_review(review_above, review_by, tta, mc_passes)

@@ -188,21 +188,21 @@ def check_train_config(cfg: TrainConfig) -> None:
     if cfg.schedule not in SCHEDULES:
         raise UserError(f"--schedule {cfg.schedule!r}: expected one of {', '.join(SCHEDULES)}")
     # Finite too: --lr inf passed "> 0" and made the weights NaN in the first update.
-    at_least_one = (lambda v: 1 <= v < math.inf, ">= 1")
-    positive, not_negative = (lambda v: 0 < v < math.inf, "> 0"), (lambda v: 0 <= v < math.inf, ">= 0")
-    below_one, fraction = (lambda v: 0 <= v < 1, "in [0, 1)"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+    at_least_one = (lambda v: 1 <= v < math.inf, "a finite value >= 1")
+    positive, not_negative = (lambda v: 0 < v < math.inf, "a finite value > 0"), (lambda v: 0 <= v < math.inf, "a finite value >= 0")
+    below_one, fraction = (lambda v: 0 <= v < 1, "a value in [0, 1)"), (lambda v: 0 <= v <= 1, "a value in [0, 1]")
     ranges = {
-        "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),  # numpy's and torch's seeds
+        "seed": (lambda v: 0 <= v < 2**32, "a value in [0, 2**32)"),  # numpy's and torch's seeds
         "epochs": at_least_one, "batch_size": at_least_one, "val_batch_size": at_least_one, "lr": positive,
         "weight_decay": not_negative, "drop_rate": below_one, "ema_decay": below_one, "warmup_fraction": below_one,
         "label_smoothing": below_one, "grad_clip_norm": not_negative, "max_minutes": not_negative,
-        "early_stopping": not_negative, "checkpoint_minutes": positive, "threads": not_negative,
+        "early_stopping": not_negative, "checkpoint_minutes": (lambda v: v > 0, "a value > 0 (inf: only at epoch ends)"), "threads": not_negative,
         "resident_fraction": fraction,
     }
     for name, (allowed, expected) in ranges.items():
         value = getattr(cfg, name)
         if not allowed(value):  # NaN fails every comparison, so it is refused too
-            raise UserError(f"{flag(name)} {value}: expected a value {expected}")
+            raise UserError(f"{flag(name)} {value}: expected {expected}")
     if not 0 <= cfg.mixup < math.inf:
         raise UserError(f"--mixup {cfg.mixup}: expected an alpha >= 0 (0 turns mixup off, 0.2-0.4 is usual)")
     if not 0 <= cfg.sam_rho <= 1:

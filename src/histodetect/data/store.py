@@ -374,8 +374,12 @@ class PatchStore:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST_FILE
         if not manifest_path.is_file():
-            # Something there (images, a run, a file) is the source to prepare, not the store's place.
-            how = (f"'histodetect prepare {self.path} --out STORE'" if self.path.exists()
+            if (self.path / "run.json").is_file():
+                raise UserError(f"{self.path}: a run folder, not a store; pass the store it was trained on "
+                                "(run.json's data.path)")
+            # Images (or an h5 file) there are the source to prepare; elsewhere the store can go there.
+            holds_source = self.path.is_file() or (self.path.is_dir() and any(self.path.iterdir()))
+            how = (f"'histodetect prepare {self.path} --out STORE'" if holds_source
                    else f"'histodetect prepare SRC --out {self.path}'")
             raise UserError(f"{self.path}: not a histodetect store (no {MANIFEST_FILE}); make one with {how}")
         try:

@@ -271,7 +271,17 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
         recent_losses.clear()
 
     def save_last() -> None:
-        """Every process calls this (it gathers each one's augmentation RNG); rank 0 writes."""
+        """Every process calls this (it gathers each one's augmentation RNG); rank 0 writes.
+
+        Never weights an update has made non-finite: the losses checked so far were all
+        computed before their updates, so the last update is checked here, on the weights.
+        """
+        params = [p.detach() for p in model.parameters()]
+        if not bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()):
+            last = out / "checkpoints" / "last.pt"
+            kept = f"{last} holds the last good weights" if last.is_file() else "no checkpoint had been written yet"
+            raise UserError(f"{out}: the weights became non-finite by step {state['global_step'] - 1} (epoch "
+                            f"{state['epoch'] + 1}); training stopped and {kept}; try a lower --lr")
         augment_states = [aug_generator.get_state()]
         if dist.world_size > 1:
             import torch.distributed as tdist
