@@ -260,6 +260,23 @@ def test_predict_out_never_lands_on_an_input_or_the_runs_files(trained_run, pcam
         assert code == 0, err
 
 
+@pytest.mark.parametrize("out", ["/dev/stdout", "-"])
+def test_predict_to_stdout_redirected_to_a_file_writes_the_csv_alone(trained_run, pcam_jpeg, tmp_path, out):
+    """Reopened, /dev/stdout redirected to a file starts at offset 0: the summary line overwrote the CSV."""
+    import subprocess
+    import sys
+
+    files = [str(f) for f in sorted((pcam_jpeg / "valid" / "1").glob("*.jpg"))[:2]]
+    with (tmp_path / "out.csv").open("w") as stdout:
+        done = subprocess.run([sys.executable, "-m", "histodetect.cli", "predict", str(trained_run), *files,
+                               "--out", out, "--quiet", "--device", "cpu"], stdout=stdout, stderr=subprocess.PIPE,
+                              text=True, timeout=300)
+    assert done.returncode == 0 and "wrote predictions for 2 patches" in done.stderr, done.stderr
+    lines = (tmp_path / "out.csv").read_text().splitlines()
+    assert lines[0] == "id,prob,pred" and [line.split(",")[0] for line in lines[1:]] == [Path(f).stem for f in files]
+    assert Path("/dev/stdout").is_symlink() or not Path("/dev/stdout").is_file(), "/dev/stdout itself is untouched"
+
+
 def test_a_hand_edited_run_json_with_wrong_types_is_one_line(trained_run, tmp_path, capsys):
     from histodetect.predict import load_run
 

@@ -185,7 +185,10 @@ def _cmd_predict(args: argparse.Namespace) -> None:
                              review_above=args.review_above, review_by=args.review_by, resize=args.resize,
                              seed=args.seed)
     kind = "Kaggle submission" if args.kaggle_submission else "predictions"
-    print(f"wrote {kind} for {n} patches to {path}")
+    from .outputs import is_stdout
+
+    # With the CSV on stdout, the summary goes to stderr: a reader of the pipe gets the CSV alone.
+    print(f"wrote {kind} for {n} patches to {path}", file=sys.stderr if is_stdout(path) else sys.stdout)
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -37,6 +38,10 @@ def check_folder_location(path: Path, flag: str = "--out") -> Path:
         raise UserError(f"{flag} {path}: is a file; name a folder for the output")
     _check_parent_writable(path, flag)
     return path
+
+
+def is_stdout(path: Path) -> bool:
+    return str(path) in ("-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1")
 
 
 def is_stream(path: Path) -> bool:
@@ -114,6 +119,13 @@ def write_file_atomic(path: Path, write: Callable[[IO], None], mode: str = "w") 
     path = Path(path)
     newline = {"newline": ""} if "b" not in mode else {}
     try:
+        if is_stdout(path):
+            # This process's own stdout, not a reopening of it: opened anew, /dev/stdout redirected
+            # to a file would start at offset 0 again and the next print would overwrite the CSV.
+            sys.stdout.flush()
+            with os.fdopen(os.dup(sys.stdout.fileno()), mode, **newline) as handle:
+                write(handle)
+            return path
         if is_stream(path):
             with path.open(mode, **newline) as handle:
                 write(handle)
