@@ -50,7 +50,10 @@ def is_stream(path: Path) -> bool:
     path = Path(path)
     if str(path).startswith(("/dev/", "/proc/")):
         return True
-    return path.exists() and not stat.S_ISREG(path.stat().st_mode)
+    if not path.exists():
+        return False
+    mode = path.stat().st_mode
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))  # a pipe, a socket, a character device
 
 
 def check_output_file(path: Path, flag: str = "--out", example: str = "preds.csv", *,
