@@ -258,6 +258,9 @@ def test_predict_out_never_lands_on_an_input_or_the_runs_files(trained_run, pcam
     for _ in range(2):  # whatever its name
         code, _, err = run_cli(capsys, "predict", run, image, "--out", tmp_path / "preds", "--quiet")
         assert code == 0, err
+    (tmp_path / "made-by-mktemp").touch()
+    code, _, err = run_cli(capsys, "predict", run, image, "--out", tmp_path / "made-by-mktemp", "--quiet")
+    assert code == 0, "an empty file holds nothing to lose"
 
 
 @pytest.mark.parametrize("out", ["/dev/stdout", "-"])

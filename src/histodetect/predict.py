@@ -465,13 +465,14 @@ def _check_review(review_above: float | None, review_by: str, tta: int, mc_passe
 
 
 def _is_predict_csv(path: Path) -> bool:
-    """Whether `path` starts with a header predict writes (`id,prob,pred...` or Kaggle's `id,label`)."""
+    """Whether `path` is empty (`mktemp`) or starts with a header predict writes (`id,prob,pred...`
+    or Kaggle's `id,label`): replacing it loses nothing of anyone else's."""
     try:
         with path.open("rb") as handle:
             first = handle.readline(256).strip()
     except OSError:
         return False
-    return first.startswith(b"id,prob,pred") or first == b"id,label"
+    return first == b"" or first.startswith(b"id,prob,pred") or first == b"id,label"
 
 
 def predict_to_csv(run: LoadedRun, inputs: list[Path], out: Path, *, tta: int = 1, split: str | None = None,
