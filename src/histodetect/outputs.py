@@ -48,7 +48,7 @@ def is_stream(path: Path) -> bool:
     """/dev/stdout, /dev/null, /proc/self/fd/N, a named pipe: written straight through, never replaced
     by a renamed temporary file (with stdout sent to a file, /dev/stdout resolves to that file)."""
     path = Path(path)
-    if str(path).startswith(("/dev/", "/proc/")):
+    if is_stdout(path) or str(path).startswith(("/dev/", "/proc/")):
         return True
     if not path.exists():
         return False
@@ -94,12 +94,9 @@ def check_output_folder(path: Path, flag: str, is_ours: Callable[[Path], bool], 
         kept = Path(kept).resolve()
         if resolved == kept or resolved in kept.parents:
             raise UserError(f"{flag} {path}: would replace {kept}; name a new folder for the output")
-    if path.exists():
-        if not path.is_dir():
-            raise UserError(f"{flag} {path}: is a file; name a folder for the output")
-        if any(path.iterdir()) and not is_ours(path):
-            raise UserError(f"{flag} {path}: exists and holds other files; name a new folder for the output")
-    _check_parent_writable(path, flag)
+    check_folder_location(path, flag)
+    if path.is_dir() and any(path.iterdir()) and not is_ours(path):
+        raise UserError(f"{flag} {path}: exists and holds other files; name a new folder for the output")
     return path
 
 

@@ -12,6 +12,7 @@ import torch
 
 from .. import __version__
 from ..errors import UserError
+from ..outputs import write_file_atomic
 
 CHECKPOINT_FORMAT = "histodetect-checkpoint-1"
 RUN_FILE = "run.json"
@@ -30,13 +31,8 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:  # as save_atomic: nothing half-written is left behind
-        tmp.unlink(missing_ok=True)
-        raise
+    """run.json and the like, written whole or not at all (outputs.write_file_atomic)."""
+    write_file_atomic(path, lambda handle: handle.write(text))
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -254,6 +254,12 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
     loss_check_steps = 1 if device.type == "cpu" else 32
     recent_losses: list[tuple[int, int, torch.Tensor]] = []  # (global step, epoch, loss on the device)
 
+    def stopped_because_non_finite(what: str) -> UserError:
+        """The one-line error for a NaN or inf: what became so, and which checkpoint survives."""
+        last = out / "checkpoints" / "last.pt"
+        kept = f"{last} holds the last good weights" if last.is_file() else "no checkpoint had been written yet"
+        return UserError(f"{out}: {what}; training stopped and {kept}; try a lower --lr")
+
     def check_losses() -> None:
         if not recent_losses:
             return
@@ -262,12 +268,7 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
         if not bool(finite.all()):
             i = int((~finite).nonzero()[0])
             step, epoch = recent_losses[i][:2]
-            last = out / "checkpoints" / "last.pt"
-            kept = f"{last} holds the last good weights" if last.is_file() else "no checkpoint had been written yet"
-            raise UserError(
-                f"{out}: the loss became {values[i].item()} at step {step} (epoch {epoch + 1}); "
-                f"training stopped and {kept}; try a lower --lr"
-            )
+            raise stopped_because_non_finite(f"the loss became {values[i].item()} at step {step} (epoch {epoch + 1})")
         recent_losses.clear()
 
     def save_last() -> None:
@@ -278,10 +279,8 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
         """
         params = [p.detach() for p in model.parameters()]
         if not bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()):
-            last = out / "checkpoints" / "last.pt"
-            kept = f"{last} holds the last good weights" if last.is_file() else "no checkpoint had been written yet"
-            raise UserError(f"{out}: the weights became non-finite by step {state['global_step'] - 1} (epoch "
-                            f"{state['epoch'] + 1}); training stopped and {kept}; try a lower --lr")
+            raise stopped_because_non_finite(f"the weights became non-finite by step {state['global_step'] - 1} "
+                                             f"(epoch {state['epoch'] + 1})")
         augment_states = [aug_generator.get_state()]
         if dist.world_size > 1:
             import torch.distributed as tdist
@@ -424,10 +423,8 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                            **validate(eval_model, store, val_rows, cfg, mean, std, device),
                            "lr": optimizer.param_groups[0]["lr"], "seconds": state["train_seconds"]}
                 if not math.isfinite(metrics["val_loss"]):  # every loss was finite, the update after the last was not
-                    last = out / "checkpoints" / "last.pt"
-                    kept = f"{last} holds the last good weights" if last.is_file() else "no checkpoint had been written yet"
-                    raise UserError(f"{out}: the weights became non-finite in epoch {epoch + 1}'s last update (step "
-                                    f"{state['global_step'] - 1}); training stopped and {kept}; try a lower --lr")
+                    raise stopped_because_non_finite(f"the weights became non-finite in epoch {epoch + 1}'s last "
+                                                     f"update (step {state['global_step'] - 1})")
                 state["history"].append(metrics)
                 with (out / METRICS_FILE).open("a", newline="") as handle:
                     csv.writer(handle).writerow([round(metrics[c], 6) if isinstance(metrics[c], float) else metrics[c]
