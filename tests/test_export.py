@@ -131,7 +131,14 @@ def test_predict_through_onnx_runtime_writes_the_csv_pytorch_writes(onnx_export,
     assert [r["id"] for r in onnx_rows] == [f.stem for f in files]
     np.testing.assert_allclose([float(r["prob"]) for r in onnx_rows], [float(r["prob"]) for r in torch_rows],
                                atol=MAX_PROB_DIFF)
-    assert [r["pred"] for r in onnx_rows] == [r["pred"] for r in torch_rows]
+    # A patch within the engines' float noise of the threshold may fall either side of it.
+    threshold = onnx_run.threshold_for(tta)
+    assert threshold == load_run(trained_run, device="cpu").threshold_for(tta)
+    decided = [i for i, r in enumerate(torch_rows) if abs(float(r["prob"]) - threshold) > MAX_PROB_DIFF]
+    assert len(decided) >= len(files) // 2  # the fixture's model has seen little: its probabilities sit near 0.507
+    assert [onnx_rows[i]["pred"] for i in decided] == [torch_rows[i]["pred"] for i in decided]
+    assert all(rows[i]["pred"] == str(int(float(rows[i]["prob"]) >= threshold))
+               for rows in (onnx_rows, torch_rows) for i in decided)
 
 
 def test_when_the_store_is_gone_the_check_uses_check_data_or_the_shared_patches(trained_run, kaggle_sample, tmp_path):

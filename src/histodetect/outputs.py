@@ -7,6 +7,7 @@ must never delete what was there (`evaluate --out .` once emptied the working fo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -114,10 +115,11 @@ def write_file_atomic(path: Path, write: Callable[[IO], None], mode: str = "w") 
 
     A reader never sees half a file, and a failure leaves the old one. A `path` that is
     not a regular file (/dev/stdout, a named pipe) is written straight through instead.
-    Disk errors become one-line UserErrors naming the file.
+    Disk errors become one-line UserErrors naming the file. Text is UTF-8 whatever the
+    locale (a file name in a CSV, a micrometre sign in a report).
     """
     path = Path(path)
-    newline = {"newline": ""} if "b" not in mode else {}
+    newline = {"newline": "", "encoding": "utf-8"} if "b" not in mode else {}
     try:
         if is_stdout(path):
             # This process's own stdout, not a reopening of it: opened anew, /dev/stdout redirected
@@ -141,3 +143,9 @@ def write_file_atomic(path: Path, write: Callable[[IO], None], mode: str = "w") 
     except OSError as exc:
         raise UserError(f"{path}: cannot write it ({exc.strerror or exc})") from None
     return path
+
+
+def write_json_atomic(path: Path, obj) -> Path:
+    """Write `obj` as indented JSON (e.g. metrics.json), atomically; NaN is refused, as JSON has none."""
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    return write_file_atomic(path, lambda handle: handle.write(text))

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UserError
+from ..outputs import write_file_atomic, write_json_atomic  # noqa: F401 (evaluate's API)
 
 # ---------------------------------------------------------------------------
 # Report
@@ -115,32 +113,6 @@ def _image_data_uri(caption: str, image_path: Path) -> str:
     return f"data:{mime_type};base64," + base64.b64encode(image_path.read_bytes()).decode("ascii")
 
 
-def _write_text_atomic(path: Path, text: str) -> Path:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`.
-
-    A reader (or a crash) never sees half a file: the rename is atomic on one
-    filesystem, which is why the temporary file lives in the same folder.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: it creates files readable by their owner only, and
-    # reports are meant to be shared; open() honours the user's umask.
-    temporary_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with temporary_path.open("x", encoding="utf-8") as temporary:
-            temporary.write(text)
-        os.replace(temporary_path, path)
-    except BaseException:
-        temporary_path.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: Path, obj) -> Path:
-    """Write `obj` as indented JSON (e.g. metrics.json), atomically; NaN is refused, as JSON has none."""
-    return _write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
 def write_report(
     out_dir: Path,
     title: str,
@@ -182,5 +154,5 @@ def write_report(
         + "\n".join(sections)
         + "\n</body></html>\n"
     )
-    return _write_text_atomic(Path(out_dir) / "report.html", page)
+    return write_file_atomic(Path(out_dir) / "report.html", lambda handle: handle.write(page))
 

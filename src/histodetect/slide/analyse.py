@@ -37,8 +37,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..augment import TTA_VIEW_COUNTS
 from ..errors import UserError
-from ..evaluate.report import write_json_atomic
-from ..outputs import check_folder_location
+from ..outputs import check_folder_location, write_file_atomic, write_json_atomic
 from ..predict import DEFAULT_BATCH_SIZE, LoadedRun, predict_patches, write_csv_atomic
 from .outputs import geojson_text, region_features, write_heatmap_png, write_overlay_png
 from .reader import (
@@ -401,10 +400,7 @@ def _load_progress(path: Path, key: str) -> np.ndarray | None:
 
 
 def _save_progress(path: Path, probs: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as handle:
-        np.save(handle, probs)
-    os.replace(tmp, path)
+    write_file_atomic(path, lambda handle: np.save(handle, probs), "wb")
 
 
 def _summary(slide_path: Path, geometry: SlideGeometry, grid: TileGrid, config: SlideConfig, threshold: float,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 from pathlib import Path
 
@@ -19,15 +18,9 @@ RUN_FILE = "run.json"
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, an interrupt: no half-written file is left beside the checkpoint
-        tmp.unlink(missing_ok=True)
-        raise
+    """torch.save to a temporary file, then rename: a crash, a full disk or an interrupt never
+    leaves half a checkpoint, nor a temporary file beside it (outputs.write_file_atomic)."""
+    write_file_atomic(path, lambda handle: torch.save(obj, handle), "wb")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
