@@ -1,6 +1,6 @@
 """Time the choices behind histodetect.augment on the CPU, for 256 patches of 3x96x96.
 
-Claims it backs (see the comments in src/histodetect/augment.py):
+Claims it backs (see the comments in src/histodetect/augment/):
   1. a per-image gather beats the other ways of applying a random symmetry per image;
   2. what augment_batch costs per batch with each augmentation on.
 

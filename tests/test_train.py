@@ -357,12 +357,12 @@ def test_evaluate_names_a_missing_store_a_one_class_split_and_a_bad_device(train
 
 def test_predict_checks_out_and_batch_size_before_scoring(trained_run, pcam_jpeg, tmp_path, capsys, monkeypatch):
     files = sorted((pcam_jpeg / "valid" / "1").glob("*.jpg"))[:3]
-    import histodetect.predict as predict_module
+    import histodetect.predict.csv_output as predict_csv_module  # where predict_to_csv looks predict_samples up
 
     def never(*args, **kwargs):
         raise AssertionError("scored before checking --out")
 
-    monkeypatch.setattr(predict_module, "predict_samples", never)
+    monkeypatch.setattr(predict_csv_module, "predict_samples", never)
     (tmp_path / "afile").write_text("x")
     (tmp_path / "adir").mkdir()
     for out, extra, problem in ((tmp_path / "adir", (), "is a folder"),
@@ -512,9 +512,10 @@ def test_a_kaggle_root_whose_first_chunks_are_all_labelled_still_gives_the_submi
                                                                                     tmp_path, monkeypatch):
     # The real Kaggle train/ holds 220,025 patches: chunks of 1,024 with no test patch in them.
     import histodetect.predict as predict_module
+    import histodetect.predict.csv_output as predict_csv_module  # where predict_to_csv looks iter_inputs up
 
     real_iter = predict_module.iter_inputs
-    monkeypatch.setattr(predict_module, "iter_inputs", lambda inputs, **kwargs: real_iter(inputs, **kwargs, chunk_size=4))
+    monkeypatch.setattr(predict_csv_module, "iter_inputs", lambda inputs, **kwargs: real_iter(inputs, **kwargs, chunk_size=4))
     run = predict_module.load_run(trained_run, device="cpu")
     predict_module.predict_to_csv(run, [kaggle_sample], tmp_path / "sub.csv", kaggle_submission=True, progress=False)
     ids = [line.split(",")[0] for line in (tmp_path / "sub.csv").read_text().splitlines()[1:]]

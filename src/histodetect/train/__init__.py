@@ -12,7 +12,7 @@ Data path: patches stay uint8 until they are on the device; the whole training
 shard lives there when it fits (on the GPU under `resident_fraction` of free
 memory; in RAM on the CPU), otherwise batches are gathered from the memory-mapped
 store by a background thread into pinned memory and copied on a side stream.
-Augmentation and normalisation run on whole batches on the device (augment.py).
+Augmentation and normalisation run on whole batches on the device (the augment package).
 
 The package, in the order a step meets it:
 

@@ -1,6 +1,6 @@
 """fit(config) -> run folder: the training loop, top to bottom.
 
-Augmentation and normalisation run on whole batches on the device (augment.py);
+Augmentation and normalisation run on whole batches on the device (the augment package);
 batches.py brings the patches there, step.py holds the pieces of a step,
 checkpoint.py writes what survives a kill.
 """

@@ -1,0 +1,51 @@
+"""A LoadedRun applied to uint8 patches: logits per test-time view, then calibrated
+probabilities (the mean over views, and over MC-dropout passes where there are any)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import UserError
+from ..train import model_logits
+from .run import LoadedRun
+
+# Measured in benchmarks/predict_speed.py on the 2-core CPU (BENCHMARKS.md): bf16
+# autocast on its AMX units, inference_mode, channels_last and batches of 256 score
+# patches 2-3x faster than timm's eager fp32 model called on batches of 64; float32
+# alone (--fp32) gained only 0.9-1.3x there.
+DEFAULT_BATCH_SIZE = 256
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: expected a number of patches, 1 or more")
+
+
+def predict_logits(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1,
+                   batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+    """Logits (N, tta): one column per test-time view (`augment.tta_view_groups`), before temperature scaling."""
+    run.check_tta(tta)
+    check_batch_size(batch_size)
+    return model_logits(run.model, patches_uint8, run.mean, run.std, run.crop_px, run.device, batch_size, tta=tta,
+                        shift_px=run.shift_px, bf16=run.bf16)
+
+
+def probabilities(run: LoadedRun, logits: np.ndarray) -> np.ndarray:
+    """Logits (N, V) or (N, P, V) -> calibrated probability (N,): the mean over views (and passes)."""
+    return mean_over_samples(sample_probabilities(logits, run.temperature))
+
+
+def mean_over_samples(sample_probs: np.ndarray) -> np.ndarray:
+    """(N, V) or (N, P, V) -> (N,): the mean over views (and passes); N may be 0."""
+    return sample_probs.mean(axis=tuple(range(1, sample_probs.ndim)))
+
+
+def sample_probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Sigmoid of logits / temperature, elementwise, in float64 (any shape)."""
+    return 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64) / temperature))
+
+
+def predict_patches(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1,
+                    batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+    """Probability of tumour (N,) for uint8 patches (N, 96, 96, 3)."""
+    return probabilities(run, predict_logits(run, patches_uint8, tta=tta, batch_size=batch_size))

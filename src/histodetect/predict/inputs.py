@@ -1,0 +1,95 @@
+"""The patches to score: stores, image folders (any reader format), image files and PCam
+h5 files, grouped, counted and decoded chunk by chunk as InputChunks."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data.decode import IMAGE_SUFFIXES
+from ..data.folder import list_image_files
+from ..data.formats import open_source
+from ..data.record import read_chunk
+from ..data.store import is_store, open_store
+from ..errors import UserError
+
+
+@dataclass
+class InputChunk:
+    ids: list[str]
+    patches: np.ndarray  # (N, 96, 96, 3) uint8
+    labels: np.ndarray  # (N,) int8, UNLABELLED where unknown
+
+
+def count_inputs(inputs: list[Path], split: str | None = None) -> int:
+    return sum(n for n, _ in (_open_input(path, split, False) for path in _group_inputs(inputs)))
+
+
+def _group_inputs(inputs: list[Path]) -> list[Path | list[Path]]:
+    """Image files given one by one are read as one group; folders, stores and h5 files alone."""
+    groups: list[Path | list[Path]] = []
+    files: list[Path] = []
+    for path in map(Path, inputs):
+        if not path.exists():
+            raise UserError(f"{path}: no such file or folder")
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(path)
+        elif path.is_file() and path.suffix.lower() not in (".h5", ".hdf5"):
+            raise UserError(f"{path}: not an image ({', '.join(IMAGE_SUFFIXES)}), h5 file, store or folder")
+        else:
+            groups.append(path)
+    return groups + ([files] if files else [])
+
+
+def _open_input(item: Path | list[Path], split: str | None, resize: bool):
+    """(number of patches, a function yielding InputChunks)."""
+    if isinstance(item, list):
+        source = list_image_files(item)
+    elif is_store(item):
+        store = open_store(item)
+        rows = store.split_indices(split) if split else np.arange(len(store))
+
+        def chunks(chunk_size: int) -> Iterator[InputChunk]:
+            for begin in range(0, len(rows), chunk_size):
+                part = rows[begin : begin + chunk_size]
+                yield InputChunk(list(store.ids[part]), store.read_batch(part), store.labels[part])
+
+        return len(rows), chunks
+    else:
+        source = open_source(item)
+    keep = np.array([split is None or s == split for s in source.splits])
+    name = item if not isinstance(item, list) else ", ".join(map(str, item))
+    if split and not keep.any():
+        raise UserError(f"{name}: no patches in split {split!r} (found {', '.join(sorted(set(source.splits)))})")
+    if len(source) == 0:
+        raise UserError(f"{name}: holds no patches")
+
+    def chunks(chunk_size: int) -> Iterator[InputChunk]:
+        # read_chunk rather than source.iter_batches: it also counts the resized files.
+        for task in source.tasks(chunk_size, resize=resize):
+            result = read_chunk(task)
+            if result.errors:
+                path, reason = result.errors[0]
+                raise UserError(f"{path}: {reason}")
+            if result.n_resized:
+                warnings.warn(f"{item if not isinstance(item, list) else 'inputs'}: resized {result.n_resized} "
+                              "patches that were not 96x96 pixels (--resize); their scores are less reliable",
+                              stacklevel=2)
+            rows = np.arange(task.start, task.start + len(result.patches))
+            mask = keep[rows]
+            if mask.any():
+                yield InputChunk([source.ids[r] for r in rows[mask]], result.patches[mask], source.labels[rows[mask]])
+
+    return int(keep.sum()), chunks
+
+
+def iter_inputs(inputs: list[Path], *, split: str | None = None, chunk_size: int = 1024,
+                resize: bool = False) -> Iterator[InputChunk]:
+    """Decode the inputs chunk by chunk, in order; image files not 96x96 are refused, or resized with `resize`."""
+    for item in _group_inputs(inputs):
+        _, chunks = _open_input(item, split, resize)
+        yield from chunks(chunk_size)

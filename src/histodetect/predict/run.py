@@ -1,0 +1,133 @@
+"""load_run(): a run folder's weights as a LoadedRun, with the preprocessing, decision
+thresholds and calibration temperature its run.json holds, each checked as it is read."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..augment import check_tta, tta_view_counts
+from ..errors import UserError
+from ..models import create_model
+from ..train import RUN_FILE, Dist, load_checkpoint, read_run, resolve_device
+
+
+@dataclass
+class LoadedRun:
+    """A trained model ready to score patches, with the preprocessing its weights expect."""
+
+    run_dir: Path
+    model: torch.nn.Module
+    device: torch.device
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_px: int
+    temperature: float  # logits are divided by it (1.0 = uncalibrated)
+    config: dict
+    run: dict
+    # bf16 autocast where it is fast (`train.bf16_is_fast`: CUDA, CPUs with AMX or
+    # AVX512-BF16), as in training; probabilities move by up to ~1e-2. False: float32.
+    bf16: bool = True
+    # Decision thresholds chosen on validation, by TTA view count (`run_thresholds`);
+    # always holds 1. Runs trained before 4 and 8 had their own use the 1-view one.
+    thresholds: dict[int, float] = field(default_factory=lambda: {1: 0.5})
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold for one view (0.5 until one was chosen)."""
+        return self.thresholds[1]
+
+    @property
+    def shift_px(self) -> int:
+        """How far training moved its crop: 40 and 72 test-time views move it as far."""
+        return int(self.config.get("shift_px", 0) or 0)
+
+    def threshold_for(self, tta: int) -> float:
+        """The decision threshold chosen on validation for predictions averaged over `tta` views.
+
+        A run trained before a view count had its own uses the largest smaller count's.
+        """
+        return self.thresholds[max((n for n in self.thresholds if n <= tta), default=1)]
+
+    @property
+    def tta_choices(self) -> tuple[int, ...]:
+        """The test-time view counts this run can make: 40 and 72 need a shifted training crop."""
+        return tta_view_counts(self.crop_px, self.shift_px)
+
+    def check_tta(self, tta: int) -> None:
+        """Raise UserError unless this run can make `tta` test-time views (`augment.check_tta`)."""
+        check_tta(tta, self.crop_px, self.shift_px, str(self.run_dir))
+
+
+def run_thresholds(run: dict, *, calibrated: bool = True, where: str = RUN_FILE) -> dict[int, float]:
+    """run.json's decision thresholds by TTA view count, moved by the temperature when calibrated.
+
+    Temperature scaling moves every probability, so a threshold chosen on the
+    uncalibrated ones moves with it (`calibrate_run` stores where they land):
+    without TTA, every patch gets the same decision as before calibrating.
+    `calibrated=False` gives the thresholds chosen at the end of training.
+    """
+    source = (run.get("calibration") if calibrated else None) or run
+    try:
+        thresholds = {int(views): float(t) for views, t in (source.get("thresholds") or {}).items()}
+        thresholds.setdefault(1, float(source.get("threshold", 0.5)))
+    except (TypeError, ValueError, AttributeError):  # a hand-edited run.json
+        raise UserError(f"{where}: its decision thresholds are not numbers by view count; "
+                        "restore the file or train the run again") from None
+    outside = {views: t for views, t in thresholds.items() if not 0 <= t <= 1}
+    if outside:
+        raise UserError(f"{where}: thresholds {outside} are not probabilities in [0, 1]; restore the file")
+    return thresholds
+
+
+def load_run(run_dir: Path, *, checkpoint: str = "best", device: str = "auto", threads: int = 0,
+             fp32: bool = False) -> LoadedRun:
+    """Load a run folder's `best` (or `last`) weights for inference; `fp32` turns bf16 autocast off."""
+    run_dir = Path(run_dir)
+    if threads < 0:
+        raise UserError(f"--threads {threads}: expected a count >= 0 (0: one per core)")
+    run = read_run(run_dir)
+    state = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
+    config = state["config"]
+    model = create_model(config["model"], drop_rate=config["drop_rate"])
+    key = "model" if checkpoint == "best" or state.get("ema") is None else "ema"
+    weights = state[key]
+    if key == "ema":  # timm's EMA wraps the model as `module`
+        weights = {k.removeprefix("module."): v for k, v in weights.items()}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:  # torch lists every mismatched tensor; the first names the problem
+        first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise UserError(
+            f"{run_dir / 'checkpoints' / f'{checkpoint}.pt'}: its weights do not fit {config['model']} as this "
+            f"histodetect builds it ({first.rstrip('.')}); use the histodetect version that trained it, or train again"
+        ) from None
+    if threads:
+        torch.set_num_threads(threads)
+    torch_device = resolve_device(device, Dist())
+    model.to(torch_device).eval().to(memory_format=torch.channels_last)
+    pre = state["preprocessing"]
+    calibration = run.get("calibration") or {}
+    if not isinstance(calibration, dict):
+        raise UserError(f"{run_dir / RUN_FILE}: 'calibration' is not a record; run 'histodetect calibrate' again")
+    thresholds = run_thresholds(run, where=str(run_dir / RUN_FILE))  # moved by the temperature when calibrated
+    run_thresholds(run, calibrated=False, where=str(run_dir / RUN_FILE))  # checked here: evaluate and calibrate read them
+    return LoadedRun(
+        run_dir=run_dir, model=model, device=torch_device, mean=tuple(pre["mean"]), std=tuple(pre["std"]),
+        crop_px=int(pre["crop_px"]), thresholds=thresholds,
+        temperature=_temperature(calibration, run_dir), config=config, run=run, bf16=not fp32,
+    )
+
+
+def _temperature(calibration: dict, run_dir: Path) -> float:
+    try:
+        temperature = float(calibration.get("temperature", 1.0))
+    except (TypeError, ValueError):
+        temperature = math.nan
+    if not 0 < temperature < math.inf:
+        raise UserError(f"{run_dir / RUN_FILE}: calibration temperature {calibration.get('temperature')!r} is not "
+                        "a positive number; run 'histodetect calibrate' again")
+    return temperature
