@@ -741,6 +741,49 @@ def test_a_mid_epoch_resume_keeps_the_epochs_training_loss(small_store, tmp_path
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
 
 
+@pytest.mark.parametrize("killed_at", ["best.pt", "last.pt", "metrics.csv"])
+def test_a_kill_between_an_epochs_last_writes_resumes_to_the_same_run(small_store, tmp_path, monkeypatch, killed_at):
+    # Epoch 2's end writes best.pt (it improves), last.pt, then metrics.csv; a kill before
+    # any of them must resume to the uninterrupted run: no missing best.pt, no repeated row.
+    import histodetect.train.loop as train_module
+
+    cfg = preset_config("cpu", **TINY)
+    fit(cfg, small_store, tmp_path / "straight", progress=False)
+    with (tmp_path / "straight" / "metrics.csv").open() as handle:
+        aucs = [float(row["val_auc"]) for row in csv.DictReader(handle)]
+    assert aucs[1] > aucs[0], "the test needs epoch 2 to improve, so that it writes best.pt"
+    real_save, real_metrics, calls = train_module.save_atomic, train_module.write_metrics_csv, []
+
+    def save(obj, path):
+        calls.append(path.name)
+        if path.name == killed_at and calls.count(killed_at) == 2:
+            raise KeyboardInterrupt
+        real_save(obj, path)
+
+    def write_metrics(path, history):
+        calls.append(path.name)
+        if path.name == killed_at and calls.count(killed_at) == 3:  # the start, epoch 1, epoch 2
+            raise KeyboardInterrupt
+        real_metrics(path, history)
+
+    monkeypatch.setattr(train_module, "save_atomic", save)
+    monkeypatch.setattr(train_module, "write_metrics_csv", write_metrics)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, small_store, tmp_path / "killed", progress=False)
+    monkeypatch.undo()
+    fit(None, None, tmp_path / "killed", resume=True, progress=False)
+
+    def scores(run: Path) -> list[dict]:  # every column but the wall-clock seconds
+        with (run / "metrics.csv").open() as handle:
+            return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+
+    assert scores(tmp_path / "killed") == scores(tmp_path / "straight")
+    for name in ("best.pt", "last.pt"):
+        straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / name)["model"]
+        resumed = load_checkpoint(tmp_path / "killed" / "checkpoints" / name)["model"]
+        assert all(torch.equal(tensor, resumed[key]) for key, tensor in straight.items()), name
+
+
 def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_again(small_store, tmp_path, capsys,
                                                                            monkeypatch):
     import histodetect.train.loop as train_module
@@ -817,7 +860,7 @@ def test_weights_made_non_finite_by_an_epochs_last_update_stop_in_one_line(small
     calls: list[int] = []
     monkeypatch.setattr(train_module, "validate", validate_after_a_bad_second_epoch)
     with pytest.raises(UserError, match=r"the weights became non-finite in epoch 2's last update \(step \d+\); "
-                                        r"training stopped and .*last.pt holds the last good weights; try a lower --lr"):
+                                        r"training stopped and .*last.pt holds the last good weights; start again with a lower --lr and --overwrite"):
         fit(preset_config("cpu", **TINY), small_store, tmp_path / "r", progress=False)
     assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["state"]["epoch"] == 1
 
@@ -905,6 +948,47 @@ def test_out_of_gpu_memory_suggests_a_smaller_batch(small_store, tmp_path, monke
         fit(preset_config("cpu", **TINY), small_store, tmp_path / "r", progress=False)
 
 
+def test_out_of_gpu_memory_while_validating_names_the_validation_batch_and_resume_finishes_the_run(
+        small_store, tmp_path, monkeypatch, capsys):
+    import histodetect.train.loop as train_module
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    run = tmp_path / "r"
+    expected = rf"^{re.escape(str(run))}: out of GPU memory validating with --val-batch-size 128 for histo_tinynet; " \
+               rf"continue with --resume {re.escape(str(run))} --val-batch-size 64$"
+    with monkeypatch.context() as patched:  # in an epoch's validation
+        patched.setattr(train_module, "validate", out_of_memory)
+        with pytest.raises(UserError, match=expected):
+            fit(preset_config("cpu", **TINY), small_store, run, progress=False, overwrite=True)
+    with monkeypatch.context() as patched:  # in the choice of thresholds, after the last epoch
+        patched.setattr(train_module, "_validation_thresholds", out_of_memory)
+        with pytest.raises(UserError, match=expected):
+            fit(preset_config("cpu", **TINY), small_store, run, progress=False, overwrite=True)
+    assert "thresholds" not in json.loads((run / "run.json").read_text())
+    code, out, err = run_cli(capsys, "train", "--resume", run, "--val-batch-size", "64", "--threads", "1")
+    assert code == 0, err
+    assert json.loads((run / "run.json").read_text())["thresholds"].keys() >= {"1", "8"}
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")["config"]
+    assert saved["val_batch_size"] == 128 and saved == json.loads((run / "run.json").read_text())["config"], \
+        "the run keeps its own config: a resume's settings are for that process only"
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--lr", "0.1")
+    assert code == 2 and "drop --out and the overrides" in err and "--val-batch-size" in err, err
+    with pytest.raises(UserError, match=r"--resume: lr would change what the run trains"):
+        fit(None, None, run, resume=True, progress=False, resume_settings={"lr": 0.1})
+
+
+def test_an_error_mid_epoch_starts_its_own_line_after_the_progress_bar(small_store, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--data", small_store, "--preset", "cpu", "--out", tmp_path / "nan",
+                           "--lr", "1e30", "--warmup-fraction", "0", "--epochs", "2", "--crop-px", "48",
+                           "--shift-px", "2", "--batch-size", "32", "--threads", "1", "--device", "cpu",
+                           "--progressive-crop", "")
+    assert code == 2 and "the loss became nan" in err, err
+    error_lines = [line for line in err.splitlines() if "histodetect: error:" in line]
+    assert len(error_lines) == 1 and error_lines[0].startswith("histodetect: error:"), err[-500:]
+
+
 def test_out_pointing_at_an_existing_run_is_refused_unless_overwrite(trained_run, small_store, tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--data", small_store, "--out", trained_run)
     assert code == 2 and "already holds a run; pass --resume" in err and "--overwrite" in err
@@ -985,6 +1069,8 @@ def test_a_run_resumes_only_on_the_kind_of_device_it_trained_on(trained_run, tmp
     torch.save(last, run / "checkpoints" / "last.pt")
     code, _, err = run_cli(capsys, "train", "--resume", run)
     assert code == 2 and "was trained on cuda and can only be resumed exactly on cuda" in err, err
+    if not torch.cuda.is_available():  # no advice to pass a --device that cannot work here
+        assert err.rstrip().endswith("resume it on a machine with a CUDA GPU"), err
 
 
 @pytest.mark.gpu

@@ -121,11 +121,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .train import fit, preset_config
 
     if args.resume:
+        from .train.loop import RESUME_SETTINGS
+
         overrides = _train_overrides(args)
-        if overrides or args.out:
+        settings = {name: value for name, value in overrides.items() if name in RESUME_SETTINGS}
+        if len(settings) < len(overrides) or args.out:
+            flags = ", ".join("--" + name.replace("_", "-") for name in RESUME_SETTINGS)
             raise UserError("--resume RUN continues a run with its saved config; drop --out and the overrides "
-                            "(--data may say where its store is now)")
-        result = fit(None, args.data, args.resume, resume=True)
+                            f"(--data may say where its store is now; {flags} may change)")
+        result = fit(None, args.data, args.resume, resume=True, resume_settings=settings)
     else:
         if not args.data or not args.out:
             raise UserError("train needs --data STORE and --out RUN (or --resume RUN)")
@@ -355,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="default", help="seed-xception, seed-mobilenetv2, default or cpu (default: default)")
     p.add_argument("--out", type=Path, help="run folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
-    p.add_argument("--resume", type=Path, metavar="RUN", help="continue a stopped run where it stopped")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue a stopped run where it stopped (with its own config; only --device, --threads, --val-batch-size, --profile and --checkpoint-minutes may change)")
     _add_train_options(p)
 
     p = add("evaluate", "Score a run on a labelled split: metrics with intervals, plots, report.html.",

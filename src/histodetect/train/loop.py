@@ -27,6 +27,7 @@ from ..augment import augment_batch, check_blur_fits, mixup_batch, tta_view_coun
 from ..data.store import PatchStore, open_store
 from ..errors import UserError
 from ..models import create_model
+from ..outputs import write_file_atomic
 from ..presets import TrainConfig, check_train_config, parse_progressive_crop, scheduled_crop, training_crop_sizes
 from .batches import DeviceBatches
 from .checkpoint import CHECKPOINT_FORMAT, RUN_FILE, load_checkpoint, package_versions, read_run, save_atomic, write_text_atomic
@@ -106,8 +107,15 @@ def _class_rows(store: PatchStore, cfg: TrainConfig) -> tuple[np.ndarray, np.nda
     return train_rows, val_rows, note
 
 
+# What --resume may change: where and how fast it runs, never what it trains (the weights
+# then equal an uninterrupted run's). They apply to this process only; the checkpoints
+# keep the run's own config. --device must still name the kind the run trained on.
+RESUME_SETTINGS = ("device", "threads", "val_batch_size", "profile", "checkpoint_minutes")
+
+
 def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, resume: bool = False,
-        preset: str | None = None, progress: bool = True, stop_after_epochs: int | None = None) -> FitResult:
+        preset: str | None = None, progress: bool = True, stop_after_epochs: int | None = None,
+        resume_settings: dict | None = None) -> FitResult:
     """Train `cfg` on the store at `data`, writing the run folder `out`.
 
     With `resume`, `out`'s config and last checkpoint are loaded and training goes
@@ -116,6 +124,8 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
     match). A run that had stopped (time limit, early stopping) is only finished off.
     With `overwrite`, an earlier run at `out` is replaced once the new one has started.
     `stop_after_epochs` ends the process early as a kill would (tests use it).
+    `resume_settings` changes RESUME_SETTINGS for a resumed run (e.g. a smaller
+    val_batch_size after validation ran out of GPU memory).
     """
     out = Path(out)
     checkpoint = None
@@ -128,13 +138,19 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
         checkpoint = load_checkpoint(last)
         if checkpoint["config"] != run["config"]:
             raise UserError(f"{last}: belongs to another run than {out / RUN_FILE}")
-        cfg = TrainConfig(**checkpoint["config"])
+        saved_cfg = TrainConfig(**checkpoint["config"])
+        unknown = sorted(set(resume_settings or {}) - set(RESUME_SETTINGS))
+        if unknown:
+            raise UserError(f"--resume: {', '.join(unknown)} would change what the run trains; a resume "
+                            f"may only change {', '.join(RESUME_SETTINGS)}")
+        cfg = dataclasses.replace(saved_cfg, **(resume_settings or {}))
         preset = run.get("preset")
         data = Path(data) if data is not None else Path(run["data"]["path"])
     else:
         _check_run_folder(out, overwrite)
         if cfg.weights:  # a resume may start from another folder
             cfg = dataclasses.replace(cfg, weights=str(Path(cfg.weights).resolve()))
+        saved_cfg = cfg
     # Every setting is checked before anything is written.
     crop_stages = parse_progressive_crop(cfg.progressive_crop)
     augment_cfg = cfg.augment()
@@ -142,6 +158,11 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
         check_blur_fits(cfg.blur_sigma, min(training_crop_sizes(cfg)))
     check_train_config(cfg)
 
+    if resume:
+        trained_on = checkpoint["rng"].get("device_type", "cuda" if checkpoint["rng"].get("cuda") is not None else "cpu")
+        if trained_on == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"{out}: was trained on cuda and can only be resumed exactly on cuda; "
+                            "resume it on a machine with a CUDA GPU")
     dist = init_distributed("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     device = resolve_device(cfg.device, dist)
     if cfg.threads:
@@ -192,7 +213,6 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
         if len(checkpoint["rng"]["augment"]) != dist.world_size:
             raise UserError(f"{out}: was trained with {len(checkpoint['rng']['augment'])} processes; resume it with as many")
         # The augmentation generator lives on the training device: its state only fits that kind.
-        trained_on = checkpoint["rng"].get("device_type", "cuda" if checkpoint["rng"].get("cuda") is not None else "cpu")
         if trained_on != device.type:
             raise UserError(f"{out}: was trained on {trained_on} and can only be resumed exactly on {trained_on} "
                             f"(this process has {device.type}); pass --device {trained_on} on a machine that has it")
@@ -221,7 +241,7 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
         if not resume:
             write_text_atomic(out / RUN_FILE, json.dumps({
                 "preset": preset,
-                "config": asdict(cfg),
+                "config": asdict(saved_cfg),
                 "data": {"path": str(Path(data).resolve()), "fingerprint": store.fingerprint,
                          "train_split": cfg.train_split, "val_split": cfg.val_split,
                          "n_train": int(len(train_rows)), "n_val": int(len(val_rows)), "note": split_note},
@@ -235,8 +255,9 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                            "bf16_autocast": cfg.bf16 and bf16_is_fast(device)},
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }, indent=2) + "\n")
-            with (out / METRICS_FILE).open("w", newline="") as handle:
-                csv.writer(handle).writerow(METRICS_COLUMNS)
+        # On resume too: a kill after an epoch's row but before its last.pt left a row the
+        # resumed run writes again; the checkpoint's history is the truth.
+        write_metrics_csv(out / METRICS_FILE, state["history"])
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
 
@@ -258,7 +279,7 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
         """The one-line error for a NaN or inf: what became so, and which checkpoint survives."""
         last = out / "checkpoints" / "last.pt"
         kept = f"{last} holds the last good weights" if last.is_file() else "no checkpoint had been written yet"
-        return UserError(f"{out}: {what}; training stopped and {kept}; try a lower --lr")
+        return UserError(f"{out}: {what}; training stopped and {kept}; start again with a lower --lr and --overwrite")
 
     def check_losses() -> None:
         if not recent_losses:
@@ -293,7 +314,7 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
         if not dist.is_main:
             return
         save_atomic({
-            "format": CHECKPOINT_FORMAT, "config": asdict(cfg), "store_fingerprint": store.fingerprint,
+            "format": CHECKPOINT_FORMAT, "config": asdict(saved_cfg), "store_fingerprint": store.fingerprint,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "state": state,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
@@ -324,6 +345,11 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
             state["train_seconds"] = float(latest)
             unagreed_seconds[0] = 0.0
 
+    def out_of_memory_validating() -> UserError:
+        return UserError(f"{out}: out of GPU memory validating with --val-batch-size {cfg.val_batch_size} for "
+                         f"{cfg.model}; continue with --resume {out} --val-batch-size {max(1, cfg.val_batch_size // 2)}")
+
+    phase = "training"
     stopped_because = state.get("stopped_because") or "finished all epochs"
     if state.get("stopped_because") and dist.is_main:
         print(f"histodetect: note: {out} had stopped ({stopped_because}) after epoch {state['epoch']}; "
@@ -344,60 +370,62 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                        disable=not (progress and dist.is_main), leave=False)
             data_seconds = compute_seconds = 0.0
             tick = time.perf_counter()
-            for patches, labels in batches.epoch(epoch, state["step_in_epoch"]):
-                if crop_stages:
-                    crop_now = scheduled_crop(crop_stages, progress_now(), cfg.crop_px)
-                    if crop_now != augment_cfg.crop_px:
-                        augment_cfg = dataclasses.replace(augment_cfg, crop_px=crop_now)
-                x = augment_batch(patches, augment_cfg, mean, std, generator=aug_generator)  # (B, 3, H, W)
-                if cfg.mixup:
-                    # The weight comes from numpy's global generator, which checkpoints restore.
-                    x, labels = mixup_batch(x, labels, float(np.random.beta(cfg.mixup, cfg.mixup)))
-                if cfg.profile:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    data_done = time.perf_counter()
-                    data_seconds += data_done - tick
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(progress_now(), cfg.warmup_fraction, cfg.schedule)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = train_model(x).float().reshape(-1)  # (B,)
-                loss = training_loss(logits, labels, cfg.label_smoothing)
-                recent_losses.append((state["global_step"], epoch, loss.detach()))
-                if len(recent_losses) >= loss_check_steps:
-                    check_losses()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.sam_rho:
-                    sam_second_pass(train_model, model, x, labels, cfg, bf16)
-                if cfg.grad_clip_norm:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-                optimizer.step()
-                if ema is not None:
-                    ema.update(model, step=state["global_step"])
-                loss_sum += loss.detach()
-                n_steps += 1
-                steps_timed += 1
-                state["global_step"] += 1
-                state["step_in_epoch"] += 1
-                now = time.perf_counter()
-                if cfg.profile:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
+            try:  # closed before an error is printed, which would land on the bar's line
+                for patches, labels in batches.epoch(epoch, state["step_in_epoch"]):
+                    if crop_stages:
+                        crop_now = scheduled_crop(crop_stages, progress_now(), cfg.crop_px)
+                        if crop_now != augment_cfg.crop_px:
+                            augment_cfg = dataclasses.replace(augment_cfg, crop_px=crop_now)
+                    x = augment_batch(patches, augment_cfg, mean, std, generator=aug_generator)  # (B, 3, H, W)
+                    if cfg.mixup:
+                        # The weight comes from numpy's global generator, which checkpoints restore.
+                        x, labels = mixup_batch(x, labels, float(np.random.beta(cfg.mixup, cfg.mixup)))
+                    if cfg.profile:
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        data_done = time.perf_counter()
+                        data_seconds += data_done - tick
+                    for group in optimizer.param_groups:
+                        group["lr"] = cfg.lr * lr_factor(progress_now(), cfg.warmup_fraction, cfg.schedule)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        logits = train_model(x).float().reshape(-1)  # (B,)
+                    loss = training_loss(logits, labels, cfg.label_smoothing)
+                    recent_losses.append((state["global_step"], epoch, loss.detach()))
+                    if len(recent_losses) >= loss_check_steps:
+                        check_losses()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.sam_rho:
+                        sam_second_pass(train_model, model, x, labels, cfg, bf16)
+                    if cfg.grad_clip_norm:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+                    optimizer.step()
+                    if ema is not None:
+                        ema.update(model, step=state["global_step"])
+                    loss_sum += loss.detach()
+                    n_steps += 1
+                    steps_timed += 1
+                    state["global_step"] += 1
+                    state["step_in_epoch"] += 1
                     now = time.perf_counter()
-                    compute_seconds += now - data_done
-                add_train_seconds(now - tick, agree_now=state["global_step"] % time_agreement_steps == 0)
-                tick = now
-                bar.update(cfg.batch_size * dist.world_size)
-                if state["train_seconds"] >= max_seconds:
-                    break
-                # Mid-epoch saves need every process to agree on when: only without DDP.
-                if dist.world_size == 1 and now - last_checkpoint_time > cfg.checkpoint_minutes * 60:
-                    check_losses()
-                    state["epoch_loss_sum"], state["epoch_steps"] = float(loss_sum), n_steps
-                    save_last()
-                    last_checkpoint_time = time.perf_counter()
-            bar.close()
+                    if cfg.profile:
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        now = time.perf_counter()
+                        compute_seconds += now - data_done
+                    add_train_seconds(now - tick, agree_now=state["global_step"] % time_agreement_steps == 0)
+                    tick = now
+                    bar.update(cfg.batch_size * dist.world_size)
+                    if state["train_seconds"] >= max_seconds:
+                        break
+                    # Mid-epoch saves need every process to agree on when: only without DDP.
+                    if dist.world_size == 1 and now - last_checkpoint_time > cfg.checkpoint_minutes * 60:
+                        check_losses()
+                        state["epoch_loss_sum"], state["epoch_steps"] = float(loss_sum), n_steps
+                        save_last()
+                        last_checkpoint_time = time.perf_counter()
+            finally:
+                bar.close()
             check_losses()
             add_train_seconds(0.0, agree_now=True)
             out_of_time = state["train_seconds"] >= max_seconds
@@ -419,16 +447,15 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
             stop = torch.zeros(1, device=device)
             improved = False
             if dist.is_main:
+                phase = "validating"
                 metrics = {"epoch": state["epoch"], "train_loss": train_loss,
                            **validate(eval_model, store, val_rows, cfg, mean, std, device),
                            "lr": optimizer.param_groups[0]["lr"], "seconds": state["train_seconds"]}
+                phase = "training"
                 if not math.isfinite(metrics["val_loss"]):  # every loss was finite, the update after the last was not
                     raise stopped_because_non_finite(f"the weights became non-finite in epoch {epoch + 1}'s last "
                                                      f"update (step {state['global_step'] - 1})")
                 state["history"].append(metrics)
-                with (out / METRICS_FILE).open("a", newline="") as handle:
-                    csv.writer(handle).writerow([round(metrics[c], 6) if isinstance(metrics[c], float) else metrics[c]
-                                                 for c in METRICS_COLUMNS])
                 if progress:
                     print(f"epoch {state['epoch']}/{cfg.epochs}  loss {train_loss:.4f}  val_loss {metrics['val_loss']:.4f}  "
                           f"val_auc {metrics['val_auc']:.4f}  val_acc {metrics['val_acc']:.4f}  "
@@ -450,12 +477,16 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                 state["stopped_because"] = f"early stopping: no better validation AUC for {cfg.early_stopping} epochs"
             elif out_of_time:
                 state["stopped_because"] = f"time limit of {cfg.max_minutes:g} minutes"
-            save_last()  # every process: it gathers their augmentation RNG states
+            # best.pt before last.pt, metrics.csv after: a kill between any two resumes from the
+            # previous last.pt and redoes this epoch exactly, writing the same best.pt and row again.
             if dist.is_main and improved:
-                save_atomic({"format": CHECKPOINT_FORMAT, "config": asdict(cfg), "store_fingerprint": store.fingerprint,
+                save_atomic({"format": CHECKPOINT_FORMAT, "config": asdict(saved_cfg), "store_fingerprint": store.fingerprint,
                              "model": eval_model.state_dict(), "epoch": state["epoch"], "metrics": metrics,
                              "preprocessing": {"mean": mean, "std": std, "crop_px": cfg.crop_px}},
                             out / "checkpoints" / "best.pt")
+            save_last()  # every process: it gathers their augmentation RNG states
+            if dist.is_main:
+                write_metrics_csv(out / METRICS_FILE, state["history"])
             epochs_this_process += 1
             if state.get("stopped_because"):
                 stopped_because = state["stopped_because"]
@@ -464,6 +495,8 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                 stopped_because = "stopped by request"
                 break
     except torch.cuda.OutOfMemoryError:
+        if phase == "validating":
+            raise out_of_memory_validating() from None
         raise UserError(
             f"out of GPU memory with --batch-size {cfg.batch_size} for {cfg.model}; try --batch-size {max(1, cfg.batch_size // 2)}"
         ) from None
@@ -472,7 +505,10 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
         if progress:
             print(f"histodetect: choosing the decision thresholds on {len(val_rows)} validation patches "
                   f"(views: {', '.join(map(str, tta_view_counts(cfg.crop_px, cfg.shift_px)))})")
-        thresholds = _validation_thresholds(out, store, val_rows, cfg, mean, std, device)
+        try:
+            thresholds = _validation_thresholds(out, store, val_rows, cfg, mean, std, device)
+        except torch.cuda.OutOfMemoryError:
+            raise out_of_memory_validating() from None
         run["threshold"] = thresholds["1"]
         run["thresholds"] = thresholds
         run.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stopped_because": stopped_because,
@@ -483,6 +519,17 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
 
 
 MOVED_CROP_THRESHOLD_ROWS = 4096  # see _validation_thresholds
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    """metrics.csv, one row per epoch of `history`, written whole."""
+    def write(handle) -> None:
+        writer = csv.writer(handle)
+        writer.writerow(METRICS_COLUMNS)
+        writer.writerows([round(row[c], 6) if isinstance(row[c], float) else row[c] for c in METRICS_COLUMNS]
+                         for row in history)
+
+    write_file_atomic(path, write)
 
 
 def _validation_thresholds(out: Path, store: PatchStore, val_rows: np.ndarray, cfg: TrainConfig,
