@@ -741,6 +741,27 @@ def test_a_mid_epoch_resume_keeps_the_epochs_training_loss(small_store, tmp_path
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
 
 
+def test_early_stopping_stops_after_that_many_epochs_without_a_better_auc_and_keeps_the_best(
+        small_store, tmp_path, monkeypatch):
+    import histodetect.train.loop as train_module
+
+    aucs = iter([0.70, 0.80, 0.79, 0.80, 0.60, 0.99])  # epoch 2 is the best; 3 and 4 are no better (0.80 ties)
+    real_validate = train_module.validate
+
+    def scripted(*args, **kwargs):
+        return {**real_validate(*args, **kwargs), "val_auc": next(aucs)}
+
+    monkeypatch.setattr(train_module, "validate", scripted)
+    run = tmp_path / "r"
+    result = fit(preset_config("cpu", **{**TINY, "epochs": 6, "early_stopping": 2}), small_store, run, progress=False)
+    assert result.epochs_run == 4 and result.best_auc == 0.80
+    assert result.stopped_because == "early stopping: no better validation AUC for 2 epochs"
+    assert json.loads((run / "run.json").read_text())["stopped_because"] == result.stopped_because
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["epoch"] == 2
+    with (run / "metrics.csv").open() as handle:
+        assert [float(row["val_auc"]) for row in csv.DictReader(handle)] == [0.70, 0.80, 0.79, 0.80]
+
+
 @pytest.mark.parametrize("killed_at", ["best.pt", "last.pt", "metrics.csv"])
 def test_a_kill_between_an_epochs_last_writes_resumes_to_the_same_run(small_store, tmp_path, monkeypatch, killed_at):
     # Epoch 2's end writes best.pt (it improves), last.pt, then metrics.csv; a kill before
