@@ -107,9 +107,60 @@ def test_pretrained_without_network_says_to_use_a_weights_file(monkeypatch, tmp_
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(UserError, match=r"model 'mobilenetv2_100': .*unreachable.*--weights FILE") as error:
+    with pytest.raises(UserError, match=r"model 'mobilenetv2_100': .*not in the local cache.*unreachable.*"
+                                        r"HF_HUB_OFFLINE.*--weights FILE") as error:
         create_model("mobilenetv2_100", pretrained=True)
     assert "\n" not in str(error.value)
+
+
+def _hub_unreachable(monkeypatch, tmp_path) -> None:
+    """No HF_HUB_OFFLINE, an empty cache and a network where every connect fails, as on a
+    machine without network; a retry (huggingface_hub sleeps before each) fails the test."""
+    import socket
+
+    import huggingface_hub.constants
+    import huggingface_hub.utils._http
+
+    def refuse(address, *args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    def no_retry(seconds):
+        raise AssertionError(f"huggingface_hub retried (slept {seconds} s)")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(huggingface_hub.utils._http.time, "sleep", no_retry)
+    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+def test_pretrained_on_an_unreachable_network_fails_at_once_in_one_line(monkeypatch, tmp_path, capfd):
+    # It used to retry each weights file five times with growing waits: ~50 s and 22 warnings.
+    _hub_unreachable(monkeypatch, tmp_path)
+    with pytest.raises(UserError, match=r"model 'resnet18': .*not in the local cache and the Hugging Face hub "
+                                        r"is unreachable here \(cannot connect to huggingface.co:443: "
+                                        r"Network is unreachable\).*--weights FILE") as error:
+        create_model("resnet18", pretrained=True)
+    assert "\n" not in str(error.value)
+    assert "Retrying" not in capfd.readouterr().err
+
+
+def test_pretrained_weights_in_the_hub_cache_load_without_network(monkeypatch, tmp_path):
+    _hub_unreachable(monkeypatch, tmp_path)
+    hub_id = timm.models.get_pretrained_cfg("resnet18").hf_hub_id  # timm/resnet18.a1_in1k
+    commit = "0" * 40
+    repo = tmp_path / "hub" / f"models--{hub_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    torch.manual_seed(3)
+    published = timm.create_model("resnet18").state_dict()  # ImageNet's 1000-class head
+    save_file(published, repo / "snapshots" / commit / "model.safetensors")
+
+    model = create_model("resnet18", pretrained=True)
+    assert torch.equal(model.state_dict()["conv1.weight"], published["conv1.weight"])
+    assert model.get_classifier().out_features == 1
 
 
 def _same_outputs(a: torch.nn.Module, b: torch.nn.Module, patches: torch.Tensor) -> bool:

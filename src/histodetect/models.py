@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from histodetect.data.decode import PATCH_SIZE_PX
 from histodetect.errors import UserError
+from histodetect.hub import create_pretrained
 
 # The seed's Keras backbones under their closest timm names. Keras' Xception is
 # the original (Chollet 2017) network, which timm keeps as `legacy_xception`;
@@ -234,26 +235,17 @@ def create_model(
 ) -> nn.Module:
     """Build `name` (a timm name or alias) with GAP, dropout and one logit; random init by default.
 
-    pretrained=True fetches timm's hub weights (needs network); weights=FILE loads
-    a local .safetensors or torch state dict, skipping a classifier of another shape.
+    pretrained=True takes timm's hub weights (from the local cache, else the network);
+    weights=FILE loads a local .safetensors or torch state dict, skipping a classifier
+    of another shape.
     """
     timm_name = MODEL_ALIASES.get(name, name)
     if not timm.is_model(timm_name):
         close = difflib.get_close_matches(name, known_model_names(), n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
         raise UserError(f"model '{name}': not a timm model or histodetect alias; {hint}")
-    try:
-        model = timm.create_model(
-            timm_name, pretrained=pretrained, num_classes=1, drop_rate=drop_rate, global_pool="avg"
-        )
-    except OSError as error:
-        # huggingface_hub's LocalEntryNotFoundError, requests' ConnectionError and
-        # urllib's URLError all derive from OSError; nothing else in a build does I/O.
-        raise UserError(
-            f"model '{name}': pretrained=True downloads weights from the Hugging Face hub, "
-            f"which is unreachable here ({type(error).__name__}); download them elsewhere "
-            "and pass --weights FILE"
-        ) from error
+    kwargs = {"num_classes": 1, "drop_rate": drop_rate, "global_pool": "avg"}
+    model = create_pretrained(name, timm_name, **kwargs) if pretrained else timm.create_model(timm_name, **kwargs)
     if not timm_name.startswith("histo_"):
         # timm's cfg names the ImageNet weights' input size (224, 299); here every
         # model is fed whole PCam patches.
