@@ -293,7 +293,7 @@ def test_prepare_refuses_an_existing_store_unless_overwrite(pcam_jpeg, tmp_path,
 
 def test_interrupted_prepare_leaves_no_store(pcam_jpeg, tmp_path, monkeypatch):
     src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=2)
-    import histodetect.data.store as store_module
+    import histodetect.data.store.write as store_module  # where prepare looks them up
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
@@ -308,7 +308,7 @@ def test_interrupted_prepare_leaves_no_store(pcam_jpeg, tmp_path, monkeypatch):
 
 CTRL_C_DURING_PREPARE = """
 import sys, time
-import histodetect.data.store as store
+import histodetect.data.store.pack as store  # where the decoding looks read_chunk up
 read_chunk = store.read_chunk
 store.read_chunk = lambda task: (time.sleep(0.2), read_chunk(task))[1]  # slow, so Ctrl-C lands mid-decode
 from histodetect.cli import main
