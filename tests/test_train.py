@@ -107,7 +107,7 @@ def test_the_run_chooses_one_threshold_per_tta_view_count_on_validation(trained_
 
 def test_moved_crop_thresholds_are_chosen_on_a_subset_of_a_large_validation_split(trained_run, small_store,
                                                                                   monkeypatch):
-    import histodetect.train.loop as train_module
+    import histodetect.train.loop.thresholds as train_module
 
     checkpoint = load_checkpoint(trained_run / "checkpoints" / "best.pt")
     cfg, pre = train_module.TrainConfig(**checkpoint["config"]), checkpoint["preprocessing"]
@@ -131,7 +131,7 @@ def test_moved_crop_thresholds_are_chosen_on_a_subset_of_a_large_validation_spli
 
 
 def test_progressive_crop_grows_the_training_crop_on_schedule(small_store, tmp_path, monkeypatch):
-    import histodetect.train.loop as train_module
+    import histodetect.train.loop.training as train_module
 
     crops = []
     real_augment = train_module.augment_batch
@@ -715,7 +715,7 @@ def test_resume_finishes_a_stopped_run_without_training_more_and_can_follow_a_mo
 
 
 def test_a_mid_epoch_resume_keeps_the_epochs_training_loss(small_store, tmp_path, monkeypatch):
-    import histodetect.train.loop as train_module
+    import histodetect.train.loop.training as train_module
 
     cfg = preset_config("cpu", **{**TINY, "checkpoint_minutes": 1e-5})  # last.pt after every step
     fit(cfg, small_store, tmp_path / "straight", progress=False)
@@ -743,7 +743,7 @@ def test_a_mid_epoch_resume_keeps_the_epochs_training_loss(small_store, tmp_path
 
 def test_early_stopping_stops_after_that_many_epochs_without_a_better_auc_and_keeps_the_best(
         small_store, tmp_path, monkeypatch):
-    import histodetect.train.loop as train_module
+    import histodetect.train.loop.training as train_module
 
     aucs = iter([0.70, 0.80, 0.79, 0.80, 0.60, 0.99])  # epoch 2 is the best; 3 and 4 are no better (0.80 ties)
     real_validate = train_module.validate
@@ -766,7 +766,7 @@ def test_early_stopping_stops_after_that_many_epochs_without_a_better_auc_and_ke
 def test_a_kill_between_an_epochs_last_writes_resumes_to_the_same_run(small_store, tmp_path, monkeypatch, killed_at):
     # Epoch 2's end writes best.pt (it improves), last.pt, then metrics.csv; a kill before
     # any of them must resume to the uninterrupted run: no missing best.pt, no repeated row.
-    import histodetect.train.loop as train_module
+    import histodetect.train.loop.training as train_module
 
     cfg = preset_config("cpu", **TINY)
     fit(cfg, small_store, tmp_path / "straight", progress=False)
@@ -807,7 +807,7 @@ def test_a_kill_between_an_epochs_last_writes_resumes_to_the_same_run(small_stor
 
 def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_again(small_store, tmp_path, capsys,
                                                                            monkeypatch):
-    import histodetect.train.loop as train_module
+    import histodetect.train.loop.training as train_module
 
     def die(*args, **kwargs):
         raise KeyboardInterrupt
@@ -844,7 +844,7 @@ def test_a_store_without_validation_split_gets_one_and_says_so(small_store, tmp_
 
 
 def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(small_store, tmp_path, monkeypatch):
-    import histodetect.train.loop as train_module
+    import histodetect.train.loop.training as train_module
 
     calls = {"n": 0}
     real_loss = train_module.training_loss
@@ -867,7 +867,7 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(small_
 
 def test_weights_made_non_finite_by_an_epochs_last_update_stop_in_one_line(small_store, tmp_path, monkeypatch):
     """Every loss was finite, but the update after the last step was not: validation sees NaN weights."""
-    import histodetect.train.loop as train_module
+    import histodetect.train.loop.training as train_module
 
     real_validate = train_module.validate
 
@@ -959,7 +959,7 @@ def test_unknown_model_name_suggests_close_timm_names(small_store, tmp_path, cap
 
 
 def test_out_of_gpu_memory_suggests_a_smaller_batch(small_store, tmp_path, monkeypatch):
-    import histodetect.train.loop as train_module
+    import histodetect.train.loop.training as train_module
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
@@ -971,7 +971,7 @@ def test_out_of_gpu_memory_suggests_a_smaller_batch(small_store, tmp_path, monke
 
 def test_out_of_gpu_memory_while_validating_names_the_validation_batch_and_resume_finishes_the_run(
         small_store, tmp_path, monkeypatch, capsys):
-    import histodetect.train.loop as train_module
+    import histodetect.train.loop.training as train_module
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

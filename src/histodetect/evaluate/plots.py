@@ -16,7 +16,7 @@ from ..errors import UserError
 
 from .metrics import accuracy_coverage, check_labels_and_probs, reliability_curve
 
-# The columns of a run's metrics.csv (written by train/loop.py) that the training
+# The columns of a run's metrics.csv (written by train/loop/run_folder.py) that the training
 # plot draws; others, such as lr and seconds, may be present and are ignored.
 PLOTTED_TRAINING_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "val_acc")
 

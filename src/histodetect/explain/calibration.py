@@ -112,7 +112,7 @@ def calibrate_run(run_dir: Path, data: Path | None = None, *, split: str | None 
         "n": len(rows), "tta": tta,
         "threshold": calibrated_threshold(uncalibrated["1"], temperature),
         "uncalibrated_threshold": uncalibrated["1"],
-        # one per TTA view count (see train.loop._validation_thresholds)
+        # one per TTA view count (see train.loop.thresholds._validation_thresholds)
         "thresholds": {views: calibrated_threshold(t, temperature) for views, t in uncalibrated.items()},
         "uncalibrated_thresholds": uncalibrated,
         "fitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

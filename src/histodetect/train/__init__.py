@@ -20,7 +20,7 @@ The package, in the order a step meets it:
     batches.py     DeviceBatches: the training shard as uint8 batches on the device
     step.py        the loss, the optimizer, SAM, the learning-rate schedule, validation
     checkpoint.py  atomic checkpoints, run.json, package versions
-    loop.py        fit(): the training loop, top to bottom
+    loop/          fit(): the training loop, top to bottom; metrics.csv; the thresholds
 """
 
 from ..presets import PRESETS, TrainConfig, preset_config

@@ -1,13 +1,12 @@
 """fit(config) -> run folder: the training loop, top to bottom.
 
 Augmentation and normalisation run on whole batches on the device (the augment package);
-batches.py brings the patches there, step.py holds the pieces of a step,
-checkpoint.py writes what survives a kill.
+train/batches.py brings the patches there, train/step.py holds the pieces of a step,
+train/checkpoint.py writes what survives a kill.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -23,19 +22,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..augment import augment_batch, check_blur_fits, mixup_batch, tta_view_counts
-from ..data.store import PatchStore, open_store
-from ..errors import UserError
-from ..models import create_model
-from ..outputs import write_file_atomic
-from ..presets import TrainConfig, check_train_config, parse_progressive_crop, scheduled_crop, training_crop_sizes
-from .batches import DeviceBatches
-from .checkpoint import CHECKPOINT_FORMAT, RUN_FILE, load_checkpoint, package_versions, read_run, save_atomic, write_text_atomic
-from .device import bf16_is_fast, init_distributed, resolve_device
-from .step import build_optimizer, lr_factor, model_logits, sam_second_pass, training_loss, validate
-
-METRICS_FILE = "metrics.csv"
-METRICS_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "val_acc", "lr", "seconds")
+from ...augment import augment_batch, check_blur_fits, mixup_batch, tta_view_counts
+from ...data.store import open_store
+from ...errors import UserError
+from ...models import create_model
+from ...presets import TrainConfig, check_train_config, parse_progressive_crop, scheduled_crop, training_crop_sizes
+from ..batches import DeviceBatches
+from ..checkpoint import CHECKPOINT_FORMAT, RUN_FILE, load_checkpoint, package_versions, read_run, save_atomic, write_text_atomic
+from ..device import bf16_is_fast, init_distributed, resolve_device
+from ..step import build_optimizer, lr_factor, sam_second_pass, training_loss, validate
+from .checks import RESUME_SETTINGS, _check_model_takes_crops, _class_rows
+from .run_folder import METRICS_FILE, _check_run_folder, write_metrics_csv
+from .thresholds import _validation_thresholds
 
 
 @dataclass
@@ -45,72 +43,6 @@ class FitResult:
     epochs_run: int
     stopped_because: str
     history: list[dict] = field(default_factory=list)
-
-
-def _check_run_folder(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not (out / RUN_FILE).exists():
-            raise UserError(f"{out}: exists, is not empty and is not a run folder; choose a new --out")
-        if not overwrite:
-            raise UserError(f"{out}: already holds a run; pass --resume {out} to continue it or --overwrite to replace it")
-
-
-def _check_model_takes_crops(model: torch.nn.Module, cfg: TrainConfig) -> None:
-    """One blank batch at every crop size training and prediction will use, before anything is written.
-
-    timm builds vision transformers for one input size (224 px): they fail on 88 px
-    crops, and that must be one line now rather than a traceback after run.json.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for px in sorted(training_crop_sizes(cfg)):
-                try:
-                    model(torch.zeros(2, 3, px, px))
-                except Exception as exc:  # noqa: BLE001 (any model's own complaint)
-                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    raise UserError(f"--model {cfg.model}: cannot take {px} px crops ({reason}); a model built for "
-                                    "one input size (a vision transformer) does not fit 96 px patches: choose a CNN") from None
-    finally:
-        model.train(was_training)
-
-
-def _class_rows(store: PatchStore, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, str | None]:
-    """Training and validation rows; makes a validation split when the store has none."""
-    train_rows = store.split_indices(cfg.train_split)
-    train_rows = train_rows[store.labels[train_rows] >= 0]
-    if len(train_rows) == 0:
-        raise UserError(f"{store.path}: split {cfg.train_split!r} has no labelled patches; training needs labels")
-    counts = np.bincount(store.labels[train_rows], minlength=2)
-    if counts.min() == 0:
-        only = int(np.argmax(counts))
-        raise UserError(
-            f"{store.path}: split {cfg.train_split!r} has only label {only} ({counts[only]} patches); "
-            "training needs both classes"
-        )
-    note = None
-    val_rows = np.zeros(0, dtype=np.int64)
-    if cfg.val_split in store.split_names:
-        val_rows = store.split_indices(cfg.val_split)
-        val_rows = val_rows[store.labels[val_rows] >= 0]
-    if len(val_rows) == 0:  # no such split, or one without labels
-        from ..data.splits import make_validation_split
-
-        missing = "no" if cfg.val_split not in store.split_names else "no labelled"
-        moved = make_validation_split(store.labels[train_rows], list(store.slides[train_rows]), 0.1, cfg.seed)
-        train_rows, val_rows = train_rows[~moved], train_rows[moved]
-        note = (f"{store.path}: {missing} {cfg.val_split!r} split; validating on a stratified 10% of "
-                f"{cfg.train_split!r} ({len(val_rows)} patches, seed {cfg.seed})")
-    if len(np.unique(store.labels[val_rows])) < 2:
-        raise UserError(f"{store.path}: the validation split needs both classes to measure AUC")
-    return train_rows, val_rows, note
-
-
-# What --resume may change: where and how fast it runs, never what it trains (the weights
-# then equal an uninterrupted run's). They apply to this process only; the checkpoints
-# keep the run's own config. --device must still name the kind the run trained on.
-RESUME_SETTINGS = ("device", "threads", "val_batch_size", "profile", "checkpoint_minutes")
 
 
 def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, resume: bool = False,
@@ -516,56 +448,3 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                     "train_seconds": state["train_seconds"]})
         write_text_atomic(out / RUN_FILE, json.dumps(run, indent=2) + "\n")
     return FitResult(out, state["best_auc"], state["epoch"], stopped_because, state["history"])
-
-
-MOVED_CROP_THRESHOLD_ROWS = 4096  # see _validation_thresholds
-
-
-def write_metrics_csv(path: Path, history: list[dict]) -> None:
-    """metrics.csv, one row per epoch of `history`, written whole."""
-    def write(handle) -> None:
-        writer = csv.writer(handle)
-        writer.writerow(METRICS_COLUMNS)
-        writer.writerows([round(row[c], 6) if isinstance(row[c], float) else row[c] for c in METRICS_COLUMNS]
-                         for row in history)
-
-    write_file_atomic(path, write)
-
-
-def _validation_thresholds(out: Path, store: PatchStore, val_rows: np.ndarray, cfg: TrainConfig,
-                           mean, std, device: torch.device) -> dict[str, float]:
-    """The best checkpoint's decision thresholds, chosen on the validation split: one per TTA view count.
-
-    Averaging views pulls probabilities towards the middle, so the threshold that
-    suits one view does not suit eight (on pcam-jpeg's valid split, 1-view
-    thresholds of 0.30-0.44 cost 8-view accuracy up to 0.8 points against 8-view
-    ones of 0.37-0.50, 2026-11-27). Each TTA's views are the first n of the 72
-    (`augment.tta_view_groups`), so one pass serves them all. 40 and 72 only for a
-    run trained on a shifted crop, and chosen on at most MOVED_CROP_THRESHOLD_ROWS
-    evenly spaced validation patches: 72 views cost 9 times 8 (on a CPU, PCam's whole
-    valid split would take minutes).
-    """
-    from ..augment import DIHEDRAL_VIEW_COUNTS, tta_view_counts
-    from ..evaluate.metrics import choose_threshold
-
-    best = load_checkpoint(out / "checkpoints" / "best.pt")
-    model = create_model(cfg.model, drop_rate=cfg.drop_rate)
-    model.load_state_dict(best["model"])
-    model.to(device).eval().to(memory_format=torch.channels_last)
-    moved = [n for n in tta_view_counts(cfg.crop_px, cfg.shift_px) if n not in DIHEDRAL_VIEW_COUNTS]
-    subset = val_rows
-    if len(val_rows) > MOVED_CROP_THRESHOLD_ROWS:
-        subset = val_rows[np.linspace(0, len(val_rows) - 1, MOVED_CROP_THRESHOLD_ROWS).round().astype(np.int64)]
-    if moved and len(subset) == len(val_rows):
-        passes = [(val_rows, max(moved), [*DIHEDRAL_VIEW_COUNTS, *moved])]
-    else:
-        passes = [(val_rows, 8, list(DIHEDRAL_VIEW_COUNTS))] + ([(subset, max(moved), moved)] if moved else [])
-    thresholds = {}
-    for rows, views, counts in passes:
-        # Each crop's 8 views at a time: batches of an eighth keep validation's memory.
-        logits = model_logits(model, store.read_batch(rows), mean, std, cfg.crop_px, device,
-                              max(1, cfg.val_batch_size // 8), tta=views, shift_px=cfg.shift_px, bf16=cfg.bf16)
-        view_probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
-        labels = store.labels[rows]
-        thresholds.update({str(n): float(choose_threshold(labels, view_probs[:, :n].mean(axis=1))) for n in counts})
-    return thresholds
