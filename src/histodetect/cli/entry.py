@@ -1,0 +1,34 @@
+"""The entry point `main`: parse the arguments, run one command, turn its errors into exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+from ..errors import UserError
+from .parser import build_parser
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"histodetect: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _print_warning
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"histodetect: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("histodetect: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `histodetect info X | head`: the reader left; not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    except OSError as exc:  # the disk or the system said no (full, read-only, permissions): one line
+        print(f"histodetect: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
