@@ -35,7 +35,7 @@ from histodetect.slide import (
     open_slide,
     plan_grid,
 )
-from histodetect.slide import analyse as analyse_module
+from histodetect.slide.analyse import scoring as analyse_module
 from histodetect.slide.outputs import region_features
 from histodetect.slide.reader import (
     SlideGeometry,

@@ -6,7 +6,7 @@ the user's `--mpp`. Everything else reads pixels in level coordinates, as uint8
 RGB on white, in bounded pieces: nothing here ever holds a whole level.
 
 This module imports neither torch nor the rest of histodetect's pipeline, so that
-the reading worker processes (spawned, see analyse.py) start in well under a
+the reading worker processes (spawned, see analyse/scoring.py) start in well under a
 second instead of the ~15 s and ~850 MB that importing `histodetect.predict`
 took on the shared 2-core machine.
 """

@@ -1,0 +1,74 @@
+"""Resuming: the settings key, a finished result reused or refused, progress.npy, moving the result in."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ... import __version__
+from ...errors import UserError
+from ...outputs import write_file_atomic
+from ...predict import LoadedRun
+from .config import SlideConfig
+
+SUMMARY_FILE = "summary.json"
+PROGRESS_FILE = "progress.npy"
+
+
+def _settings_key(run: LoadedRun, slide_path: Path, config: SlideConfig, threshold: float) -> str:
+    """Fingerprint of everything the results depend on (not workers / batch size)."""
+    slide_stat = slide_path.stat()
+    weights = run.run_dir / "checkpoints" / "best.pt"
+    weights_stat = weights.stat() if weights.exists() else None
+    settings = {
+        "slide": [str(slide_path.resolve()), slide_stat.st_size, slide_stat.st_mtime_ns],
+        "run": [str(run.run_dir.resolve()), weights_stat and weights_stat.st_mtime_ns],
+        "config": {k: v for k, v in asdict(config).items() if k not in ("workers", "batch_size")},
+        "threshold": threshold, "temperature": run.temperature, "version": __version__,
+    }
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _existing_result(out_dir: Path, key: str, overwrite: bool) -> dict | None:
+    """The summary of a complete result with these settings; a UserError if out_dir holds anything else."""
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        raise UserError(f"{out_dir}: is a file; --out names the folder to write the results into")
+    summary_path = out_dir / SUMMARY_FILE
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    if summary is not None and summary.get("settings_key") == key and not overwrite:
+        return summary
+    if overwrite and (summary is not None or not any(out_dir.iterdir())):
+        return None
+    if summary is None:  # never replaced, --overwrite or not: they are someone's files
+        raise UserError(f"{out_dir}: already holds files that are not a slide result; choose another --out")
+    raise UserError(f"{out_dir}: already holds a slide result from other settings; pass --overwrite to replace it, "
+                    "or choose another --out")
+
+
+def _load_progress(path: Path, key: str) -> np.ndarray | None:
+    key_path = path.parent / "settings_key"
+    if not path.is_file() or not key_path.is_file() or key_path.read_text() != key:
+        return None
+    return np.load(path)
+
+
+def _save_progress(path: Path, probs: np.ndarray) -> None:
+    write_file_atomic(path, lambda handle: np.save(handle, probs), "wb")
+
+
+def _install(partial: Path, out_dir: Path) -> None:
+    """Rename the complete partial folder to out_dir, replacing an old result only once the new one is whole."""
+    old = out_dir.parent / f".{out_dir.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(partial, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
