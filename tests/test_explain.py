@@ -565,3 +565,11 @@ def test_a_vision_transformer_has_no_feature_map_to_explain():
     with pytest.raises(UserError, match="no layer outputs a feature map .* CAMs need a CNN"):
         resolve_cam_layer(vit, None, 96)  # not the 4-D tensors inside its attention
     assert resolve_cam_layer(timm.create_model("resnet18", num_classes=1).eval(), None, 96) == "layer4"
+
+
+def test_patch_ids_that_clash_as_file_names_get_numbered_files():
+    from histodetect.explain import _file_stem
+
+    taken: set[str] = set()
+    names = [_file_stem(patch_id, taken) for patch_id in ("a/b", "a_b", "..", "", "a_b-2")]
+    assert names == ["a_b", "a_b-2", "patch", "patch-2", "a_b-2-2"]

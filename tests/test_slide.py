@@ -656,3 +656,10 @@ def test_a_truncated_or_grey_slide_is_one_line_naming_it(trained_run, slide_path
                      resolution=(1e4 / 0.486,) * 2, resolutionunit="CENTIMETER")
     with pytest.raises(UserError, match=r"print.tif: a CMYK \(print\) image; expected a brightfield RGB scan"):
         open_slide(cmyk)
+
+
+def test_slides_with_the_same_name_get_numbered_output_folders():
+    from histodetect.slide.analyse.batch import _unique_names
+
+    slides = [Path("x/node.tif"), Path("y/node.svs"), Path("z/node-2.tif"), Path("node.ndpi")]
+    assert _unique_names(slides) == ["node", "node-2", "node-2-2", "node-3"]

@@ -149,3 +149,13 @@ def write_json_atomic(path: Path, obj) -> Path:
     """Write `obj` as indented JSON (e.g. metrics.json), atomically; NaN is refused, as JSON has none."""
     text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
     return write_file_atomic(path, lambda handle: handle.write(text))
+
+
+def unique_name(name: str, taken: set[str]) -> str:
+    """`name`, else `name-2`, `name-3`, ...: the first not in `taken`, which it is added to."""
+    unique, n = name, 1
+    while unique in taken:
+        n += 1
+        unique = f"{name}-{n}"
+    taken.add(unique)
+    return unique

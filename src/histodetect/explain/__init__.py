@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..data.decode import PATCH_SHAPE, PATCH_SIZE_PX
 from ..errors import UserError
-from ..outputs import check_output_folder
+from ..outputs import check_output_folder, unique_name
 from ..predict import LoadedRun, count_inputs, iter_inputs, predict_patches, sample_probabilities
 from ..train import bf16_is_fast
 from .calibration import (
@@ -116,13 +116,7 @@ class ExplainReport:
 
 def _file_stem(patch_id: str, taken: set[str]) -> str:
     """A file name for a patch id (ids may hold folders or odd characters), unique within the output."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", patch_id).strip("._") or "patch"
-    unique, n = stem, 1
-    while unique in taken:
-        n += 1
-        unique = f"{stem}-{n}"
-    taken.add(unique)
-    return unique
+    return unique_name(re.sub(r"[^A-Za-z0-9._-]+", "_", patch_id).strip("._") or "patch", taken)
 
 
 def check_explain_out(out: Path, run_dir: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ...errors import UserError
-from ...outputs import check_folder_location
+from ...outputs import check_folder_location, unique_name
 from ...predict import LoadedRun, write_csv_atomic
 from ..reader import has_slide_suffix, slide_stem
 from .config import SlideConfig, SlidesReport
@@ -70,15 +70,8 @@ def analyse_slides(run: LoadedRun, inputs: list[str | Path], out: Path, config: 
 
 
 def _unique_names(slides: list[Path]) -> list[str]:
-    names: list[str] = []
-    for slide in slides:
-        name = slide_stem(slide)
-        candidate, n = name, 1
-        while candidate in names:
-            n += 1
-            candidate = f"{name}-{n}"
-        names.append(candidate)
-    return names
+    taken: set[str] = set()
+    return [unique_name(slide_stem(slide), taken) for slide in slides]
 
 
 def _write_slides_table(path: Path, report: SlidesReport, names: list[str], slides: list[Path]) -> Path:
