@@ -609,7 +609,6 @@ def test_openslide_is_used_when_installed_for_the_formats_only_it_reads(slide_pa
 # --- the command line -----------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not hasattr(cli, "_cmd_slide"), reason="cli.py has no 'slide' subcommand yet")
 def test_the_command_prints_a_line_per_slide_and_exits_2_when_one_failed(trained_run, slide_path, tmp_path, capsys):
     def histodetect(*argv) -> tuple[int, str, str]:
         code = cli.main([str(a) for a in argv])

@@ -15,8 +15,5 @@ The package, in the order a command meets it:
 
 from .entry import main
 from .parser import TTA_CHOICES, TTA_HELP, build_parser
-from .run_commands import _cmd_slide as _cmd_slide
 
-# The private name above (`name as name`) is re-exported for tests/test_slide.py, which
-# skips its command-line test when the package has no `_cmd_slide`.
 __all__ = ["TTA_CHOICES", "TTA_HELP", "build_parser", "main"]
