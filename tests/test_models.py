@@ -163,6 +163,72 @@ def test_pretrained_weights_in_the_hub_cache_load_without_network(monkeypatch, t
     assert model.get_classifier().out_features == 1
 
 
+def test_the_reachability_check_goes_through_the_proxy_as_the_hubs_client_does(monkeypatch):
+    import socket
+
+    from histodetect.hub import hub_unreachable
+
+    tried = []
+
+    def connect(address, *args, **kwargs):
+        tried.append(address)
+        raise OSError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example")  # no port: httpx and urllib take 80
+    assert hub_unreachable() == "cannot connect to proxy.example:80: Connection refused"
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setenv("ALL_PROXY", "http://proxy.example:3128")  # huggingface_hub's httpx honours it
+    hub_unreachable()
+    assert tried == [("proxy.example", 80), ("proxy.example", 3128)]
+
+
+def test_a_proxy_that_refuses_the_download_is_one_line(monkeypatch, tmp_path):
+    # A real local proxy that answers CONNECT with 403 (a corporate proxy blocking the hub):
+    # httpx raises ProxyError, which is no OSError.
+    import socket
+    import threading
+
+    import huggingface_hub.constants
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def refuse_every_request():
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            with client:
+                client.recv(4096)
+                client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    threading.Thread(target=refuse_every_request, daemon=True).start()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.getsockname()[1]}")
+    try:
+        with pytest.raises(UserError, match=r"model 'resnet18': .*downloading them from the Hugging Face hub failed "
+                                            r"\(ProxyError: 403 Forbidden\).*--weights FILE") as error:
+            create_model("resnet18", pretrained=True)
+    finally:
+        server.close()
+    assert "\n" not in str(error.value)
+
+
+def test_url_hosted_weights_are_not_downloaded_unchecked_and_the_error_names_their_host(monkeypatch, tmp_path):
+    # legacy_xception's (the `xception` alias) come from a GitHub release, through torch.hub's cache.
+    _hub_unreachable(monkeypatch, tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(UserError, match=r"model 'xception': .*not in the local cache and github.com is unreachable "
+                                        r"here \(cannot connect to github.com:443: Network is unreachable\)"):
+        create_model("xception", pretrained=True)
+
+
 def _same_outputs(a: torch.nn.Module, b: torch.nn.Module, patches: torch.Tensor) -> bool:
     with torch.no_grad():
         return torch.allclose(a.eval()(patches), b.eval()(patches))

@@ -588,6 +588,63 @@ def test_a_checkpoint_save_that_fails_half_way_leaves_the_previous_checkpoint_wh
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"], "no half-written temporary file is left"
 
 
+def test_a_checkpoint_save_on_a_full_disk_is_one_line_with_torchs_own_writer(tmp_path, monkeypatch):
+    # torch.save's zip writer turns the file's OSError into "RuntimeError: unexpected pos 704 vs 598":
+    # the real torch.save, on a file whose writes fail past 2 kB as a full disk's do.
+    import errno
+
+    from histodetect.train import CHECKPOINT_FORMAT, save_atomic
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_atomic({"format": CHECKPOINT_FORMAT, "state": {"epoch": 1}}, path)
+    real_open = Path.open
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            if self.handle.tell() + len(data) > 2000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.handle.write(data)
+
+        def flush(self):
+            self.handle.flush()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self.handle.close()
+
+    def open_on_a_full_disk(self, mode="r", *args, **kwargs):
+        handle = real_open(self, mode, *args, **kwargs)
+        return FullDisk(handle) if ".tmp-" in self.name else handle
+
+    monkeypatch.setattr(Path, "open", open_on_a_full_disk)
+    with pytest.raises(UserError, match=r"last.pt: cannot write it \(No space left on device\)$"):
+        save_atomic({"format": CHECKPOINT_FORMAT, "state": {"epoch": 2}, "weights": torch.zeros(10_000)}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["state"]["epoch"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"], "no half-written temporary file is left"
+
+
+def test_a_run_under_dev_shm_is_written_as_files_not_streams(small_store):
+    from histodetect.outputs import is_stream
+
+    for stream in ("/dev/stdout", "-", "/dev/null", "/dev/stderr", "/dev/fd/3", "/proc/self/fd/1"):
+        assert is_stream(Path(stream)), stream
+    assert not is_stream(Path("/dev/shm/run/checkpoints/last.pt")), "a tmpfs folder under /dev holds plain files"
+    if not Path("/dev/shm").is_dir() or not os.access("/dev/shm", os.W_OK):
+        return
+    run = Path(f"/dev/shm/histodetect-test-{os.getpid()}")
+    try:
+        fit(preset_config("cpu", **{**TINY, "epochs": 1}), small_store, run, progress=False)
+        assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.pt", "last.pt"}
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
 def test_sam_takes_the_gradient_at_the_moved_weights_then_puts_the_weights_back():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.GELU(),
@@ -977,12 +1034,27 @@ def test_out_of_gpu_memory_while_validating_names_the_validation_batch_and_resum
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     run = tmp_path / "r"
-    expected = rf"^{re.escape(str(run))}: out of GPU memory validating with --val-batch-size 128 for histo_tinynet; " \
-               rf"continue with --resume {re.escape(str(run))} --val-batch-size 64$"
-    with monkeypatch.context() as patched:  # in an epoch's validation
+    start = rf"^{re.escape(str(run))}: out of GPU memory validating with --val-batch-size 128 for histo_tinynet; "
+    expected = start + rf"continue with --resume {re.escape(str(run))} --val-batch-size 64$"
+    with monkeypatch.context() as patched:  # in epoch 1's validation, before its last.pt: nothing to resume
         patched.setattr(train_module, "validate", out_of_memory)
+        with pytest.raises(UserError, match=start + "no checkpoint had been written yet: start it again with "
+                                                    "--overwrite --val-batch-size 64$"):
+            fit(preset_config("cpu", **TINY), small_store, run, progress=False, overwrite=True)
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--val-batch-size", "64")
+    assert code == 2 and "stopped before its first checkpoint" in err, err
+    real_validate, validations = train_module.validate, []
+
+    def out_of_memory_in_epoch_2(*args, **kwargs):
+        validations.append(1)
+        return out_of_memory() if len(validations) == 2 else real_validate(*args, **kwargs)
+
+    with monkeypatch.context() as patched:  # in epoch 2's validation: epoch 1's last.pt resumes
+        patched.setattr(train_module, "validate", out_of_memory_in_epoch_2)
         with pytest.raises(UserError, match=expected):
             fit(preset_config("cpu", **TINY), small_store, run, progress=False, overwrite=True)
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--val-batch-size", "64")
+    assert code == 0 and json.loads((run / "run.json").read_text())["epochs_run"] == 2, err
     with monkeypatch.context() as patched:  # in the choice of thresholds, after the last epoch
         patched.setattr(train_module, "_validation_thresholds", out_of_memory)
         with pytest.raises(UserError, match=expected):
@@ -998,6 +1070,29 @@ def test_out_of_gpu_memory_while_validating_names_the_validation_batch_and_resum
     assert code == 2 and "drop --out and the overrides" in err and "--val-batch-size" in err, err
     with pytest.raises(UserError, match=r"--resume: lr would change what the run trains"):
         fit(None, None, run, resume=True, progress=False, resume_settings={"lr": 0.1})
+
+
+def test_out_of_gpu_memory_resuming_does_not_suggest_a_batch_size_the_resume_refuses(small_store, tmp_path,
+                                                                                      monkeypatch):
+    import histodetect.train.loop.training as train_module
+
+    run = tmp_path / "r"
+    fit(preset_config("cpu", **TINY), small_store, run, progress=False, stop_after_epochs=1)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(train_module, "training_loss", out_of_memory)
+    with pytest.raises(UserError, match=r"out of GPU memory resuming with the run's --batch-size 32 for histo_tinynet; "
+                                        r"resume it on a GPU with more memory, or start it again with "
+                                        r"--overwrite --batch-size 16$"):
+        fit(None, None, run, resume=True, progress=False)
+
+
+def test_resume_refuses_a_preset_or_overwrite_it_would_ignore(trained_run, capsys):
+    for extra in (["--preset", "seed-xception"], ["--overwrite"]):
+        code, _, err = run_cli(capsys, "train", "--resume", trained_run, *extra)
+        assert code == 2 and "drop --out and the overrides" in err and "--preset" in err, err
 
 
 def test_an_error_mid_epoch_starts_its_own_line_after_the_progress_bar(small_store, tmp_path, capsys):

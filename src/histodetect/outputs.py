@@ -47,9 +47,10 @@ def is_stdout(path: Path) -> bool:
 
 def is_stream(path: Path) -> bool:
     """/dev/stdout, /dev/null, /proc/self/fd/N, a named pipe: written straight through, never replaced
-    by a renamed temporary file (with stdout sent to a file, /dev/stdout resolves to that file)."""
+    by a renamed temporary file (with stdout sent to a file, /dev/stdout resolves to that file).
+    A file in a folder below /dev (/dev/shm/run/last.pt, a tmpfs) is a file like any other."""
     path = Path(path)
-    if is_stdout(path) or str(path).startswith(("/dev/", "/proc/")):
+    if is_stdout(path) or str(path).startswith("/proc/") or str(path.parent) in ("/dev", "/dev/fd"):
         return True
     if not path.exists():
         return False

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", "Train a model on a store; writes a run folder (config, metrics, checkpoints).",
             "histodetect train --data stores/pcam-jpeg --preset cpu --out runs/cpu --max-minutes 10", _cmd_train)
     p.add_argument("--data", type=Path, help="a store made by 'histodetect prepare'")
-    p.add_argument("--preset", default="default", help="seed-xception, seed-mobilenetv2, default or cpu (default: default)")
+    p.add_argument("--preset", default=None, help="seed-xception, seed-mobilenetv2, default or cpu (default: default)")
     p.add_argument("--out", type=Path, help="run folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue a stopped run where it stopped (with its own config; only --device, --threads, --val-batch-size, --profile and --checkpoint-minutes may change)")

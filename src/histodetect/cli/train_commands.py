@@ -38,16 +38,17 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
         overrides = _train_overrides(args)
         settings = {name: value for name, value in overrides.items() if name in RESUME_SETTINGS}
-        if len(settings) < len(overrides) or args.out:
+        if len(settings) < len(overrides) or args.out or args.preset or args.overwrite:
             flags = ", ".join("--" + name.replace("_", "-") for name in RESUME_SETTINGS)
-            raise UserError("--resume RUN continues a run with its saved config; drop --out and the overrides "
-                            f"(--data may say where its store is now; {flags} may change)")
+            raise UserError("--resume RUN continues a run with its saved config; drop --out and the overrides, "
+                            f"--preset and --overwrite too (--data may say where its store is now; {flags} may change)")
         result = fit(None, args.data, args.resume, resume=True, resume_settings=settings)
     else:
         if not args.data or not args.out:
             raise UserError("train needs --data STORE and --out RUN (or --resume RUN)")
-        config = preset_config(args.preset, **_train_overrides(args))
-        result = fit(config, args.data, args.out, overwrite=args.overwrite, preset=args.preset)
+        preset = args.preset or "default"  # None when not given, so that --resume can refuse one
+        config = preset_config(preset, **_train_overrides(args))
+        result = fit(config, args.data, args.out, overwrite=args.overwrite, preset=preset)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only the first process validates and reports
         print(f"run {result.run_dir}: best validation AUC {result.best_auc:.4f} after {result.epochs_run} epochs "
               f"({result.stopped_because})")

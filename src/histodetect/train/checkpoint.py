@@ -17,10 +17,37 @@ CHECKPOINT_FORMAT = "histodetect-checkpoint-1"
 RUN_FILE = "run.json"
 
 
+class _KeepWriteError:
+    """The file torch.save writes to, keeping the OSError of a failed write: torch's zip writer
+    reports a full disk as a RuntimeError ("unexpected pos 704 vs 598") and drops the OSError."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash, a full disk or an interrupt never
     leaves half a checkpoint, nor a temporary file beside it (outputs.write_file_atomic)."""
-    write_file_atomic(path, lambda handle: torch.save(obj, handle), "wb")
+    def save(handle) -> None:
+        file = _KeepWriteError(handle)
+        try:
+            torch.save(obj, file)
+        except RuntimeError:
+            if file.error is None:
+                raise
+            raise file.error from None  # write_file_atomic makes it one line naming `path`
+
+    write_file_atomic(path, save, "wb")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -64,6 +64,8 @@ def _class_rows(store: PatchStore, cfg: TrainConfig) -> tuple[np.ndarray, np.nda
 
 
 # What --resume may change: where and how fast it runs, never what it trains (the weights
-# then equal an uninterrupted run's). They apply to this process only; the checkpoints
-# keep the run's own config. --device must still name the kind the run trained on.
+# then equal an uninterrupted run's, but for --threads on the CPU: another thread count
+# sums in another order, so the weights differ in rounding). They apply to this process
+# only; the checkpoints keep the run's own config. --device must still name the kind the
+# run trained on.
 RESUME_SETTINGS = ("device", "threads", "val_batch_size", "profile", "checkpoint_minutes")

@@ -278,8 +278,14 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
             unagreed_seconds[0] = 0.0
 
     def out_of_memory_validating() -> UserError:
+        smaller = f"--val-batch-size {max(1, cfg.val_batch_size // 2)}"
+        # Epoch 1's validation comes before its last.pt: with no checkpoint there is nothing to resume.
+        if (out / "checkpoints" / "last.pt").is_file():
+            fix = f"continue with --resume {out} {smaller}"
+        else:
+            fix = f"no checkpoint had been written yet: start it again with --overwrite {smaller}"
         return UserError(f"{out}: out of GPU memory validating with --val-batch-size {cfg.val_batch_size} for "
-                         f"{cfg.model}; continue with --resume {out} --val-batch-size {max(1, cfg.val_batch_size // 2)}")
+                         f"{cfg.model}; {fix}")
 
     phase = "training"
     stopped_because = state.get("stopped_because") or "finished all epochs"
@@ -429,9 +435,12 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
     except torch.cuda.OutOfMemoryError:
         if phase == "validating":
             raise out_of_memory_validating() from None
-        raise UserError(
-            f"out of GPU memory with --batch-size {cfg.batch_size} for {cfg.model}; try --batch-size {max(1, cfg.batch_size // 2)}"
-        ) from None
+        smaller = f"--batch-size {max(1, cfg.batch_size // 2)}"
+        if resume:  # a resume keeps the run's batch size (RESUME_SETTINGS)
+            raise UserError(f"{out}: out of GPU memory resuming with the run's --batch-size {cfg.batch_size} for "
+                            f"{cfg.model}; resume it on a GPU with more memory, or start it again with "
+                            f"--overwrite {smaller}") from None
+        raise UserError(f"out of GPU memory with --batch-size {cfg.batch_size} for {cfg.model}; try {smaller}") from None
     if dist.is_main:
         run = read_run(out)
         if progress:
