@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import timm
 import torch
@@ -146,17 +148,23 @@ def test_pretrained_on_an_unreachable_network_fails_at_once_in_one_line(monkeypa
     assert "Retrying" not in capfd.readouterr().err
 
 
-def test_pretrained_weights_in_the_hub_cache_load_without_network(monkeypatch, tmp_path):
-    _hub_unreachable(monkeypatch, tmp_path)
+def _resnet18_file_in_the_hub_cache(tmp_path) -> Path:
+    """Where huggingface_hub's cache (tmp_path / "hub") keeps resnet18's weights file."""
     hub_id = timm.models.get_pretrained_cfg("resnet18").hf_hub_id  # timm/resnet18.a1_in1k
     commit = "0" * 40
     repo = tmp_path / "hub" / f"models--{hub_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     (repo / "snapshots" / commit).mkdir(parents=True)
+    return repo / "snapshots" / commit / "model.safetensors"
+
+
+def test_pretrained_weights_in_the_hub_cache_load_without_network(monkeypatch, tmp_path):
+    _hub_unreachable(monkeypatch, tmp_path)
+    weights_file = _resnet18_file_in_the_hub_cache(tmp_path)
     torch.manual_seed(3)
     published = timm.create_model("resnet18").state_dict()  # ImageNet's 1000-class head
-    save_file(published, repo / "snapshots" / commit / "model.safetensors")
+    save_file(published, weights_file)
 
     model = create_model("resnet18", pretrained=True)
     assert torch.equal(model.state_dict()["conv1.weight"], published["conv1.weight"])
@@ -306,3 +314,13 @@ def test_weights_of_a_deeper_relative_or_a_training_checkpoint_are_refused_in_on
     torch.save({"model": create_model("histo_tinynet").state_dict(), "rng": np.random.get_state()}, last)
     with pytest.raises(UserError, match=r"last.pt: a training checkpoint with more than weights .*checkpoints/best.pt"):
         create_model("histo_tinynet", weights=last)
+
+
+def test_a_damaged_weights_file_in_the_hub_cache_is_one_line(monkeypatch, tmp_path):
+    _hub_unreachable(monkeypatch, tmp_path)
+    weights_file = _resnet18_file_in_the_hub_cache(tmp_path)
+    weights_file.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(UserError, match=r"model 'resnet18': the cached weights file is damaged \(SafetensorError\); "
+                                        r"delete it from the Hugging Face cache") as error:
+        create_model("resnet18", pretrained=True)
+    assert "\n" not in str(error.value)

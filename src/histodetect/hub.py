@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import pickle
 import socket
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import huggingface_hub.constants
 import huggingface_hub.errors
 import timm
 import torch.hub
+from safetensors import SafetensorError
 from torch import nn
 
 from histodetect.errors import UserError
@@ -91,13 +93,27 @@ def _download_errors() -> tuple[type[Exception], ...]:
     return tuple(errors + ([xet_error] if xet_error else []))
 
 
+def _create_checked(name: str, timm_name: str, **kwargs) -> nn.Module:
+    """timm.create_model with its weights; a damaged weights file in a cache is one line."""
+    try:
+        return timm.create_model(timm_name, pretrained=True, **kwargs)
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "PytorchStreamReader" not in str(error):
+            raise  # not a file timm could not read
+        raise UserError(
+            f"model '{name}': the cached weights file is damaged ({type(error).__name__}); delete it from the "
+            "Hugging Face cache (`hf cache delete`, or its folder under HF_HUB_CACHE) or torch.hub's "
+            "checkpoints folder, and run again"
+        ) from None
+
+
 def create_pretrained(name: str, timm_name: str, **kwargs) -> nn.Module:
     """timm.create_model(timm_name, pretrained=True, **kwargs), failing in one line offline."""
     url = _weights_url(timm_name)
     if url is None or _url_cached(url):  # a URL-hosted file not cached would be downloaded here, unchecked
         try:
             with _hub_offline():
-                return timm.create_model(timm_name, pretrained=True, **kwargs)
+                return _create_checked(name, timm_name, **kwargs)
         except OSError:  # not in the cache (LocalEntryNotFoundError)
             pass
     why = hub_unreachable(url)
@@ -106,7 +122,7 @@ def create_pretrained(name: str, timm_name: str, **kwargs) -> nn.Module:
         problem = f"{source} is unreachable here ({why})"
     else:
         try:
-            return timm.create_model(timm_name, pretrained=True, **kwargs)
+            return _create_checked(name, timm_name, **kwargs)
         except _download_errors() as error:
             first_line = str(error).splitlines()[0] if str(error) else ""
             problem = f"downloading them from {source} failed ({type(error).__name__}: {first_line})"
