@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from histodetect.data.decode import decode_patch_file, patch_sha1
 from histodetect.data.formats import detect_format, open_source
 from histodetect.data.splits import make_validation_split
 from histodetect.data.store import PrepareWarning, describe_store, is_store, open_store, prepare
+from histodetect.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -304,6 +306,30 @@ def test_interrupted_prepare_leaves_no_store(pcam_jpeg, tmp_path, monkeypatch):
         prepare(src, tmp_path / "s", progress=False)
     assert not (tmp_path / "s").exists()
     assert list(tmp_path.glob(".s.*")) == [], "the partial folder is removed"
+
+
+def test_prepare_onto_a_disk_too_small_for_the_store_is_one_line_before_decoding(pcam_jpeg, tmp_path, monkeypatch):
+    # The space is reserved first: decoding into a sparse memory map on a full disk killed the
+    # workers with SIGBUS and prepare hung (checked on a 300 kB tmpfs: now this line, in 0.35 s).
+    import errno
+
+    import histodetect.data.store.pack as pack
+
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=2)
+    reserved, decoded = [], []
+
+    def full_disk(fd, offset, length):
+        reserved.append(length)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk, raising=False)
+    monkeypatch.setattr(pack, "read_chunk", lambda task: decoded.append(task))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path / 's'))}: cannot write the store \(No space left "
+                                        r"on device; its 8 patches take 0.00 GB\); free some space or choose another "
+                                        r"--out$"):
+        prepare(src, tmp_path / "s", progress=False)
+    assert reserved and reserved[0] >= 8 * 96 * 96 * 3 and not decoded, "reserved before any decoding"
+    assert not (tmp_path / "s").exists() and list(tmp_path.glob(".s.*")) == []
 
 
 CTRL_C_DURING_PREPARE = """

@@ -235,3 +235,30 @@ def test_pcam_table_lists_nine_files_with_the_corrected_valid_and_test_md5s():
     # PCam's own README gives these two the other way round.
     assert PCAM_FILES["camelyonpatch_level_2_split_valid_x.h5.gz"] == "d5b63470df7cfa627aeec8b9dc0c066e"
     assert PCAM_FILES["camelyonpatch_level_2_split_test_x.h5.gz"] == "d8c2d60d490dbd479f8199bdfa0cf6ec"
+
+
+def test_a_full_disk_names_the_file_and_the_rerun_resumes(tmp_path, server, true_md5s, source_arrays, pcam_bytes,
+                                                          monkeypatch):
+    # Python's write error names no file: "[Errno 28] No space left on device".
+    import errno
+    import os
+
+    import histodetect.data.download as download_module
+
+    base_url, served = server
+    real_copy, copies = download_module._copy, []
+
+    def fill_the_disk_on_the_second_file(source, out, bar, md5=None):
+        copies.append(1)
+        if len(copies) == 2:
+            out.write(b"x" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_copy(source, out, bar, md5)
+
+    monkeypatch.setattr(download_module, "_copy", fill_the_disk_on_the_second_file)
+    with pytest.raises(UserError, match=r"^.*\.h5: cannot write it \(No space left on device\); free some space and "
+                                        r"run the same command again to resume$"):
+        download_pcam(tmp_path, base_url=base_url, files=true_md5s, progress=False)
+    monkeypatch.undo()
+    download_pcam(tmp_path, base_url=base_url, files=true_md5s, progress=False)
+    assert_is_the_source(tmp_path, source_arrays)

@@ -273,6 +273,24 @@ def test_an_out_folder_that_is_not_an_explain_output_is_left_alone(real_run, pca
         ["explain.json", "explanations.csv", f"{file.stem}.png"])
 
 
+def test_a_full_disk_is_one_line_naming_the_output_folder_and_leaves_nothing(real_run, pcam_jpeg, tmp_path,
+                                                                            monkeypatch):
+    # Pillow says "[Errno 28] No space left on device", naming no file.
+    import errno
+    import os
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    run = load_run(real_run, device="cpu")
+    file = min((pcam_jpeg / "valid" / "0").glob("*.jpg"))
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path / 'out'))}: cannot write it "
+                                        r"\(No space left on device\)$"):
+        write_explanations(run, [file], tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == [], "no output and no partial folder"
+
+
 # --- uncertainty ----------------------------------------------------------------------------
 
 
@@ -477,6 +495,23 @@ def test_triage_on_a_real_trained_model_gains_accuracy_at_half_coverage(real_run
     assert rows[0.5]["accuracy"] >= rows[1.0]["accuracy"] + 0.03, rows
     assert rows[0.5]["n_patches"] == 128
     assert "Not calibrated (T = 1)" in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_evaluate_on_a_full_disk_is_one_line_naming_its_output_folder(real_run, real_store, tmp_path, monkeypatch):
+    # matplotlib says "[Errno 28] No space left on device", naming no file.
+    import errno
+    import os
+
+    import matplotlib.figure
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path / 'eval'))}: cannot write it "
+                                        r"\(No space left on device\)$"):
+        evaluate_run(real_run, real_store, split="valid", tta=1, out=tmp_path / "eval", device="cpu", n_boot=100)
+    assert list(tmp_path.iterdir()) == [], "no output and no partial folder"
 
 
 # --- the command line -----------------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import shutil
 import sys
 import tracemalloc
@@ -464,6 +466,31 @@ def test_many_slides_each_get_a_folder_and_one_table_and_a_bad_one_does_not_stop
 
     again = analyse_slides(trained_run, [str(folder / "*.tif*")], tmp_path / "out", SlideConfig(), progress=False)
     assert [r.reused for r in again.results] == [True, True] and not again.failed
+
+
+def test_a_full_disk_writing_the_outputs_is_one_line_and_the_rerun_resumes(trained_run, slide_path, tmp_path,
+                                                                         monkeypatch):
+    # Pillow raises "[Errno 28] No space left on device" without a file name; the line names the output
+    # folder, and the scores, saved once the failed outputs are removed, spare the rerun the scoring.
+    import errno
+
+    from histodetect.slide.analyse import results
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = tmp_path / "node"
+    config = SlideConfig(batch_size=32)
+    monkeypatch.setattr(results, "write_overlay_png", full_disk)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(out))}: cannot write it \(No space left on device\); "
+                                        r"its tile scores are kept: run it again once there is space$"):
+        analyse_slide(trained_run, slide_path, out, config, progress=False)
+    assert not out.exists()
+    assert sorted(p.name for p in (tmp_path / ".node.partial").iterdir()) == ["progress.npy", "settings_key"]
+    monkeypatch.undo()
+    result = analyse_slide(trained_run, slide_path, out, config, progress=False)
+    assert result.summary["tiles_resumed"] == result.summary["tiles_read"] == 144
+    assert (out / "overlay.png").is_file() and not list(tmp_path.glob(".*"))
 
 
 def test_an_interrupted_run_leaves_no_result_and_the_rerun_resumes(trained_run, slide_path, analysed, tmp_path,

@@ -437,3 +437,20 @@ def test_the_synth_command_refuses_an_out_inside_a_file_in_one_line(tmp_path, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path / 'afile'} is a file, not a folder; choose another path" in err
     assert (tmp_path / "afile").read_text() == "not a folder"
+
+
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tmp_path, monkeypatch):
+    # h5py's OSError for a full disk carries a paragraph ("Can't synchronously write data (file write
+    # failed: time = ..."); Pillow's names no file.
+    import errno
+
+    import histodetect.data.synthetic.write as write_module
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "Can't synchronously write data (file write failed: time = ..., errno = 28)")
+
+    monkeypatch.setattr(write_module, "_write_pcam_h5", full_disk)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path / 'syn'))}: cannot write it "
+                                        r"\(No space left on device\)$"):
+        write_synthetic(tmp_path / "syn", 20, format="pcam_h5")
+    assert list(tmp_path.iterdir()) == []

@@ -7,12 +7,14 @@ must never delete what was there (`evaluate --out .` once emptied the working fo
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -109,6 +111,23 @@ def replace_folder(partial: Path, out: Path) -> None:
         os.replace(out, old)
     os.replace(partial, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# What only a write can fail with: a full disk, a quota, a file too large for its file system, a read-only one.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+@contextlib.contextmanager
+def naming_write_errors(where: Path, advice: str = "") -> Iterator[None]:
+    """A full or read-only disk while the block fills an output: one line naming `where`
+    (Pillow, numpy and csv raise it without a file name: "[Errno 28] No space left on device")."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        # os.strerror: h5py's strerror is a whole paragraph ("Can't synchronously write data (file write failed: ...").
+        raise UserError(f"{where}: cannot write it ({os.strerror(error.errno)}){advice}") from None
 
 
 def write_file_atomic(path: Path, write: Callable[[IO], None], mode: str = "w") -> Path:

@@ -19,6 +19,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from histodetect.errors import UserError
+from histodetect.outputs import naming_write_errors
 
 # `/record/` rather than `/records/`: Zenodo redirects the old form, and it is the
 # one PCam's README cites. No `?download=1`: the plain path serves the file.
@@ -71,10 +72,12 @@ def download_pcam(
         if not final.exists():
             # An archive under its own name is complete: it is only ever renamed
             # from `.part` after its md5 matched.
-            if not archive.exists():
-                _download(f"{base_url.rstrip('/')}/{name}", archive, md5_expected, progress, timeout_s)
-            if archive != final:
-                _gunzip(archive, final, progress)
+            # A full disk names the file (Python's write error names none); the rerun resumes.
+            with naming_write_errors(final, "; free some space and run the same command again to resume"):
+                if not archive.exists():
+                    _download(f"{base_url.rstrip('/')}/{name}", archive, md5_expected, progress, timeout_s)
+                if archive != final:
+                    _gunzip(archive, final, progress)
         final_paths.append(final)
     return final_paths
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..outputs import check_output_folder, replace_folder
+from ..outputs import check_output_folder, naming_write_errors, replace_folder
 from .metrics import (
     accuracy_coverage,
     binary_metrics,
@@ -163,52 +163,54 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    try:
-        images = {
-            "Confusion matrix": plot_confusion_matrix(metrics["tn"], metrics["fp"], metrics["fn"], metrics["tp"],
-                                                      partial / "confusion_matrix.png"),
-            "ROC curve": plot_roc(labels, probs, metrics["roc_auc"], tuple(metrics["roc_auc_ci"]), partial / "roc.png"),
-            "Reliability diagram": plot_reliability(labels, probs, metrics["ece"], 15, partial / "reliability.png"),
-        }
-        if calibration:
-            images["Reliability diagram before temperature scaling"] = plot_reliability(
-                labels, uncalibrated_probs, uncalibrated["ece"], 15, partial / "reliability_uncalibrated.png")
-        images[f"Accuracy on the most confident patches (by {DEFAULT_UNCERTAINTY})"] = plot_accuracy_coverage(
-            labels, probs, measures[DEFAULT_UNCERTAINTY], partial / "accuracy_coverage.png", threshold=threshold)
-        metrics_csv = run.run_dir / "metrics.csv"
-        if metrics_csv.is_file() and len(read_training_curves(metrics_csv)["epoch"]):
-            images["Training curves"] = plot_training_curves(metrics_csv, partial / "training_curves.png")
-        write_json_atomic(partial / "metrics.json", {**metrics, "accuracy_coverage": triage[DEFAULT_UNCERTAINTY],
-                                                     "accuracy_coverage_by_uncertainty": triage})
-        threshold_note = (f"Decision threshold {threshold:.3f}: the one chosen on the validation split at the end "
-                          f"of training for {tta}-view predictions")
-        if calibration:
-            chosen = run_thresholds(run.run, calibrated=False)
-            threshold_note += f" ({chosen.get(tta, chosen[1]):.3f}), moved by the temperature."
-            notes = [threshold_note,
-                     (f"Temperature scaling T = {run.temperature:.3f}, fitted on {calibration['split']} "
-                      f"({calibration['n']} patches): NLL {uncalibrated['nll']:.4f} -> {metrics['nll']:.4f}, "
-                      f"ECE {uncalibrated['ece']:.4f} -> {metrics['ece']:.4f} here.")]
-            if calibration["store_fingerprint"] == store.fingerprint and calibration["split"] == split:
-                notes.append("The temperature was fitted on this split: its calibration scores are optimistic.")
-        else:
-            notes = [threshold_note + ".",
-                     (f"Not calibrated (T = 1): run 'histodetect calibrate {run.run_dir} --data STORE:valid' "
-                      "to fit temperature scaling.")]
-        notes += [f"ROC AUC interval: 95% {metrics['bootstrap']} bootstrap, {n_boot} resamples.",
-                  ("Selective prediction: each column keeps the given share of patches that an uncertainty "
-                   "ranks most confident (doubt = closeness to the decision threshold; entropy in bits; "
-                   "spread = standard deviation of the probability over TTA views or MC-dropout passes) "
-                   "and refers the rest to a pathologist.")]
-        if store.fingerprint == run.run["data"]["fingerprint"] and split == run.config["val_split"]:
-            notes.append("This is the validation split that chose the best epoch and the threshold: "
-                         "scores on it are slightly optimistic.")
-        title = f"histodetect evaluation: {run.run_dir.name} on {store.path.name}:{split} (TTA {tta}"
-        title += f", MC-dropout {mc_passes})" if mc_passes else ")"
-        write_report(partial, title, metrics, images, {"Accuracy-coverage": _triage_report_rows(triage)}, notes)
-        replace_folder(partial, out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    with naming_write_errors(out):
+        try:
+            images = {
+                "Confusion matrix": plot_confusion_matrix(metrics["tn"], metrics["fp"], metrics["fn"], metrics["tp"],
+                                                          partial / "confusion_matrix.png"),
+                "ROC curve": plot_roc(labels, probs, metrics["roc_auc"], tuple(metrics["roc_auc_ci"]),
+                                      partial / "roc.png"),
+                "Reliability diagram": plot_reliability(labels, probs, metrics["ece"], 15, partial / "reliability.png"),
+            }
+            if calibration:
+                images["Reliability diagram before temperature scaling"] = plot_reliability(
+                    labels, uncalibrated_probs, uncalibrated["ece"], 15, partial / "reliability_uncalibrated.png")
+            images[f"Accuracy on the most confident patches (by {DEFAULT_UNCERTAINTY})"] = plot_accuracy_coverage(
+                labels, probs, measures[DEFAULT_UNCERTAINTY], partial / "accuracy_coverage.png", threshold=threshold)
+            metrics_csv = run.run_dir / "metrics.csv"
+            if metrics_csv.is_file() and len(read_training_curves(metrics_csv)["epoch"]):
+                images["Training curves"] = plot_training_curves(metrics_csv, partial / "training_curves.png")
+            write_json_atomic(partial / "metrics.json", {**metrics, "accuracy_coverage": triage[DEFAULT_UNCERTAINTY],
+                                                         "accuracy_coverage_by_uncertainty": triage})
+            threshold_note = (f"Decision threshold {threshold:.3f}: the one chosen on the validation split at the end "
+                              f"of training for {tta}-view predictions")
+            if calibration:
+                chosen = run_thresholds(run.run, calibrated=False)
+                threshold_note += f" ({chosen.get(tta, chosen[1]):.3f}), moved by the temperature."
+                notes = [threshold_note,
+                         (f"Temperature scaling T = {run.temperature:.3f}, fitted on {calibration['split']} "
+                          f"({calibration['n']} patches): NLL {uncalibrated['nll']:.4f} -> {metrics['nll']:.4f}, "
+                          f"ECE {uncalibrated['ece']:.4f} -> {metrics['ece']:.4f} here.")]
+                if calibration["store_fingerprint"] == store.fingerprint and calibration["split"] == split:
+                    notes.append("The temperature was fitted on this split: its calibration scores are optimistic.")
+            else:
+                notes = [threshold_note + ".",
+                         (f"Not calibrated (T = 1): run 'histodetect calibrate {run.run_dir} --data STORE:valid' "
+                          "to fit temperature scaling.")]
+            notes += [f"ROC AUC interval: 95% {metrics['bootstrap']} bootstrap, {n_boot} resamples.",
+                      ("Selective prediction: each column keeps the given share of patches that an uncertainty "
+                       "ranks most confident (doubt = closeness to the decision threshold; entropy in bits; "
+                       "spread = standard deviation of the probability over TTA views or MC-dropout passes) "
+                       "and refers the rest to a pathologist.")]
+            if store.fingerprint == run.run["data"]["fingerprint"] and split == run.config["val_split"]:
+                notes.append("This is the validation split that chose the best epoch and the threshold: "
+                             "scores on it are slightly optimistic.")
+            title = f"histodetect evaluation: {run.run_dir.name} on {store.path.name}:{split} (TTA {tta}"
+            title += f", MC-dropout {mc_passes})" if mc_passes else ")"
+            write_report(partial, title, metrics, images, {"Accuracy-coverage": _triage_report_rows(triage)}, notes)
+            replace_folder(partial, out)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     metrics["accuracy_coverage"] = triage[DEFAULT_UNCERTAINTY]
     metrics["accuracy_coverage_by_uncertainty"] = triage
     metrics["report"] = str(out / "report.html")

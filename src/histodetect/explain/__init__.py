@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..data.decode import PATCH_SHAPE, PATCH_SIZE_PX
 from ..errors import UserError
-from ..outputs import check_output_folder, unique_name
+from ..outputs import check_output_folder, naming_write_errors, unique_name
 from ..predict import LoadedRun, count_inputs, iter_inputs, predict_patches, sample_probabilities
 from ..train import bf16_is_fast
 from .calibration import (
@@ -144,35 +144,36 @@ def write_explanations(run: LoadedRun, inputs: list[Path], out: Path, *, method:
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    try:
-        rows, taken, sheets, layer_name = [], set(), [], None
-        total = count_inputs(inputs, split)
-        with tqdm(total=total, unit="patch", desc="explain", disable=not progress) as bar:
-            for chunk in iter_inputs(inputs, split=split, resize=resize, chunk_size=_CHUNK_PATCHES):
-                result = explain_patches(run, chunk.patches, method=method, layer=layer)
-                layer_name = result.layer
-                fractions = centre_fraction(result.cams)
-                for patch_id, overlay, prob, fraction in zip(chunk.ids, result.overlays, result.probs, fractions):
-                    name = _file_stem(str(patch_id), taken) + ".png"
-                    Image.fromarray(overlay).save(partial / name)
-                    rows.append((patch_id, f"{prob:.6f}", int(prob >= run.threshold), f"{fraction:.4f}", name))
-                # Chunks hold whole sheets, so the sheets of one chunk never need the next one's overlays.
-                for sheet in contact_sheets(result.overlays, [str(i) for i in chunk.ids]) if total > 1 else []:
-                    sheets.append(out / f"contact_sheet-{len(sheets) + 1:02d}.png")
-                    sheet.save(partial / sheets[-1].name)
-                bar.update(len(chunk.ids))
-        with (partial / EXPLANATIONS_CSV).open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(("id", "prob", "pred", "cam_centre_fraction", "overlay"))
-            writer.writerows(rows)
-        (partial / EXPLAIN_JSON).write_text(json.dumps({
-            "run": str(run.run_dir), "method": method, "layer": layer_name, "n": len(rows),
-            "temperature": run.temperature, "threshold": run.threshold, "overlay_scale": OVERLAY_SCALE,
-            "inputs": [str(path) for path in inputs], "split": split,
-        }, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(partial, out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    with naming_write_errors(out):
+        try:
+            rows, taken, sheets, layer_name = [], set(), [], None
+            total = count_inputs(inputs, split)
+            with tqdm(total=total, unit="patch", desc="explain", disable=not progress) as bar:
+                for chunk in iter_inputs(inputs, split=split, resize=resize, chunk_size=_CHUNK_PATCHES):
+                    result = explain_patches(run, chunk.patches, method=method, layer=layer)
+                    layer_name = result.layer
+                    fractions = centre_fraction(result.cams)
+                    for patch_id, overlay, prob, fraction in zip(chunk.ids, result.overlays, result.probs, fractions):
+                        name = _file_stem(str(patch_id), taken) + ".png"
+                        Image.fromarray(overlay).save(partial / name)
+                        rows.append((patch_id, f"{prob:.6f}", int(prob >= run.threshold), f"{fraction:.4f}", name))
+                    # Chunks hold whole sheets, so the sheets of one chunk never need the next one's overlays.
+                    for sheet in contact_sheets(result.overlays, [str(i) for i in chunk.ids]) if total > 1 else []:
+                        sheets.append(out / f"contact_sheet-{len(sheets) + 1:02d}.png")
+                        sheet.save(partial / sheets[-1].name)
+                    bar.update(len(chunk.ids))
+            with (partial / EXPLANATIONS_CSV).open("w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(("id", "prob", "pred", "cam_centre_fraction", "overlay"))
+                writer.writerows(rows)
+            (partial / EXPLAIN_JSON).write_text(json.dumps({
+                "run": str(run.run_dir), "method": method, "layer": layer_name, "n": len(rows),
+                "temperature": run.temperature, "threshold": run.threshold, "overlay_scale": OVERLAY_SCALE,
+                "inputs": [str(path) for path in inputs], "split": split,
+            }, indent=2) + "\n")
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(partial, out)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     return ExplainReport(out=out, n_patches=len(rows), method=method, layer=layer_name or "", sheets=sheets)

@@ -13,11 +13,32 @@ import numpy as np
 from tqdm import tqdm
 
 from ...errors import UserError
+from ...outputs import WRITE_ERRNOS
 from ..decode import PATCH_SHAPE
 from ..record import ChunkResult, PatchSource, ReadTask, read_chunk
 
 # Below this many patches, worker processes cost more to start than they save.
 MIN_PATCHES_FOR_WORKERS = 2048
+
+
+def reserve_space(path: Path) -> None:
+    """Reserve the disk blocks of the .npy file just made at `path` (a sparse memory map).
+
+    Writing a sparse memory map on a full disk kills the writer with SIGBUS: `prepare`
+    onto a disk too small for its store hung, the pool waiting for the dead worker's
+    chunk (or, with one worker, died with "Bus error"). Reserved, a full disk is an
+    ENOSPC OSError here, before any decoding. A file system that cannot reserve
+    space (EOPNOTSUPP) is written as before.
+    """
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows
+        return
+    with path.open("r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, path.stat().st_size)
+        except OSError as error:
+            if error.errno in WRITE_ERRNOS:
+                raise
+            # EOPNOTSUPP, EINVAL: this file system reserves nothing; write as before
 
 
 def _decode_into(job: tuple[ReadTask, Path]) -> ChunkResult:
@@ -55,6 +76,7 @@ def _decode_all(source: PatchSource, patches_path: Path, *, resize: bool, skip_b
     Returns (source rows decoded, their SHA-1s, bad files, converted modes, number resized).
     """
     np.lib.format.open_memmap(patches_path, mode="w+", dtype=np.uint8, shape=(len(source), *PATCH_SHAPE)).flush()
+    reserve_space(patches_path)
     jobs = [(task, patches_path) for task in source.tasks(chunk_size, resize=resize)]
     sha1_by_row = np.empty(len(source), dtype=object)
     good = np.zeros(len(source), dtype=bool)
@@ -100,6 +122,7 @@ def _compact(patches_path: Path, keep: np.ndarray, chunk_rows: int = 4096) -> No
     old = np.load(patches_path, mmap_mode="r")
     new_path = patches_path.with_suffix(".compact.npy")
     new = np.lib.format.open_memmap(new_path, mode="w+", dtype=np.uint8, shape=(int(keep.sum()), *PATCH_SHAPE))
+    reserve_space(new_path)
     cursor = 0
     for begin in range(0, len(keep), chunk_rows):
         end = min(begin + chunk_rows, len(keep))

@@ -15,6 +15,7 @@ import numpy as np
 
 from ... import __version__
 from ...errors import UserError
+from ...outputs import WRITE_ERRNOS
 from ..decode import PATCH_SHAPE
 from ..formats import open_source
 from ..record import UNLABELLED
@@ -185,6 +186,13 @@ def prepare(
         }
         (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         _install(partial, out)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        size_gb = len(source) * np.prod(PATCH_SHAPE) / 1e9
+        raise UserError(f"{out}: cannot write the store ({error.strerror}; its {len(source)} patches take "
+                        f"{size_gb:.2f} GB); free some space or choose another --out") from None
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import UserError
+from ...outputs import naming_write_errors
 from ..formats import FORMATS
 from .layouts import _write_folder, _write_kaggle, _write_pcam_h5
 from .patches import _UNLABELLED_STREAM, _draw_labelled_patches, make_synthetic_patches
@@ -68,15 +69,16 @@ def write_synthetic(
     partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     partial.mkdir()
     try:
-        if format == "kaggle":
-            unlabelled_uint8, _ = _draw_labelled_patches(
-                np.random.default_rng([seed, _UNLABELLED_STREAM]), unlabelled, 0.5
-            )
-            _write_kaggle(partial, patches_uint8, labels, unlabelled_uint8)
-        elif format == "pcam_h5":
-            _write_pcam_h5(partial, patches_uint8, labels, _split_indices(labels, splits), seed)
-        else:
-            _write_folder(partial, patches_uint8, labels, _split_indices(labels, splits))
+        with naming_write_errors(out):
+            if format == "kaggle":
+                unlabelled_uint8, _ = _draw_labelled_patches(
+                    np.random.default_rng([seed, _UNLABELLED_STREAM]), unlabelled, 0.5
+                )
+                _write_kaggle(partial, patches_uint8, labels, unlabelled_uint8)
+            elif format == "pcam_h5":
+                _write_pcam_h5(partial, patches_uint8, labels, _split_indices(labels, splits), seed)
+            else:
+                _write_folder(partial, patches_uint8, labels, _split_indices(labels, splits))
         if out.exists():
             out.rmdir()
         partial.rename(out)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import UserError
+from ...outputs import WRITE_ERRNOS, naming_write_errors
 from ...predict import LoadedRun
 from ..outputs import region_features
 from ..reader import SlideReader, open_slide, read_downsampled
@@ -19,6 +21,7 @@ from .resume import (
     PROGRESS_FILE,
     _existing_result,
     _install,
+    _keep_scores,
     _load_progress,
     _settings_key,
 )
@@ -53,8 +56,9 @@ def analyse_slide(run: LoadedRun, slide_path: Path, out_dir: Path, config: Slide
     resumed = _load_progress(progress_path, key)
     if resumed is None:
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        (partial / "settings_key").write_text(key)
+        with naming_write_errors(out_dir):
+            partial.mkdir(parents=True)
+            (partial / "settings_key").write_text(key)
     seconds = {"mask": 0.0, "read": 0.0, "inference": 0.0}
 
     tick = time.perf_counter()
@@ -82,6 +86,13 @@ def analyse_slide(run: LoadedRun, slide_path: Path, out_dir: Path, config: Slide
     features = region_features(heatmap, grid, threshold, geometry.mpp)
     summary = _summary(slide_path, geometry, grid, config, threshold, probs, features, mask, seconds,
                        n_resumed, key, time.perf_counter() - started, run)
-    _write_outputs(partial, heatmap, grid, order, probs, features, overview, region, summary)
-    _install(partial, out_dir)
+    with naming_write_errors(out_dir):
+        try:
+            _write_outputs(partial, heatmap, grid, order, probs, features, overview, region, summary)
+            _install(partial, out_dir)
+        except OSError as error:
+            if error.errno in WRITE_ERRNOS and _keep_scores(partial, progress_path, probs):
+                raise UserError(f"{out_dir}: cannot write it ({error.strerror}); its tile scores are kept: "
+                                "run it again once there is space") from None
+            raise
     return SlideResult(slide_path, out_dir, summary)

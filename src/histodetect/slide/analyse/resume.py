@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -61,7 +62,24 @@ def _load_progress(path: Path, key: str) -> np.ndarray | None:
 
 
 def _save_progress(path: Path, probs: np.ndarray) -> None:
-    write_file_atomic(path, lambda handle: np.save(handle, probs), "wb")
+    # Through memory: np.save straight into a file on a full disk says "1000000 requested and
+    # 130544 written", without the ENOSPC that write_file_atomic names.
+    buffer = io.BytesIO()
+    np.save(buffer, probs)
+    write_file_atomic(path, lambda handle: handle.write(buffer.getbuffer()), "wb")
+
+
+def _keep_scores(partial: Path, progress_path: Path, probs: np.ndarray) -> bool:
+    """After the outputs failed to write (a full disk): remove them, which frees the room,
+    and save the tile scores for the rerun. Whether they were saved."""
+    for path in partial.iterdir():
+        if path.name not in (PROGRESS_FILE, "settings_key"):
+            path.unlink(missing_ok=True)
+    try:
+        _save_progress(progress_path, probs)
+    except UserError:
+        return False
+    return True
 
 
 def _install(partial: Path, out_dir: Path) -> None:
