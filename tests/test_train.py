@@ -709,8 +709,12 @@ def test_a_killed_then_resumed_run_ends_with_the_same_weights(small_store, tmp_p
     fit(cfg, small_store, tmp_path / "straight", progress=False)
     fit(cfg, small_store, tmp_path / "resumed", progress=False, stop_after_epochs=1)
     assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["state"]["epoch"] == 1
-    code, out, err = run_cli(capsys, "train", "--resume", tmp_path / "resumed")
+    code, out, err = run_cli(capsys, "train", "--resume", tmp_path / "resumed", "--val-batch-size", "64")
     assert code == 0, err
+    run = json.loads((tmp_path / "resumed" / "run.json").read_text())
+    assert [(r["from_epoch"], r["settings"], r["device"]["type"]) for r in run["resumes"]] == \
+        [(1, {"val_batch_size": 64}, "cpu")], "run.json says where and how the run was resumed"
+    assert run["config"]["val_batch_size"] == cfg.val_batch_size and run["epochs_run"] == 2
     straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
     for key, tensor in straight["model"].items():

@@ -170,7 +170,20 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
             replaced = out.parent / f".{out.name}.replaced-{os.getpid()}"
             os.replace(out, replaced)
         out.mkdir(parents=True, exist_ok=True)
-        if not resume:
+        device_record = {
+            "type": device.type,
+            "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+            "world_size": dist.world_size, "threads": torch.get_num_threads(),
+            "bf16_autocast": cfg.bf16 and bf16_is_fast(device),
+        }
+        if resume:  # where and with what each resume ran: run.json's "device" is where the run started
+            run = read_run(out)
+            run.setdefault("resumes", []).append({
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_epoch": state["epoch"],
+                "device": device_record, "settings": dict(resume_settings or {}), "versions": package_versions(),
+            })
+            write_text_atomic(out / RUN_FILE, json.dumps(run, indent=2) + "\n")
+        else:
             write_text_atomic(out / RUN_FILE, json.dumps({
                 "preset": preset,
                 "config": asdict(saved_cfg),
@@ -182,9 +195,7 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                 "model": {"name": cfg.model, "parameters": sum(p.numel() for p in model.parameters())},
                 "versions": package_versions(),
                 "seed": cfg.seed,
-                "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-                           "world_size": dist.world_size, "threads": torch.get_num_threads(),
-                           "bf16_autocast": cfg.bf16 and bf16_is_fast(device)},
+                "device": device_record,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }, indent=2) + "\n")
         # On resume too: a kill after an epoch's row but before its last.pt left a row the
