@@ -12,6 +12,7 @@ import socket
 import struct
 import threading
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -256,11 +257,45 @@ def test_serve_run_binds_loopback_unless_told_and_warns_beyond_it(trained_run, m
         busy = taken.getsockname()[1]
         with pytest.raises(UserError, match=f"--host 127.0.0.1 --port {busy}: cannot listen there .* choose another"):
             serve_run(trained_run, port=busy)
-    with pytest.raises(UserError, match=r"--port 99999: expected a port number in 0-65535"):
+    with pytest.raises(UserError, match=r"--port 99999: expected a port number in 1-65535"):
         serve_run(trained_run, port=99999)
     with pytest.raises(UserError, match=r"--threads -1: expected a count >= 0"):
         serve_run(trained_run, port=_free_port(), threads=-1)
     assert len(calls) == 2, "nothing served on a busy port, a port out of range or a negative thread count"
+
+
+def test_a_host_or_port_that_cannot_be_bound_gets_the_fix_for_its_cause(trained_run, monkeypatch):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("served on a port it cannot bind"))
+    # 192.0.2.1 is TEST-NET-1 (RFC 5737): never an address of this machine
+    with pytest.raises(UserError, match=r"--host 192.0.2.1 --port \d+: cannot listen there \(.*\); "
+                                        r"not an address of this machine; use 127.0.0.1 .* or 0.0.0.0") as error:
+        serve_run(trained_run, host="192.0.2.1", port=_free_port())
+    assert "another server" not in str(error.value)
+
+    def refused(sock, address):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(socket.socket, "bind", refused)  # what a user who is not root gets for port 80
+    with pytest.raises(UserError, match=r"--port 80: cannot listen there \(Permission denied\); ports below 1024 "
+                                        r"need administrator rights; choose one above 1023 with --port"):
+        serve_run(trained_run, port=80)
+    with pytest.raises(UserError, match=r"--port 0: expected a port number in 1-65535"):
+        serve_run(trained_run, port=0)  # uvicorn would pick a port, and the printed address would say :0
+
+
+def test_the_printed_address_can_be_opened_and_only_other_machines_get_the_warning(trained_run, monkeypatch, capsys):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    monkeypatch.setattr("histodetect.serve._check_port_free", lambda host, port: None)  # ::1 may be off here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 127.0.0.2 is this machine too: no warning
+        serve_run(trained_run, host="::1", port=8123)
+        serve_run(trained_run, host="127.0.0.2", port=8124)
+    printed = capsys.readouterr().out
+    assert "http://[::1]:8123/" in printed and "http://127.0.0.2:8124/" in printed
 
 
 # --- bad input: a 4xx with a JSON error naming the problem, and the server keeps serving ------
@@ -353,6 +388,35 @@ def test_unknown_paths_and_methods_answer_json_errors(client):
     assert client.get("/v2/nothing").json() == {"error": "GET /v2/nothing: Not Found"}
     response = client.get("/v1/predict")
     assert response.status_code == 405 and "Method Not Allowed" in response.json()["error"]
+
+
+def test_unknown_or_repeated_query_parameters_are_refused_not_ignored(client, patch_files):
+    files = multipart(patch_files[:1])
+    for query, message in [
+        ({"threshold": "0.3"}, "query parameter 'threshold': unknown; /v1/predict takes tta and overlay (see /docs)"),
+        ({"overlays": "true"}, "query parameter 'overlays': unknown; /v1/predict takes tta and overlay (see /docs)"),
+        ([("tta", "4"), ("tta", "8")], "query parameter 'tta': given 2 times (4, 8); give it once"),
+    ]:
+        response = client.post("/v1/predict", files=files, params=query)
+        assert response.status_code == 422 and response.json()["error"] == message, (query, response.text)
+        assert_still_serving(client, patch_files[1])
+    assert client.post("/v1/predict", files=files, params={"tta": 4, "overlay": "false"}).status_code == 200
+
+
+def test_json_body_errors_say_what_was_found(client):
+    for body, message in [
+        (b'{"patches": []}', "expected a non-empty list 'patches', found an empty list"),
+        (b'[{"image_base64": "AAAA"}]', "expected an object with a list 'patches', found a list"),
+        (b'{"patches": {"a": 1}}', "expected a non-empty list 'patches', found an object"),
+        (b'{"patches": [null]}', "patches[0]: expected an object with a string 'image_base64', found null"),
+        (b'{"patches": [{"id": "a.png"}]}', "patches[0]: expected an object with a string 'image_base64', found no"),
+        (b'{"patches": [{"image_base64": 7}]}', "found a number for 'image_base64'"),
+        (b'{"patches": [{"id": 5, "image_base64": "AAAA"}]}', "patches[0].id: expected a string, found a number"),
+        ('{"patches": [{"id": "caf\xe9"}]}'.encode("latin-1"),
+         "request body: not UTF-8 (byte 0xe9 at position 24); send JSON encoded as UTF-8"),
+    ]:
+        response = client.post("/v1/predict", content=body, headers={"content-type": "application/json"})
+        assert 400 <= response.status_code < 500 and message in response.json()["error"], (body, response.text)
 
 
 def test_bad_server_limits_are_user_errors():
@@ -494,6 +558,33 @@ def test_a_full_queue_refuses_with_server_busy(run, patch_files):
             assert future.result(timeout=60).logits.shape == (1, 1, 1)
     finally:
         batcher.stop()
+
+
+def test_a_request_cancelled_while_queued_is_skipped_and_the_worker_keeps_serving(run, patch_files):
+    """An ASGI server that cancels a request (client gone, shutdown) cancels its future: the worker must live on."""
+    patch = decode_patch_file(patch_files[0]).patch[None]
+    release, scoring, scored = threading.Event(), threading.Event(), []
+
+    def score(batch: np.ndarray, tta: int) -> np.ndarray:
+        scoring.set()
+        release.wait(timeout=60)  # hold the first call so that the next request waits in the queue
+        scored.append(len(batch))
+        return predict_samples(run, batch, tta=tta)
+
+    batcher = PredictionBatcher(score, lambda batch: batch, max_batch_patches=1, max_wait_ms=0, max_queued_patches=8)
+    batcher.start()
+    try:
+        running = batcher.submit(patch, tta=1)
+        assert scoring.wait(timeout=60)
+        gone = batcher.submit(patch, tta=1)
+        assert gone.cancel()
+        release.set()
+        assert running.result(timeout=60).logits.shape == (1, 1, 1)
+        assert batcher.submit(patch, tta=1).result(timeout=60).logits.shape == (1, 1, 1)
+    finally:
+        batcher.stop()
+    assert scored == [1, 1], "the cancelled request was not scored"
+    assert batcher.queued_patches == 0
 
 
 def test_concurrent_http_requests_all_get_their_own_answers(client, run, patch_files):

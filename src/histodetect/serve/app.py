@@ -44,6 +44,7 @@ from .inputs import (
     DecodedUploads,
     RequestError,
     ServeConfig,
+    check_query,
     check_tta,
     decode_uploads,
     read_uploads,
@@ -276,6 +277,7 @@ def create_app(run: LoadedRun, config: ServeConfig | None = None) -> FastAPI:
                                                   "views, 40 or 72 with moved crops (default: the server's --tta)"),
         overlay: bool = Query(False, description="also return a Grad-CAM overlay PNG per patch"),
     ) -> PredictResponse:
+        check_query(request.query_params, request.url.path, ("tta", "overlay"))
         tta = check_tta(tta, config, run.tta_choices)
         uploads = await read_uploads(request, config)
         decoded = await run_in_threadpool(decode_uploads, uploads, config)

@@ -118,6 +118,10 @@ class PredictionBatcher:
             jobs, stop = self._gather(first)
             with self._lock:
                 self._queued_patches -= sum(len(job.patches) for job in jobs)
+            # A request the ASGI server cancelled (client gone, shutdown) cancelled its future:
+            # skip it, and mark the rest running so that a later cancel cannot make set_result
+            # raise InvalidStateError here, which would end this thread and hang every request after.
+            jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
             for tta in sorted({job.tta for job in jobs}):
                 self._run([job for job in jobs if job.tta == tta], tta)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import QueryParams, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
@@ -91,6 +91,17 @@ MULTIPART = "multipart/form-data"
 JSON_TYPE = "application/json"
 
 
+def check_query(query: QueryParams, path: str, known: Sequence[str]) -> None:
+    """Refuse a query parameter `path` does not take, or one given twice: either would be ignored silently."""
+    for name in query:
+        if name not in known:
+            raise RequestError(f"query parameter '{name}': unknown; {path} takes {' and '.join(known)} (see /docs)", 422)
+        values = query.getlist(name)
+        if len(values) > 1:
+            raise RequestError(f"query parameter '{name}': given {len(values)} times ({', '.join(values)}); "
+                               "give it once", 422)
+
+
 def check_tta(tta: int | None, config: ServeConfig, choices: Sequence[int] = TTA_VIEW_COUNTS) -> int:
     """The request's `tta` query parameter, or the server's default; `choices` are those the run can make."""
     if tta is None:
@@ -147,14 +158,20 @@ def parse_json_uploads(body: bytes, config: ServeConfig) -> list[Upload]:
     """{"patches": [{"id": str (optional), "image_base64": str}, ...]} -> uploads."""
     try:
         document = json.loads(body)
+    except UnicodeDecodeError as exc:  # a subclass of ValueError: caught first
+        raise RequestError(f"request body: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at position {exc.start}); "
+                           "send JSON encoded as UTF-8") from None
     # ValueError covers JSONDecodeError and integers over Python's 4,300-digit limit;
     # RecursionError, arrays nested thousands deep.
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise RequestError(f"request body: not valid JSON{where}; expected {JSON_EXAMPLE}") from None
-    patches = document.get("patches") if isinstance(document, dict) else None
+    if not isinstance(document, dict):
+        raise RequestError(f"request body: expected an object with a list 'patches', found {_json_kind(document)}; "
+                           f"send {JSON_EXAMPLE}", 422)
+    patches = document.get("patches")
     if not isinstance(patches, list) or not patches:
-        found = type(patches).__name__ if isinstance(document, dict) and "patches" in document else "no 'patches'"
+        found = "no 'patches'" if "patches" not in document else _json_kind(patches)
         raise RequestError(f"request body: expected a non-empty list 'patches', found {found}; "
                            f"send {JSON_EXAMPLE}", 422)
     if len(patches) > config.max_files:
@@ -163,14 +180,30 @@ def parse_json_uploads(body: bytes, config: ServeConfig) -> list[Upload]:
     for i, item in enumerate(patches):
         where = f"patches[{i}]"
         if not isinstance(item, dict) or not isinstance(item.get("image_base64"), str):
-            raise RequestError(f"{where}: expected an object with a string 'image_base64', found "
-                               f"{type(item).__name__ if not isinstance(item, dict) else 'no string image_base64'}; "
+            if not isinstance(item, dict):
+                found = _json_kind(item)
+            elif "image_base64" not in item:
+                found = "no 'image_base64'"
+            else:
+                found = f"{_json_kind(item['image_base64'])} for 'image_base64'"
+            raise RequestError(f"{where}: expected an object with a string 'image_base64', found {found}; "
                                f"send {JSON_EXAMPLE}", 422)
         name = item.get("id", f"patch{i}")
         if not isinstance(name, str):
-            raise RequestError(f"{where}.id: expected a string, found {type(name).__name__}", 422)
+            raise RequestError(f"{where}.id: expected a string, found {_json_kind(name)}", 422)
         uploads.append(Upload(name, _decode_base64(item["image_base64"], f"{where}.image_base64")))
     return uploads
+
+
+def _json_kind(value: object) -> str:
+    """A parsed JSON value's kind in JSON's words, for "found ..." in errors."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict, str)) and not value:
+        return {list: "an empty list", dict: "an empty object", str: "an empty string"}[type(value)]
+    return {list: "a list", dict: "an object", str: "a string"}.get(type(value), "a number")
 
 
 def _decode_base64(text: str, where: str) -> bytes:
