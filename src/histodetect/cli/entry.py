@@ -6,12 +6,16 @@ import os
 import sys
 import warnings
 
+from tqdm import tqdm
+
 from ..errors import UserError
 from .parser import build_parser
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"histodetect: warning: {message}", file=sys.stderr)
+    # tqdm.write clears a progress bar first and draws it again below: a plain print
+    # appended the warning to the bar's line.
+    tqdm.write(f"histodetect: warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

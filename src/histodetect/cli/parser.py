@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout masks")
     add_device_options(p)
     p.add_argument("--json", action="store_true", help="print metrics.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add("predict", "Score patches with a run: a CSV id,prob,pred or a Kaggle submission.",
             "histodetect predict runs/cpu kaggle/test --out submission.csv --kaggle-submission --tta 8", _cmd_predict)

@@ -18,7 +18,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
                         "(1000, the default, is usual)")
     data, split = parse_data_arg(args.data) if args.data else (None, None)
     metrics = evaluate_run(args.run, data, split=split, tta=args.tta, out=args.out, device=args.device,
-                           fp32=args.fp32, n_boot=args.bootstrap, mc_passes=args.mc, seed=args.seed)
+                           fp32=args.fp32, n_boot=args.bootstrap, mc_passes=args.mc, seed=args.seed,
+                           progress=not args.quiet)
     if args.json:
         print(json.dumps(metrics, indent=2))
         return

@@ -26,9 +26,11 @@ def split_name(folder_name: str) -> str:
 
 def _images(folder: Path) -> list[Path]:
     # Hidden files are skipped as hidden folders are: macOS leaves "._name.jpg" beside each image.
+    # Sorted by name, the order of Paths in one folder, and faster to sort (kaggle.py).
     return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        (p for p in folder.iterdir()
+         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
+        key=lambda path: path.name,
     )
 
 

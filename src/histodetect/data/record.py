@@ -10,7 +10,7 @@ can stream them in-process. Both end in the same `PatchBatch`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +117,12 @@ class PatchSource:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def subset(self, rows: np.ndarray) -> PatchSource:
+        """The items at `rows`, in that order: for file formats (an h5 part's rows are read together)."""
+        return replace(self, ids=[self.ids[r] for r in rows], labels=self.labels[rows],
+                       splits=[self.splits[r] for r in rows], slides=[self.slides[r] for r in rows],
+                       files=[self.files[r] for r in rows])
 
     def tasks(self, chunk_size: int = 256, *, resize: bool = False) -> list[ReadTask]:
         """Split the source into read tasks of about `chunk_size` items, in order."""

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..data.decode import PATCH_SHAPE, PATCH_SIZE_PX
 from ..errors import UserError
 from ..outputs import check_output_folder, naming_write_errors, unique_name
-from ..predict import LoadedRun, count_inputs, iter_inputs, predict_patches, sample_probabilities
+from ..predict import LoadedRun, open_inputs, predict_patches, sample_probabilities
 from ..train import bf16_is_fast
 from .calibration import (
     calibrate_run,
@@ -147,9 +147,9 @@ def write_explanations(run: LoadedRun, inputs: list[Path], out: Path, *, method:
     with naming_write_errors(out):
         try:
             rows, taken, sheets, layer_name = [], set(), [], None
-            total = count_inputs(inputs, split)
+            total, chunks = open_inputs(inputs, split=split, resize=resize, chunk_size=_CHUNK_PATCHES)
             with tqdm(total=total, unit="patch", desc="explain", disable=not progress) as bar:
-                for chunk in iter_inputs(inputs, split=split, resize=resize, chunk_size=_CHUNK_PATCHES):
+                for chunk in chunks:
                     result = explain_patches(run, chunk.patches, method=method, layer=layer)
                     layer_name = result.layer
                     fractions = centre_fraction(result.cams)

@@ -29,7 +29,7 @@ from .inference import (
     probabilities,
     sample_probabilities,
 )
-from .inputs import InputChunk, count_inputs, iter_inputs
+from .inputs import InputChunk, iter_inputs, open_inputs
 from .run import LoadedRun, load_run, run_thresholds
 from .uncertainty import (
     DEFAULT_UNCERTAINTY,
@@ -42,7 +42,7 @@ from .uncertainty import (
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "DEFAULT_UNCERTAINTY", "UNCERTAINTY_COLUMNS", "InputChunk", "LoadedRun", "check_batch_size",
-    "count_inputs", "entropy_bits", "has_dropout", "iter_inputs", "load_run", "mc_dropout", "mean_over_samples",
+    "entropy_bits", "has_dropout", "iter_inputs", "load_run", "mc_dropout", "mean_over_samples", "open_inputs",
     "predict_logits", "predict_patches", "predict_samples", "predict_to_csv", "probabilities", "run_thresholds",
     "sample_probabilities", "uncertainty_measures", "write_csv_atomic",
 ]

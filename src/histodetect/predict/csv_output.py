@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..data.record import UNLABELLED
 from ..errors import UserError
 from ..outputs import check_output_file, write_file_atomic
 from ..train import RUN_FILE
@@ -22,7 +21,7 @@ from .inference import (
     mean_over_samples,
     sample_probabilities,
 )
-from .inputs import count_inputs, iter_inputs
+from .inputs import open_inputs
 from .run import LoadedRun
 from .uncertainty import (
     DEFAULT_UNCERTAINTY,
@@ -119,13 +118,10 @@ def predict_to_csv(run: LoadedRun, inputs: list[Path], out: Path, *, tta: int = 
                if name in ("doubt", "entropy") or (name == "tta_sd" and tta > 1) or (name == "mc_sd" and mc_passes)]
     rows: list[tuple] = []
     threshold = run.threshold_for(tta)
-    total = count_inputs(inputs, split)
+    total, chunks = open_inputs(inputs, split=split, resize=resize, unlabelled_only=kaggle_submission)
     with tqdm(total=total, unit="patch", desc="predict", disable=not progress) as bar:
-        for index, chunk in enumerate(iter_inputs(inputs, split=split, resize=resize)):
+        for index, chunk in enumerate(chunks):
             ids, patches = chunk.ids, chunk.patches
-            if kaggle_submission:
-                unlabelled = chunk.labels == UNLABELLED
-                ids, patches = [i for i, u in zip(ids, unlabelled) if u], patches[unlabelled]
             logits = predict_samples(run, patches, tta=tta, mc_passes=mc_passes, batch_size=batch_size,
                                      seed=seed + index)  # (N, P, V)
             sample_probs = sample_probabilities(logits, run.temperature)

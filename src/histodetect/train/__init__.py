@@ -8,10 +8,11 @@ A run folder holds:
     checkpoints/      last.pt (resume from it) and best.pt (highest validation AUC),
                       each written to a temporary file and renamed
 
-Data path: patches stay uint8 until they are on the device; the whole training
-shard lives there when it fits (on the GPU under `resident_fraction` of free
-memory; in RAM on the CPU), otherwise batches are gathered from the memory-mapped
-store by a background thread into pinned memory and copied on a side stream.
+Data path: patches stay uint8 until they are on the device; on the GPU the whole
+training shard lives there when it fits under `resident_fraction` of free memory,
+otherwise batches are gathered from the memory-mapped store by a background thread
+into pinned memory and copied on a side stream. The CPU gathers each batch from
+the memory-mapped store (in RAM through the page cache), holding no copy of it.
 Augmentation and normalisation run on whole batches on the device (the augment package).
 
 The package, in the order a step meets it:
