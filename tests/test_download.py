@@ -262,3 +262,17 @@ def test_a_full_disk_names_the_file_and_the_rerun_resumes(tmp_path, server, true
     monkeypatch.undo()
     download_pcam(tmp_path, base_url=base_url, files=true_md5s, progress=False)
     assert_is_the_source(tmp_path, source_arrays)
+
+
+def test_a_read_only_disk_is_not_told_to_free_some_space(tmp_path):
+    import errno
+    import os
+
+    from histodetect.outputs import naming_write_errors
+
+    for code, advice in ((errno.ENOSPC, "; free some space and run the same command again to resume"),
+                         (errno.EROFS, "")):
+        with pytest.raises(UserError) as error, \
+                naming_write_errors(tmp_path / "x.h5", "; free some space and run the same command again to resume"):
+            raise OSError(code, os.strerror(code))
+        assert str(error.value) == f"{tmp_path / 'x.h5'}: cannot write it ({os.strerror(code)}){advice}"

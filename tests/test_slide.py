@@ -689,3 +689,43 @@ def test_slides_with_the_same_name_get_numbered_output_folders():
 
     slides = [Path("x/node.tif"), Path("y/node.svs"), Path("z/node-2.tif"), Path("node.ndpi")]
     assert _unique_names(slides) == ["node", "node-2", "node-2-2", "node-3"]
+
+
+def test_a_full_disk_writing_the_summary_keeps_the_tile_scores(trained_run, slide_path, tmp_path, monkeypatch):
+    # summary.json, written last, went through write_file_atomic, which turns ENOSPC into a UserError:
+    # the progress file and its key were already deleted, so the scores were lost and the rerun scored again.
+    import errno
+    import pathlib
+
+    real_open = pathlib.Path.open
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_disk_for_the_summary(self, mode="r", *args, **kwargs):
+        handle = real_open(self, mode, *args, **kwargs)
+        return FullDisk(handle) if "summary.json" in self.name and "w" in mode else handle
+
+    out = tmp_path / "node"
+    config = SlideConfig(batch_size=32)
+    monkeypatch.setattr(pathlib.Path, "open", full_disk_for_the_summary)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(out))}: cannot write it \(No space left on device\); "
+                                        r"its tile scores are kept: run it again once there is space$"):
+        analyse_slide(trained_run, slide_path, out, config, progress=False)
+    assert sorted(p.name for p in (tmp_path / ".node.partial").iterdir()) == ["progress.npy", "settings_key"]
+    monkeypatch.undo()
+    result = analyse_slide(trained_run, slide_path, out, config, progress=False)
+    assert result.summary["tiles_resumed"] == result.summary["tiles_read"] == 144
+    assert json.loads((out / "summary.json").read_text())["tiles_read"] == 144
+    assert sorted(p.name for p in out.iterdir()) == ["heatmap.npy", "heatmap.png", "overlay.png", "regions.geojson",
+                                                     "summary.json", "tiles.csv"]

@@ -127,7 +127,9 @@ def naming_write_errors(where: Path, advice: str = "") -> Iterator[None]:
         if error.errno not in WRITE_ERRNOS:
             raise
         # os.strerror: h5py's strerror is a whole paragraph ("Can't synchronously write data (file write failed: ...").
-        raise UserError(f"{where}: cannot write it ({os.strerror(error.errno)}){advice}") from None
+        # The advice (free some space, ...) is for a full disk, not a read-only one.
+        raise UserError(f"{where}: cannot write it ({os.strerror(error.errno)})"
+                        f"{advice if error.errno != errno.EROFS else ''}") from None
 
 
 def write_file_atomic(path: Path, write: Callable[[IO], None], mode: str = "w") -> Path:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import multiprocessing
 import os
 import signal
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +24,24 @@ from ..record import ChunkResult, PatchSource, ReadTask, read_chunk
 MIN_PATCHES_FOR_WORKERS = 2048
 
 
+def _allocate(fd: int, length: int) -> None:
+    """Allocate the first `length` bytes of `fd` without writing them; OSError EOPNOTSUPP where the
+    file system cannot. On Linux fallocate(2) itself: glibc's posix_fallocate, where the file system
+    has no fallocate (NFS before 4.2, ZFS before 2.2, ext2), writes a byte into every block instead,
+    which made `prepare` 3x slower (pcam-jpeg onto ext2: 6.0 s against 1.8 s), for no reservation
+    on a copy-on-write file system."""
+    if not sys.platform.startswith("linux"):
+        os.posix_fallocate(fd, 0, length)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    fallocate = getattr(libc, "fallocate64", None) or libc.fallocate  # 64-bit offsets on 32-bit glibc too
+    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    while fallocate(fd, 0, 0, length) != 0:
+        code = ctypes.get_errno()
+        if code != errno.EINTR:
+            raise OSError(code, os.strerror(code))
+
+
 def reserve_space(path: Path) -> None:
     """Reserve the disk blocks of the .npy file just made at `path` (a sparse memory map).
 
@@ -34,7 +55,7 @@ def reserve_space(path: Path) -> None:
         return
     with path.open("r+b") as handle:
         try:
-            os.posix_fallocate(handle.fileno(), 0, path.stat().st_size)
+            _allocate(handle.fileno(), path.stat().st_size)
         except OSError as error:
             if error.errno in WRITE_ERRNOS:
                 raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import shutil
@@ -191,8 +192,9 @@ def prepare(
         if error.errno not in WRITE_ERRNOS:
             raise
         size_gb = len(source) * np.prod(PATCH_SHAPE) / 1e9
+        fix = "choose another --out" if error.errno == errno.EROFS else "free some space or choose another --out"
         raise UserError(f"{out}: cannot write the store ({error.strerror}; its {len(source)} patches take "
-                        f"{size_gb:.2f} GB); free some space or choose another --out") from None
+                        f"{size_gb:.2f} GB); {fix}") from None
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

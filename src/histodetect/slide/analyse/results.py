@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 from ... import __version__
-from ...outputs import write_json_atomic
 from ...predict import LoadedRun
 from ..outputs import geojson_text, write_heatmap_png, write_overlay_png
 from ..reader import SlideGeometry
@@ -63,6 +62,9 @@ def _write_outputs(folder: Path, heatmap: np.ndarray, grid: TileGrid, order: np.
         writer = csv.writer(handle)
         writer.writerow(("x", "y", "level", "prob"))
         writer.writerows((int(x), int(y), grid.level, f"{p:.6f}") for x, y, p in zip(xs, ys, probs))
+    # Written straight into the partial folder (installed whole), so that a full disk is the OSError
+    # analyse_slide answers by keeping the tile scores: write_json_atomic's UserError lost them.
+    # The progress and its key go only once the summary is written, for the same reason.
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     (folder / PROGRESS_FILE).unlink(missing_ok=True)
     (folder / "settings_key").unlink(missing_ok=True)
-    write_json_atomic(folder / SUMMARY_FILE, summary)  # last: its presence marks a complete result
