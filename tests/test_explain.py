@@ -537,6 +537,9 @@ def test_cli_calibrate_explain_predict_and_evaluate(copied_run, real_store, pcam
     code, out, err = run_cli(capsys, "calibrate", copied_run, "--data", f"{real_store}:valid")
     assert code == 0, err
     assert "temperature" in out and "stored in run.json" in out
+    assert "calibrate: 100%" in err, "a progress bar over the patches"
+    code, out, err = run_cli(capsys, "calibrate", copied_run, "--data", f"{real_store}:valid", "--quiet")
+    assert code == 0 and "calibrate:" not in err, err
     assert "calibration" in json.loads((copied_run / "run.json").read_text())
 
     files = sorted((pcam_jpeg / "valid" / "1").glob("*.jpg"))[:2]

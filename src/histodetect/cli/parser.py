@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", type=int, default=1, choices=TTA_CHOICES,
                    help="fit on the mean of this many test-time views (default 1; see evaluate --tta)")
     add_device_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add("export", "Export a run to ONNX or TorchScript, checked against PyTorch on real patches.",
             "histodetect export runs/cpu --format onnx --out runs/cpu/model.onnx", _cmd_export)

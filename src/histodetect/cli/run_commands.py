@@ -84,7 +84,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     from ..explain import calibrate_run
 
     data, split = parse_data_arg(args.data) if args.data else (None, None)
-    record = calibrate_run(args.run, data, split=split, tta=args.tta, device=args.device, fp32=args.fp32)
+    record = calibrate_run(args.run, data, split=split, tta=args.tta, device=args.device, fp32=args.fp32,
+                           progress=not args.quiet)
     print(f"{args.run}: temperature {record['temperature']:.4f}, fitted on {record['store']}:{record['split']} "
           f"({record['n']} patches)")
     # runs trained before a view count had its own threshold use the largest smaller count's

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+from tqdm import tqdm
 
 from ..data.store import open_store
 from ..errors import UserError
@@ -78,7 +79,7 @@ def calibrated_threshold(threshold: float, temperature: float) -> float:
 
 
 def calibrate_run(run_dir: Path, data: Path | None = None, *, split: str | None = None, tta: int = 1,
-                  device: str = "auto", fp32: bool = False) -> dict:
+                  device: str = "auto", fp32: bool = False, progress: bool = True) -> dict:
     """Fit temperature scaling on a labelled split and store it under "calibration" in the run's run.json.
 
     `data` defaults to the store the run trained on, `split` to its validation
@@ -98,8 +99,13 @@ def calibrate_run(run_dir: Path, data: Path | None = None, *, split: str | None 
     if len(rows) == 0:
         raise UserError(f"{store.path}: split {split!r} has no labelled patches to calibrate on")
     labels = store.labels[rows].astype(np.int64)
-    logits = np.concatenate([predict_logits(run, store.read_batch(rows[b : b + _LOGIT_CHUNK]), tta=tta)
-                             for b in range(0, len(rows), _LOGIT_CHUNK)])  # (N, tta), uncalibrated
+    chunks = []
+    with tqdm(total=len(rows), unit="patch", desc="calibrate", disable=not progress) as bar:
+        for begin in range(0, len(rows), _LOGIT_CHUNK):
+            part = rows[begin : begin + _LOGIT_CHUNK]
+            chunks.append(predict_logits(run, store.read_batch(part), tta=tta))
+            bar.update(len(part))
+    logits = np.concatenate(chunks)  # (N, tta), uncalibrated
     temperature = fit_temperature(logits, labels)
     before = binary_metrics(labels, sample_probabilities(logits).mean(axis=1))
     after = binary_metrics(labels, sample_probabilities(logits, temperature).mean(axis=1))

@@ -4,6 +4,7 @@ SAM's second pass, the learning-rate schedule, and the model's logits over test-
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -32,13 +33,15 @@ def lr_factor(progress: float, warmup_fraction: float, schedule: str) -> float:
 
 @torch.inference_mode()
 def model_logits(model, patches_uint8, mean, std, crop_px: int, device: torch.device,
-                   batch_size: int, *, tta: int = 1, shift_px: int = 0, bf16: bool = True) -> np.ndarray:
+                   batch_size: int, *, tta: int = 1, shift_px: int = 0, bf16: bool = True,
+                   on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """Logits (N, tta) of uint8 patches (N, 96, 96, 3): one column per test-time view, batched.
 
     The views are `augment.tta_view_groups`'s: dihedral views of the centre crop, and
     for 40 or 72 of crops moved by `shift_px` (the training crop's shift). With `bf16`,
     the model runs under bf16 autocast where that is fast (`bf16_is_fast`: CUDA, and
-    CPUs with AMX / AVX512-BF16), as training does; elsewhere in float32.
+    CPUs with AMX / AVX512-BF16), as training does; elsewhere in float32. `on_batch` is
+    called with each batch's number of patches once it is scored (a progress bar).
     """
     from ..augment import tta_view_groups
 
@@ -52,6 +55,8 @@ def model_logits(model, patches_uint8, mean, std, crop_px: int, device: torch.de
                 logits = model(views.flatten(0, 1).contiguous(memory_format=torch.channels_last)).float()
             parts.append(logits.reshape(len(views), -1))
         columns.append(torch.cat(parts).T.cpu().numpy())
+        if on_batch is not None:
+            on_batch(len(batch))
     return np.concatenate(columns) if columns else np.empty((0, tta), np.float32)
 
 

@@ -458,7 +458,7 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
             print(f"histodetect: choosing the decision thresholds on {len(val_rows)} validation patches "
                   f"(views: {', '.join(map(str, tta_view_counts(cfg.crop_px, cfg.shift_px)))})")
         try:
-            thresholds = _validation_thresholds(out, store, val_rows, cfg, mean, std, device)
+            thresholds = _validation_thresholds(out, store, val_rows, cfg, mean, std, device, progress=progress)
         except torch.cuda.OutOfMemoryError:
             raise out_of_memory_validating() from None
         run["threshold"] = thresholds["1"]
