@@ -115,6 +115,12 @@ def test_pretrained_without_network_says_to_use_a_weights_file(monkeypatch, tmp_
     assert "\n" not in str(error.value)
 
 
+def _clear_network_settings(monkeypatch) -> None:
+    """No proxy and the default hub address, whatever the machine running the tests sets."""
+    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(variable, raising=False)
+
+
 def _hub_unreachable(monkeypatch, tmp_path) -> None:
     """No HF_HUB_OFFLINE, an empty cache and a network where every connect fails, as on a
     machine without network; a retry (huggingface_hub sleeps before each) fails the test."""
@@ -133,8 +139,7 @@ def _hub_unreachable(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(huggingface_hub.utils._http.time, "sleep", no_retry)
-    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
-        monkeypatch.delenv(variable, raising=False)
+    _clear_network_settings(monkeypatch)
 
 
 def test_pretrained_on_an_unreachable_network_fails_at_once_in_one_line(monkeypatch, tmp_path, capfd):
@@ -183,8 +188,7 @@ def test_the_reachability_check_goes_through_the_proxy_as_the_hubs_client_does(m
         raise OSError(111, "Connection refused")
 
     monkeypatch.setattr(socket, "create_connection", connect)
-    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "HF_ENDPOINT"):
-        monkeypatch.delenv(variable, raising=False)
+    _clear_network_settings(monkeypatch)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example")  # no port: httpx and urllib take 80
     assert hub_unreachable() == "cannot connect to proxy.example:80: Connection refused"
     monkeypatch.delenv("HTTPS_PROXY")
@@ -216,8 +220,7 @@ def test_a_proxy_that_refuses_the_download_is_one_line(monkeypatch, tmp_path):
     threading.Thread(target=refuse_every_request, daemon=True).start()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "HF_ENDPOINT"):
-        monkeypatch.delenv(variable, raising=False)
+    _clear_network_settings(monkeypatch)
     monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.getsockname()[1]}")
     try:
         with pytest.raises(UserError, match=r"model 'resnet18': .*downloading them from the Hugging Face hub failed "
