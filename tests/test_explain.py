@@ -497,17 +497,31 @@ def test_triage_on_a_real_trained_model_gains_accuracy_at_half_coverage(real_run
     assert "Not calibrated (T = 1)" in (tmp_path / "eval" / "report.html").read_text()
 
 
-def test_evaluate_on_a_full_disk_is_one_line_naming_its_output_folder(real_run, real_store, tmp_path, monkeypatch):
-    # matplotlib says "[Errno 28] No space left on device", naming no file.
+@pytest.mark.parametrize("full_at", ["a plot", "metrics.json"])
+def test_evaluate_on_a_full_disk_is_one_line_naming_its_output_folder(real_run, real_store, tmp_path, monkeypatch,
+                                                                     full_at):
+    # matplotlib says "[Errno 28] No space left on device", naming no file; metrics.json's writer names its
+    # temporary file in the hidden partial folder (".eval.partial-123/metrics.json"), which the user never asked for.
     import errno
     import os
+    import pathlib
 
     import matplotlib.figure
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    if full_at == "a plot":
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    else:
+        real_open = pathlib.Path.open
+
+        def full_disk_for_the_metrics(self, mode="r", *args, **kwargs):
+            if self.name.startswith(".metrics.json.tmp") and "w" in mode:
+                full_disk()
+            return real_open(self, mode, *args, **kwargs)
+
+        monkeypatch.setattr(pathlib.Path, "open", full_disk_for_the_metrics)
     with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path / 'eval'))}: cannot write it "
                                         r"\(No space left on device\)$"):
         evaluate_run(real_run, real_store, split="valid", tta=1, out=tmp_path / "eval", device="cpu", n_boot=100)

@@ -117,13 +117,22 @@ def replace_folder(partial: Path, out: Path) -> None:
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
+class FileWriteError(UserError):
+    """`write_file_atomic`'s one line, with the OSError's errno kept, so that `naming_write_errors`
+    can name the output the user asked for rather than a file in a hidden partial folder."""
+
+    def __init__(self, path: Path, error: OSError):
+        super().__init__(f"{path}: cannot write it ({error.strerror or error})")
+        self.errno = error.errno
+
+
 @contextlib.contextmanager
 def naming_write_errors(where: Path, advice: str = "") -> Iterator[None]:
     """A full or read-only disk while the block fills an output: one line naming `where`
     (Pillow, numpy and csv raise it without a file name: "[Errno 28] No space left on device")."""
     try:
         yield
-    except OSError as error:
+    except (OSError, FileWriteError) as error:
         if error.errno not in WRITE_ERRNOS:
             raise
         # os.strerror: h5py's strerror is a whole paragraph ("Can't synchronously write data (file write failed: ...").
@@ -163,7 +172,7 @@ def write_file_atomic(path: Path, write: Callable[[IO], None], mode: str = "w") 
         finally:
             tmp.unlink(missing_ok=True)
     except OSError as exc:
-        raise UserError(f"{path}: cannot write it ({exc.strerror or exc})") from None
+        raise FileWriteError(path, exc) from None
     return path
 
 
