@@ -103,8 +103,7 @@ def calibrate_run(run_dir: Path, data: Path | None = None, *, split: str | None 
     with tqdm(total=len(rows), unit="patch", desc="calibrate", disable=not progress) as bar:
         for begin in range(0, len(rows), _LOGIT_CHUNK):
             part = rows[begin : begin + _LOGIT_CHUNK]
-            chunks.append(predict_logits(run, store.read_batch(part), tta=tta))
-            bar.update(len(part))
+            chunks.append(predict_logits(run, store.read_batch(part), tta=tta, on_batch=bar.update))
     logits = np.concatenate(chunks)  # (N, tta), uncalibrated
     temperature = fit_temperature(logits, labels)
     before = binary_metrics(labels, sample_probabilities(logits).mean(axis=1))

@@ -123,7 +123,7 @@ def predict_to_csv(run: LoadedRun, inputs: list[Path], out: Path, *, tta: int = 
         for index, chunk in enumerate(chunks):
             ids, patches = chunk.ids, chunk.patches
             logits = predict_samples(run, patches, tta=tta, mc_passes=mc_passes, batch_size=batch_size,
-                                     seed=seed + index)  # (N, P, V)
+                                     seed=seed + index, on_batch=bar.update)  # (N, P, V)
             sample_probs = sample_probabilities(logits, run.temperature)
             probs = mean_over_samples(sample_probs)
             if kaggle_submission:
@@ -139,7 +139,6 @@ def predict_to_csv(run: LoadedRun, inputs: list[Path], out: Path, *, tta: int = 
                     decisions[measures[review_by] > review_above] = "review"
                     extra.append(list(decisions))
                 rows += [(i, f"{p:.6f}", pred, *more) for i, p, pred, *more in zip(ids, probs, preds, *extra)]
-            bar.update(len(chunk.ids))
     if kaggle_submission and not rows:
         raise UserError(f"{', '.join(map(str, inputs))}: no unlabelled patches for a Kaggle submission; pass the test/ folder")
     _check_unique_ids(rows, inputs, kaggle_submission)

@@ -3,6 +3,8 @@ probabilities (the mean over views, and over MC-dropout passes where there are a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ..errors import UserError
@@ -22,12 +24,16 @@ def check_batch_size(batch_size: int) -> None:
 
 
 def predict_logits(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1,
-                   batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-    """Logits (N, tta): one column per test-time view (`augment.tta_view_groups`), before temperature scaling."""
+                   batch_size: int = DEFAULT_BATCH_SIZE,
+                   on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """Logits (N, tta): one column per test-time view (`augment.tta_view_groups`), before temperature scaling.
+
+    `on_batch` is called with each batch's number of patches once it is scored (a progress bar).
+    """
     run.check_tta(tta)
     check_batch_size(batch_size)
     return model_logits(run.model, patches_uint8, run.mean, run.std, run.crop_px, run.device, batch_size, tta=tta,
-                        shift_px=run.shift_px, bf16=run.bf16)
+                        shift_px=run.shift_px, bf16=run.bf16, on_batch=on_batch)
 
 
 def probabilities(run: LoadedRun, logits: np.ndarray) -> np.ndarray:

@@ -3,6 +3,8 @@ and the per-patch measures taken from them (doubt, entropy, spreads)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from contextlib import contextmanager
 
 import numpy as np
@@ -83,7 +85,7 @@ def _backbone_is_random(model: torch.nn.Module, views: torch.Tensor) -> bool:
 
 @torch.inference_mode()
 def _mc_logits(run: LoadedRun, patches_uint8: np.ndarray, tta: int, mc_passes: int,
-               batch_size: int) -> np.ndarray:
+               batch_size: int, on_batch: Callable[[int], None] | None) -> np.ndarray:
     """Logits (N, mc_passes, tta) with dropout on; each view of each patch gets its own masks."""
     device = run.device
     columns, backbone_random = [], None
@@ -106,23 +108,27 @@ def _mc_logits(run: LoadedRun, patches_uint8: np.ndarray, tta: int, mc_passes: i
                     logits = torch.stack([run.model.forward_head(features) for _ in range(mc_passes)])
             parts.append(logits.float().reshape(mc_passes, len(views), -1))  # (P, V, B)
         columns.append(torch.cat(parts, dim=1).permute(2, 0, 1).cpu().numpy())  # (B, P, tta)
+        if on_batch is not None:
+            on_batch(len(batch))
     return np.concatenate(columns) if columns else np.empty((0, mc_passes, tta), np.float32)
 
 
 def predict_samples(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1, mc_passes: int = 0,
-                    batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> np.ndarray:
+                    batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
+                    on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """Logits (N, P, V) before temperature scaling: P MC-dropout passes (1 without MC) of V test-time views.
 
     With `mc_passes`, the dropout masks come from `seed`: the same call gives the same logits.
+    `on_batch` is called with each batch's number of patches once it is scored (a progress bar).
     """
     run.check_tta(tta)
     _check_mc_passes(run, mc_passes)
     if not mc_passes:
-        return predict_logits(run, patches_uint8, tta=tta, batch_size=batch_size)[:, None, :]
+        return predict_logits(run, patches_uint8, tta=tta, batch_size=batch_size, on_batch=on_batch)[:, None, :]
     devices = [run.device] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), mc_dropout(run.model):
         torch.manual_seed(seed)
-        return _mc_logits(run, patches_uint8, tta, mc_passes, batch_size)
+        return _mc_logits(run, patches_uint8, tta, mc_passes, batch_size, on_batch)
 
 
 def entropy_bits(probs: np.ndarray) -> np.ndarray:
