@@ -109,6 +109,8 @@ def assert_still_serving(client: TestClient, patch_file: Path) -> None:
 
 def test_health_model_card_and_openapi_docs(client, trained_run):
     assert client.get("/health").json()["status"] == "ok"
+    head = client.head("/health")  # load balancers and `curl -I` probe with HEAD: it answered 405
+    assert head.status_code == 200 and head.content == b""
     card = client.get("/v1/model").json()
     run_json = load_run(trained_run, device="cpu").run
     assert card["architecture"] == "histo_tinynet" and card["preset"] == "cpu"

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from PIL import Image
@@ -264,6 +264,11 @@ def create_app(run: LoadedRun, config: ServeConfig | None = None) -> FastAPI:
         stats = batcher.stats
         return {"status": "ok", "model": run.config.get("model"), "queued_patches": batcher.queued_patches,
                 "requests": stats.requests, "patches": stats.patches, "batches": stats.batches}
+
+    # Load balancers and `curl -I` probe liveness with HEAD; FastAPI answers 405 to a GET-only route.
+    @app.head("/health", include_in_schema=False)
+    async def health_head() -> Response:
+        return Response(media_type="application/json")
 
     @app.get("/v1/model", summary="Model card: architecture, preset, data fingerprint, validation metrics, threshold")
     async def model() -> dict:

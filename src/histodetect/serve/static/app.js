@@ -87,8 +87,12 @@ async function postChunk(items, query) {
   }
   if (response.ok) {
     body.results.forEach((result, i) => addRow(items[i], result, null, body.threshold));
-  } else if (response.status === 503) { // queue full: wait as told, then again
-    await new Promise((resolve) => setTimeout(resolve, 1000 * Number(response.headers.get("Retry-After") || 1)));
+  } else if (response.status === 503) { // queue full: wait as told, say so, then again
+    const seconds = Number(response.headers.get("Retry-After") || 1);
+    const before = $("#status").textContent;
+    setStatus(`The server is busy; trying again in ${seconds} s…`);
+    await new Promise((resolve) => setTimeout(resolve, 1000 * seconds));
+    setStatus(before);
     await postChunk(items, query);
   } else if (items.length > 1 && response.status < 500) {
     // One bad file refuses the whole request: score the files one by one to find it.
