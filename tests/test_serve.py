@@ -240,6 +240,29 @@ def test_grayscale_patches_are_converted_and_say_so(client, patch_files):
     assert response.status_code == 200 and response.json()["results"][0]["converted_from"] == "L"
 
 
+def test_tiffs_pillow_cannot_open_score_as_predict_scores_them(client, run, patch_files, tmp_path):
+    # The header was read with Pillow first, so a float RGB or big-endian BigTIFF that predict and
+    # prepare decode (through tifffile) got a 422 here; and every refusal ended "send the complete image file".
+    import tifffile
+
+    rgb = np.asarray(Image.open(patch_files[0]).convert("RGB"))
+    kinds = {"float.tif": {"data": rgb.astype(np.float32) / 255},
+             "bigtiff.tif": {"data": rgb, "bigtiff": True, "byteorder": ">"}}
+    files = []
+    for name, kind in kinds.items():
+        tifffile.imwrite(tmp_path / name, kind.pop("data"), photometric="rgb", **kind)
+        files.append(tmp_path / name)
+    response = client.post("/v1/predict", files=multipart(files))
+    assert response.status_code == 200, response.text
+    expected = predict_patches(run, np.stack([decode_patch_file(f).patch for f in files]))
+    np.testing.assert_allclose([r["prob_tumour"] for r in response.json()["results"]], expected, atol=1e-6)
+    np.testing.assert_array_equal(decode_patch_file(files[0]).patch, rgb)  # 0-1 floats times 255, rounded
+    tifffile.imwrite(tmp_path / "nan.tif", np.full((96, 96, 3), np.nan, np.float32), photometric="rgb")
+    refused = client.post("/v1/predict", files=multipart([tmp_path / "nan.tif"]))
+    assert refused.status_code == 422 and refused.json()["error"] == (
+        "file 'nan.tif': has NaN or infinite float32 values; expected finite values in 0-1, 0-255 or 0-65535")
+
+
 def test_serve_run_binds_loopback_unless_told_and_warns_beyond_it(trained_run, monkeypatch):
     import uvicorn
 

@@ -2,17 +2,23 @@
 
 Decoding never raises for a bad file: it returns the reason, so that `prepare`
 can report every bad file (or skip them with `--skip-bad`) from worker processes.
+
+Three readers share the work. Kaggle's uncompressed 8-bit TIFFs are read straight
+from their bytes; Pillow reads JPEG, 8-bit PNG and 8-bit TIFF; tifffile reads the
+TIFFs Pillow gets wrong (wider, signed or float samples, several pages) and
+imagecodecs the 16-bit PNGs, keeping their full sample values.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 PATCH_SIZE_PX = 96
 PATCH_SHAPE = (PATCH_SIZE_PX, PATCH_SIZE_PX, 3)
@@ -21,6 +27,21 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 # Pillow refuses images over ~89 Mpx with a DecompressionBombError; a patch file
 # is 96x96, so anything above this is not a patch and is refused before decoding.
 MAX_PATCH_FILE_PIXELS = 4096 * 4096
+
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+OTHER_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
+
+# EXIF orientation -> the transposition that shows the image upright (the EXIF 2.3
+# table, as ImageOps.exif_transpose applies it; tests check all eight against it).
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def patch_sha1(patch_uint8: np.ndarray) -> str:
@@ -44,7 +65,7 @@ def _read_uncompressed_tiff(data: bytes) -> np.ndarray | None:
     Kaggle's 220,025 train patches are such files. Reading the strip straight from
     the bytes is several times faster than Pillow's generic open/load path, which
     dominates `prepare` time on small files (benchmarks/prepare_speed.py). Anything
-    else (compressed, tiled, planar, other sizes) returns None and goes to Pillow.
+    else (compressed, tiled, planar, several pages) returns None and goes to `_decode`.
     """
     if len(data) < 8 or data[:4] not in (b"II*\x00", b"MM\x00*"):
         return None
@@ -53,8 +74,9 @@ def _read_uncompressed_tiff(data: bytes) -> np.ndarray | None:
     if ifd_offset + 2 > len(data):
         return None
     (n_entries,) = struct.unpack_from(order + "H", data, ifd_offset)
-    if ifd_offset + 2 + 12 * n_entries > len(data):
-        return None
+    next_ifd_at = ifd_offset + 2 + 12 * n_entries
+    if next_ifd_at + 4 > len(data) or struct.unpack_from(order + "I", data, next_ifd_at) != (0,):
+        return None  # a second page (a stack, or a thumbnail) is for _decode to judge
     # tag -> (type, count, the entry's value field read as one SHORT/LONG, its offset)
     tags: dict[int, tuple[int, int, int, int]] = {}
     for i in range(n_entries):
@@ -104,58 +126,211 @@ def _to_patch(pixels: np.ndarray, path: Path, resize: bool) -> Decoded:
     return Decoded(np.asarray(image), resized_from=(width, height))
 
 
-def _grey_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
-    """Wide grayscale (Pillow's "I;16*", "I" or "F") -> uint8, keeping the image's own contrast.
+class _Refused(Exception):
+    """Why a file cannot be decoded: caught in decode_patch_file, which returns it as `Decoded.error`."""
 
-    16-bit images map 0-65535 to 0-255 (divide by 257), as an 8-bit save of them would.
-    "I" and "F" do not say their range: values up to 1 are taken as a 0-1 float image,
-    up to 255 as 8-bit, up to 65535 as 16-bit; beyond that the image's maximum is white.
+
+def _samples_to_uint8(samples: np.ndarray) -> np.ndarray:
+    """(H, W, 1 or 3) grey or RGB samples of any type -> (H, W, 3) uint8, keeping the image's own contrast.
+
+    uint8 is kept; 16-bit unsigned maps 0-65535 to 0-255 (divide by 257), as an 8-bit save of it
+    would. Other integer and float types do not say their range, so the values do: up to 1 (floats)
+    a 0-1 image, up to 255 8-bit, up to 65535 16-bit; beyond that an integer image's maximum is
+    white. NaN, infinity, negative values and floats over 65535 leave the scale open: refused.
     """
-    peak = float(array.max(initial=0.0))
-    if mode.startswith("I;16") or 255 < peak <= 65535:
-        scale = 1 / 257
-    elif mode == "F" and peak <= 1.0:
-        scale = 255.0
-    elif peak <= 255:
-        scale = 1.0
-    else:
-        scale = 255.0 / peak
-    return np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
+    if samples.dtype == bool:
+        samples = samples.astype(np.uint8) * 255
+    if samples.dtype != np.uint8:
+        values = samples.astype(np.float64)
+        is_float = samples.dtype.kind == "f"
+        if is_float and not np.isfinite(values).all():
+            raise _Refused(f"has NaN or infinite {samples.dtype} values; expected finite values in 0-1, 0-255 or 0-65535")
+        low, peak = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+        if low < 0:
+            raise _Refused(f"has negative values (down to {low:g}, {samples.dtype}); "
+                           "expected values in 0-1, 0-255 or 0-65535")
+        if (samples.dtype.kind == "u" and samples.dtype.itemsize == 2) or 255 < peak <= 65535:
+            scale = 1 / 257
+        elif is_float and peak <= 1:
+            scale = 255.0
+        elif peak <= 255:
+            scale = 1.0
+        elif not is_float:
+            scale = 255.0 / peak
+        else:
+            raise _Refused(f"has {samples.dtype} values up to {peak:g}; expected 0-1, 0-255 or 0-65535, "
+                           "which say how to scale them to 8 bits")
+        samples = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    return samples if samples.shape[-1] == 3 else np.repeat(samples, 3, axis=-1)
+
+
+def _pillow_reads_right(tiff: Image.Image) -> bool:
+    """Whether Pillow decodes this TIFF right: one page of unsigned samples of at most 8 bits.
+
+    Past that, Pillow opens uint32 as int32 "I" (values over 2**31 wrap negative), int8 as
+    unsigned "L", 16-bit RGB(A) by dropping the low byte and planar 16-bit RGB as noise; it
+    refuses float RGB and float64; and it reads a stack of pages as its first page.
+    """
+    try:
+        bits = [int(b) for b in np.ravel(tiff.tag_v2.get(258, 1))]  # BitsPerSample, one per sample
+        sample_formats = [int(f) for f in np.ravel(tiff.tag_v2.get(339, 1))]  # 1 unsigned, 2 signed, 3 float
+        return max(bits) <= 8 and set(sample_formats) == {1} and tiff.n_frames == 1
+    # A damaged header: a tag of the wrong type, or a later page's, which counting the pages reads
+    # outside the care Image.open takes. tifffile will say what is wrong with it.
+    except (SyntaxError, TypeError, ValueError, OSError, EOFError, struct.error):
+        return False
+
+
+def _decode_tiff(data: bytes) -> tuple[np.ndarray, str | None]:
+    """A TIFF's one image read by tifffile -> (H, W, 3) uint8 RGB, and its kind (None for 8-bit RGB)."""
+    import tifffile  # 0.2 s to import, and only the TIFFs Pillow gets wrong need it
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            if not tiff.pages:
+                raise _Refused("is a truncated or corrupt TIFF (no image in it)")
+            # Reduced-resolution copies of the image (thumbnails, pyramid levels) are not images of their own.
+            n_images = sum(not page.subfiletype & tifffile.FILETYPE.REDUCEDIMAGE for page in tiff.pages)
+            if n_images > 1:
+                raise _Refused(f"holds {n_images} images (pages); expected one patch per file (save each page "
+                               "as a file of its own)")
+            page = tiff.pages.first
+            width, height, n_samples = page.imagewidth, page.imagelength, page.samplesperpixel
+            if width * height > MAX_PATCH_FILE_PIXELS or width * height * n_samples > 4 * MAX_PATCH_FILE_PIXELS:
+                raise _Refused(f"is {width}x{height} pixels of {n_samples} samples, far too large for a patch")
+            photometric = page.photometric
+            name = getattr(photometric, "name", photometric)  # a value the TIFF standard does not define stays a number
+            # tifffile's JPEG decoder returns YCbCr-coded JPEG tiles as RGB.
+            is_rgb = photometric == tifffile.PHOTOMETRIC.RGB or (
+                photometric == tifffile.PHOTOMETRIC.YCBCR and page.compression == tifffile.COMPRESSION.JPEG)
+            if photometric == tifffile.PHOTOMETRIC.MINISBLACK and n_samples <= 2:
+                n_colours, layout = 1, "grey" if n_samples == 1 else "grey+alpha"
+            elif is_rgb and n_samples >= 3:
+                n_colours, layout = 3, {3: "RGB", 4: "RGBA"}.get(n_samples, f"RGB+{n_samples - 3}")
+            elif is_rgb or photometric == tifffile.PHOTOMETRIC.MINISBLACK:
+                raise _Refused(f"is a {name} TIFF of {n_samples} samples per pixel; "
+                               "expected grey, grey+alpha, RGB or RGBA")
+            else:
+                raise _Refused(f"is a {name} TIFF ({page.bitspersample}-bit samples); expected grey or RGB")
+            if page.extrasamples and page.extrasamples[0] == tifffile.EXTRASAMPLE.ASSOCALPHA:
+                raise _Refused(f"has premultiplied (associated) alpha in {page.dtype} samples; "
+                               "expected straight (unassociated) alpha or none")
+            samples = page.asarray()
+            if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and n_samples > 1:
+                samples = np.moveaxis(samples, 0, -1)
+            pixels = _samples_to_uint8(samples.reshape(height, width, n_samples)[..., :n_colours])
+            kind = f"{page.dtype} {layout}"
+            return pixels, None if kind == "uint8 RGB" else kind
+    except _Refused:
+        raise
+    # A damaged file makes tifffile and its codecs raise many types (ValueError, TypeError,
+    # ZeroDivisionError, imagecodecs' RuntimeErrors...): each is this file's fault, not a bug here.
+    except Exception as exc:  # noqa: BLE001
+        raise _Refused(f"is a truncated or corrupt TIFF ({type(exc).__name__}: {exc})") from None
+
+
+def tiff_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a TIFF's first image from its header, for TIFFs Pillow cannot open
+    (float or uint32 RGB, float64, big-endian BigTIFF); None for anything that is not a readable TIFF."""
+    if data[:4] not in TIFF_SIGNATURES:
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            page = tiff.pages.first
+            return int(page.imagewidth), int(page.imagelength)
+    except Exception:  # noqa: BLE001 (a damaged header: decoding it will say what is wrong)
+        return None
+
+
+def _decode_png16(data: bytes) -> tuple[np.ndarray, str]:
+    """A 16-bit PNG read by imagecodecs -> (H, W, 3) uint8 RGB, and its kind.
+
+    Pillow reads 16-bit grey as "I;16" but 16-bit RGB(A) and grey+alpha by dropping the low
+    byte (value >> 8): the same levels came out one apart from the grey's divide-by-257.
+    """
+    import imagecodecs
+
+    try:
+        samples = imagecodecs.png_decode(data)
+    except imagecodecs.PngError as exc:
+        raise _Refused(f"is truncated or corrupt ({exc})") from None
+    samples = samples.reshape(*samples.shape[:2], -1)
+    n_samples = samples.shape[-1]
+    kind = {1: "grey", 2: "grey+alpha", 3: "RGB", 4: "RGBA"}[n_samples]
+    return _samples_to_uint8(samples[..., : 1 if n_samples <= 2 else 3]), f"{samples.dtype} {kind}"
+
+
+def _upright(pixels: np.ndarray, image: Image.Image) -> np.ndarray:
+    """The pixels turned as the file's EXIF orientation says, as viewers and browsers show them.
+
+    TIFF's Orientation tag is left alone: libtiff, tifffile and `_read_uncompressed_tiff` ignore it too.
+    """
+    if image.format == "TIFF":
+        return pixels
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    if orientation not in UPRIGHT:
+        return pixels
+    return np.asarray(Image.fromarray(pixels).transpose(UPRIGHT[orientation]))
+
+
+def _decode(path: Path, data: bytes) -> tuple[np.ndarray, str | None]:
+    """(H, W, 3) uint8 RGB pixels, upright, and the file's kind when not 8-bit RGB; raises _Refused."""
+    if data[:4] == b"MM\x00+":  # big-endian BigTIFF: Pillow cannot read it, and warns "Corrupt EXIF data" trying
+        return _decode_tiff(data)
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_PATCH_FILE_PIXELS:
+                raise _Refused(f"is {image.width}x{image.height} pixels, far too large for a patch")
+            if image.format == "TIFF" and not _pillow_reads_right(image):
+                return _decode_tiff(data)
+            if image.format == "PNG" and data[12:16] == b"IHDR" and data[24] == 16:  # IHDR's bit depth
+                pixels, kind = _decode_png16(data)
+                return _upright(pixels, image), kind
+            image.load()
+            mode = image.mode
+            if mode.startswith("I") or mode == "F":  # wide grey ("I;16", "I", "F") would saturate in a plain convert
+                pixels = _samples_to_uint8(np.asarray(image)[..., None])
+            else:
+                pixels = np.asarray(image if mode == "RGB" else image.convert("RGB"))
+            return _upright(pixels, image), None if mode == "RGB" else mode
+    except UnidentifiedImageError:
+        if data[:4] in TIFF_SIGNATURES:  # float64, uint32 RGB, 5 samples...: no Pillow mode holds them
+            return _decode_tiff(data)
+        for signature, format_name in OTHER_SIGNATURES.items():
+            if data.startswith(signature):  # e.g. a chunk that fails its CRC, a segment of the wrong length
+                raise _Refused(f"is a truncated or corrupt {format_name} (Pillow cannot read its header)") from None
+        raise _Refused(f"is not an image Pillow can read (it starts with {data[:16]!r}); "
+                       "expected a PNG, JPEG or TIFF image") from None
+    except Image.DecompressionBombError as exc:  # raised by Image.open itself, before the size check above
+        raise _Refused(f"is far too large for a patch ({exc})") from None
+    # Pillow reports truncated and corrupt files as OSError ("image file is truncated"); a damaged
+    # TIFF header can also make it raise OverflowError ("signed integer is greater than maximum").
+    except (OSError, SyntaxError, ValueError, OverflowError) as exc:
+        raise _Refused(f"is truncated or corrupt ({exc})") from None
 
 
 def decode_patch_file(path: Path, *, resize: bool = False) -> Decoded:
     """Decode one image file to a (96, 96, 3) uint8 RGB patch.
 
-    Grayscale, palette, RGBA and other modes are converted to RGB (reported in
-    `converted_from`); another size is an error unless `resize`.
+    Grayscale, palette, RGBA, 16-bit, float and other kinds are converted to 8-bit RGB
+    (reported in `converted_from`); another size is an error unless `resize`.
     """
     try:
         data = path.read_bytes()
     except OSError as exc:
         return Decoded(None, f"cannot be read ({exc.strerror or exc})")
+    if not data:
+        return Decoded(None, "is empty (0 bytes); expected a PNG, JPEG or TIFF image")
     pixels = _read_uncompressed_tiff(data)
     if pixels is not None:
         return _to_patch(pixels, path, resize)
     try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_PATCH_FILE_PIXELS:
-                return Decoded(None, f"is {image.width}x{image.height} pixels, far too large for a patch")
-            image.load()
-            mode = image.mode
-            if mode != "RGB":
-                # "I;16", "I" and "F" grayscale would saturate in a plain convert: scale first.
-                if mode.startswith("I") or mode == "F":
-                    image = Image.fromarray(_grey_to_uint8(np.asarray(image, dtype=np.float64), mode))
-                image = image.convert("RGB")
-            pixels = np.asarray(image)
-    except UnidentifiedImageError:
-        return Decoded(None, "is not an image Pillow can read")
-    except Image.DecompressionBombError as exc:  # raised by Image.open itself, before the size check above
-        return Decoded(None, f"is far too large for a patch ({exc})")
-    except (OSError, SyntaxError, ValueError) as exc:
-        # Pillow reports truncated and corrupt files as OSError ("image file is truncated").
-        return Decoded(None, f"is truncated or corrupt ({exc})")
+        pixels, converted_from = _decode(path, data)
+    except _Refused as exc:
+        return Decoded(None, str(exc))
     decoded = _to_patch(pixels, path, resize)
-    if mode != "RGB" and decoded.error is None:
-        return Decoded(decoded.patch, converted_from=mode, resized_from=decoded.resized_from)
+    if converted_from is not None and decoded.error is None:
+        return Decoded(decoded.patch, converted_from=converted_from, resized_from=decoded.resized_from)
     return decoded

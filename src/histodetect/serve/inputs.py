@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from ..augment import TTA_VIEW_COUNTS
-from ..data.decode import PATCH_SIZE_PX, decode_patch_file
+from ..data.decode import PATCH_SIZE_PX, decode_patch_file, tiff_size
 from ..errors import UserError
 
 
@@ -230,17 +230,25 @@ def decode_upload(upload: Upload, config: ServeConfig) -> tuple[np.ndarray, tupl
     where = f"file '{upload.name}'"
     if not upload.data:
         raise RequestError(f"{where}: is empty (0 bytes); send the whole image file", 422)
+    # A TIFF no Pillow mode holds (float or uint32 RGB, float64, big-endian BigTIFF): decode_patch_file
+    # reads it with tifffile, so its size comes from tifffile too. Pillow is not even tried on a
+    # big-endian BigTIFF: it warns "Corrupt EXIF data" trying.
+    size = tiff_size(upload.data) if upload.data[:4] == b"MM\x00+" else None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(upload.data)) as image:  # reads the header only
-                width, height = image.size
+        if size is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(upload.data)) as image:  # reads the header only
+                    size = image.size
     except UnidentifiedImageError:
-        raise RequestError(f"{where}: not an image Pillow can read; send PNG, JPEG or TIFF patches", 422) from None
+        size = tiff_size(upload.data)
+        if size is None:
+            raise RequestError(f"{where}: not an image Pillow can read; send PNG, JPEG or TIFF patches", 422) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise RequestError(f"{where}: refused before decoding: {exc}", 413) from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, OverflowError) as exc:  # OverflowError: a damaged TIFF tag
         raise RequestError(f"{where}: has a corrupt image header ({exc}); send the file again", 422) from None
+    width, height = size
     if width * height > config.max_image_pixels:
         raise RequestError(f"{where}: is {width}x{height} pixels, over the limit of {config.max_image_pixels:,} "
                            "pixels (refused before decoding); send 96x96 patches", 413)
@@ -254,7 +262,9 @@ def decode_upload(upload: Upload, config: ServeConfig) -> tuple[np.ndarray, tupl
         handle.flush()
         decoded = decode_patch_file(Path(handle.name), resize=config.resize)
     if decoded.error is not None:
-        raise RequestError(f"{where}: {decoded.error}; send the complete image file", 422)
+        # "send the complete file" fits a truncated upload, not values out of range or a multi-page stack.
+        advice = "; send the complete image file" if decoded.error.startswith("is truncated or corrupt") else ""
+        raise RequestError(f"{where}: {decoded.error}{advice}", 422)
     return decoded.patch, decoded.resized_from, decoded.converted_from
 
 
