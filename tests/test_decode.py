@@ -298,3 +298,12 @@ def test_a_tiff_whose_tile_width_is_absurd_is_called_corrupt_instead_of_crashing
     data[at + 3] = 0xD6  # TileWidth 32 -> 3,590,324,256
     (tmp_path / "tiles.tif").write_bytes(bytes(data))
     refused(tmp_path / "tiles.tif", "is truncated or corrupt")
+
+
+def test_a_12_bit_tiff_fills_the_8_bit_range_instead_of_coming_out_dark(rgb, tmp_path):
+    # Scanners write 12-bit samples in uint16 with BitsPerSample 12: divided by 257 like 16-bit data,
+    # their white (4095) became 16 of 255.
+    twelve_bit = np.rint(rgb.astype(np.float64) * 4095 / 255).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "12bit.tif", twelve_bit, photometric="rgb", bitspersample=12)
+    decodes_to(tmp_path / "12bit.tif", rgb)
+    assert decode_patch_file(tmp_path / "12bit.tif").converted_from == "uint16 (12-bit) RGB"

@@ -130,16 +130,21 @@ class _Refused(Exception):
     """Why a file cannot be decoded: caught in decode_patch_file, which returns it as `Decoded.error`."""
 
 
-def _samples_to_uint8(samples: np.ndarray) -> np.ndarray:
+def _samples_to_uint8(samples: np.ndarray, bits: int | None = None) -> np.ndarray:
     """(H, W, 1 or 3) grey or RGB samples of any type -> (H, W, 3) uint8, keeping the image's own contrast.
 
     uint8 is kept; 16-bit unsigned maps 0-65535 to 0-255 (divide by 257), as an 8-bit save of it
     would. Other integer and float types do not say their range, so the values do: up to 1 (floats)
     a 0-1 image, up to 255 8-bit, up to 65535 16-bit; beyond that an integer image's maximum is
     white. NaN, infinity, negative values and floats over 65535 leave the scale open: refused.
+    `bits`, where the file says its unsigned samples hold fewer bits than their type (a 12-bit
+    scanner TIFF in uint16), maps 0 to 2**bits - 1 onto 0-255: divided by 257, 12 bits came out dark.
     """
     if samples.dtype == bool:
         samples = samples.astype(np.uint8) * 255
+    if bits is not None and samples.dtype.kind == "u" and 8 < bits < 8 * samples.dtype.itemsize:
+        scale = 255 / (2**bits - 1)
+        samples = np.clip(np.rint(samples.astype(np.float64) * scale), 0, 255).astype(np.uint8)
     if samples.dtype != np.uint8:
         values = samples.astype(np.float64)
         is_float = samples.dtype.kind == "f"
@@ -218,8 +223,9 @@ def _decode_tiff(data: bytes) -> tuple[np.ndarray, str | None]:
             samples = page.asarray()
             if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and n_samples > 1:
                 samples = np.moveaxis(samples, 0, -1)
-            pixels = _samples_to_uint8(samples.reshape(height, width, n_samples)[..., :n_colours])
-            kind = f"{page.dtype} {layout}"
+            pixels = _samples_to_uint8(samples.reshape(height, width, n_samples)[..., :n_colours], page.bitspersample)
+            bits = f" ({page.bitspersample}-bit)" if page.bitspersample < 8 * page.dtype.itemsize else ""
+            kind = f"{page.dtype}{bits} {layout}"
             return pixels, None if kind == "uint8 RGB" else kind
     except _Refused:
         raise
