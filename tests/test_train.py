@@ -810,7 +810,7 @@ def test_resume_finishes_a_stopped_run_without_training_more_and_can_follow_a_mo
     assert before[1]["stopped_because"] == "time limit of 0.005 minutes"
     store.rename(tmp_path / "moved")
     code, _, err = run_cli(capsys, "train", "--resume", run)
-    assert code == 2 and "not a histodetect store" in err
+    assert code == 2 and "not a histodetect store" in err and "pass --data with where it is now" in err, err
     code, out, err = run_cli(capsys, "train", "--resume", run, "--data", tmp_path / "moved")
     assert code == 0 and "had stopped (time limit of 0.005 minutes)" in out and "nothing more to train" in out, err
     assert (run / "metrics.csv").read_text() == before[0], "no epoch added"

@@ -217,7 +217,7 @@ def check_train_config(cfg: TrainConfig) -> None:
 
 # One line of `histodetect train --help` per TrainConfig field (the default is the preset's value).
 OPTION_HELP = {
-    "model": "timm model name, or histo_tinynet / histo_net96 / histo_net (ours)",
+    "model": "timm model name, or histo_tinynet / histo_tinynet_std / histo_net96 / histo_net (ours)",
     "pretrained": "start from timm's hub weights (from the local Hugging Face cache, else the network)",
     "weights": "start from a local state dict or .safetensors file (its classifier may differ)",
     "drop_rate": "dropout before the one-logit head, in [0, 1)",

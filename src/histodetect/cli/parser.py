@@ -21,7 +21,7 @@ from .train_commands import _cmd_presets, _cmd_train
 # augment.TTA_VIEW_COUNTS, spelt here so that --help does not import torch (a test keeps them equal).
 TTA_CHOICES = (1, 4, 8, 40, 72)
 TTA_HELP = ("test-time views averaged per patch: 1, 4 or 8 dihedral views of the centre crop; "
-            "40 or 72 add those of crops moved by the training shift")
+            "40 or 72 add those of crops moved by the training shift (default 1)")
 
 
 def _example(text: str) -> str:
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="seed-xception, seed-mobilenetv2, default or cpu (default: default)")
     p.add_argument("--out", type=Path, help="run folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
-    p.add_argument("--resume", type=Path, metavar="RUN", help="continue a stopped run where it stopped (with its own config; only --device, --threads, --val-batch-size, --profile and --checkpoint-minutes may change)")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue a stopped run where it stopped (with its own config; only --device, --threads, --val-batch-size, --profile and --checkpoint-minutes may change, and --data says where its store is now if it moved)")
     _add_train_options(p)
 
     p = add("evaluate", "Score a run on a labelled split: metrics with intervals, plots, report.html.",

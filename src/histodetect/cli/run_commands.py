@@ -93,7 +93,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"  NLL {record['nll_before']:.4f} -> {record['nll_after']:.4f}  ECE {record['ece_before']:.4f} -> "
           f"{record['ece_after']:.4f}  threshold (TTA {views}) {record['uncalibrated_thresholds'][views]:.3f} -> "
           f"{record['thresholds'][views]:.3f}")
-    print("  stored in run.json: predict, evaluate and explain apply it from now on")
+    print("  stored in run.json: predict, evaluate, explain, slide, export and serve apply it from now on")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -135,8 +135,9 @@ def _cmd_slide(args: argparse.Namespace) -> None:
         if s["tiles_read"] == 0:
             print(f"{result.slide}: {s['message']}{done} -> {result.out_dir}")
         else:
+            regions = f"{s['n_regions']} region{'' if s['n_regions'] == 1 else 's'}"
             print(f"{result.slide}: {s['tiles_read']} tiles, max prob {s['max_prob']:.3f}, mean {s['mean_prob']:.3f}, "
-                  f"{s['n_regions']} regions >= {s['threshold']:.2f} ({s['tumour_area_mm2']:.3f} mm^2), "
+                  f"{regions} >= {s['threshold']:.2f} ({s['tumour_area_mm2']:.3f} mm^2), "
                   f"{s['seconds']:.0f} s{done} -> {result.out_dir}")
     for slide, reason in report.failed:
         print(f"{slide}: failed: {reason}", file=sys.stderr)

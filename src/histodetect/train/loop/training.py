@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ...augment import augment_batch, check_blur_fits, mixup_batch, tta_view_counts
-from ...data.store import open_store
+from ...data.store import MANIFEST_FILE, is_store, open_store
 from ...errors import UserError
 from ...models import create_model
 from ...presets import TrainConfig, check_train_config, parse_progressive_crop, scheduled_crop, training_crop_sizes
@@ -77,7 +77,12 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                             f"may only change {', '.join(RESUME_SETTINGS)}")
         cfg = dataclasses.replace(saved_cfg, **(resume_settings or {}))
         preset = run.get("preset")
-        data = Path(data) if data is not None else Path(run["data"]["path"])
+        if data is None:
+            data = Path(run["data"]["path"])
+            if not is_store(data):  # open_store's fix, "make one with prepare", is the wrong one here
+                raise UserError(f"{data}: not a histodetect store any more (no {MANIFEST_FILE}); if {out}'s "
+                                "store moved, pass --data with where it is now")
+        data = Path(data)
     else:
         _check_run_folder(out, overwrite)
         if cfg.weights:  # a resume may start from another folder
