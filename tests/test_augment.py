@@ -525,29 +525,29 @@ def test_mixup_blends_each_patch_and_label_with_the_reversed_batch(real_images: 
 # --- user mistakes ----------------------------------------------------------------------
 
 
-def test_augment_config_names_the_setting_out_of_range() -> None:
-    with pytest.raises(UserError, match=r"augment hue: expected a value in \[0.0, 0.5\], found 0.7; pass"):
+def test_augment_config_names_the_flag_out_of_range() -> None:
+    with pytest.raises(UserError, match=r"--hue 0.7: expected a value in \[0.0, 0.5\]; pass"):
         AugmentConfig(hue=0.7)
-    with pytest.raises(UserError, match=r"augment hed_sigma: expected a value in \[0.0, 1.0\], found -0.1"):
+    with pytest.raises(UserError, match=r"--hed-sigma -0.1: expected a value in \[0.0, 1.0\]"):
         AugmentConfig(hed_sigma=-0.1)
-    with pytest.raises(UserError, match=r"augment rotate_deg: expected a value in \[0.0, 180.0\], found 270"):
+    with pytest.raises(UserError, match=r"--rotate-deg 270: expected a value in \[0.0, 180.0\]"):
         AugmentConfig(rotate_deg=270)
-    with pytest.raises(UserError, match=r"augment scale: expected a value in \[0.0, 0.5\], found 0.6"):
+    with pytest.raises(UserError, match=r"--scale 0.6: expected a value in \[0.0, 0.5\]"):
         AugmentConfig(scale=0.6)
-    with pytest.raises(UserError, match=r"augment blur_sigma: expected a value in \[0.0, 4.0\], found 5"):
+    with pytest.raises(UserError, match=r"--blur-sigma 5: expected a value in \[0.0, 4.0\]"):
         AugmentConfig(blur_sigma=5)
-    with pytest.raises(UserError, match=r"augment noise_std: expected a value in \[0.0, 0.5\], found -0.1"):
+    with pytest.raises(UserError, match=r"--noise-std -0.1: expected a value in \[0.0, 0.5\]"):
         AugmentConfig(noise_std=-0.1)
 
 
 def test_augment_batch_names_a_blur_too_wide_for_the_crop(real_patches_uint8: torch.Tensor) -> None:
     config = AugmentConfig(crop_px=8, blur_sigma=3.0)
-    with pytest.raises(UserError, match="augment blur_sigma=3.0: the 19-pixel kernel does not fit 8x8 images"):
+    with pytest.raises(UserError, match="--blur-sigma 3.0: the 19-pixel kernel does not fit 8x8 images; use a smaller --blur-sigma"):
         augment_batch(real_patches_uint8, config, MEAN, STD, seeded())
 
 
 def test_augment_config_needs_a_crop_for_a_shift() -> None:
-    with pytest.raises(UserError, match="augment shift_px=8: the shift moves the crop window, but crop_px is 0; set crop_px"):
+    with pytest.raises(UserError, match="--shift-px 8: the shift moves the crop window, but --crop-px is 0; set --crop-px"):
         AugmentConfig(shift_px=8)
 
 

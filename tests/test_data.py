@@ -540,6 +540,14 @@ def test_prepare_refuses_a_seed_numpy_cannot_take(pcam_jpeg, tmp_path, capsys):
     expect_error(capsys, src, tmp_path / "s", "--seed -1: expected an integer in [0, 2**32)", extra=("--seed", "-1"))
 
 
+@pytest.mark.parametrize("workers", ["-1", "257", str(2**63)])
+def test_prepare_refuses_a_number_of_workers_out_of_range(pcam_jpeg, tmp_path, capsys, workers):
+    # -1 was taken as 1 in silence; 2**63 forked processes until the system refused
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=2)
+    expect_error(capsys, src, tmp_path / "s", f"--workers {workers}: expected 0 (one per core) to 256 decoding processes",
+                 extra=("--workers", workers))
+
+
 def test_damaged_store_files_are_one_line_each(pcam_jpeg, tmp_path, capsys):
     src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=2)
     prepare(src, tmp_path / "good", progress=False)

@@ -349,6 +349,9 @@ def test_mc_on_a_model_without_dropout_is_one_clear_line(real_run, real_store):
                                      "drop --mc, or train with --drop-rate 0.2 or more")
     with pytest.raises(UserError, match="--mc 1: expected 0 .* or at least 2 MC-dropout passes"):
         predict_samples(run, valid_patches(real_store)[:2], mc_passes=1)
+    # --mc 2**63 grew a list of passes until the kernel killed the process
+    with pytest.raises(UserError, match=r"--mc 1001: expected at most 1000 MC-dropout passes \(20-100 are usual\)"):
+        predict_samples(run, valid_patches(real_store)[:2], mc_passes=1001)
 
 
 def test_uncertainty_measures_are_entropy_and_spreads_over_views_and_passes():

@@ -176,6 +176,17 @@ def test_export_refuses_to_write_over_a_folder(trained_run, tmp_path):
         export_run(trained_run, out=tmp_path / "model.onnx")
 
 
+@pytest.mark.parametrize("out", [".", "", "/"])
+def test_an_out_naming_a_folder_without_a_file_name_is_one_line(trained_run, capsys, out):
+    from histodetect.cli import main
+
+    # Path("."), Path("") and Path("/") have no name: with_suffix raised a ValueError traceback.
+    assert main(["export", str(trained_run), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"--out {Path(out)}: is a folder; pass a file name such as {Path(out) / 'model.onnx'}" in err
+
+
 def test_export_refuses_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(UserError, match="not a run folder"):
         export_run(tmp_path)

@@ -592,6 +592,18 @@ def test_bad_options_are_named(slide_path):
     assert parse_roi("10,20,300,400") == (10, 20, 300, 400)
     with pytest.raises(UserError, match=r"--stride 0: expected a positive number of pixels"):
         plan_grid(geometry, stride_px=0)
+    # Longer than a tile, the heatmap cells counted tissue no tile had seen; longer than the
+    # slide (one tile, on glass), the result said "no tissue found".
+    for stride in (97, 500, 2**63):
+        with pytest.raises(UserError, match=rf"--stride {stride}: expected a positive number of pixels up to 96 "
+                                            r"\(96 = tiles side by side; a longer stride skips the tissue"):
+            plan_grid(geometry, stride_px=stride)
+    assert plan_grid(geometry, stride_px=96).cols == 16
+    from histodetect.slide.analyse import SlideConfig, check_config
+
+    for workers in (-1, 257, 2**63):  # 2**63 was an OverflowError traceback from multiprocessing
+        with pytest.raises(UserError, match=rf"--workers {workers}: expected 0 \(read in this process\) to 256 "):
+            check_config(SlideConfig(workers=workers), 0.5)
 
 
 def test_openslide_is_used_when_installed_for_the_formats_only_it_reads(slide_path, tmp_path, monkeypatch):

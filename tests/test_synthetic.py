@@ -429,6 +429,21 @@ def test_bad_write_arguments_are_refused_before_anything_is_written(tmp_path, kw
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv, flags", [
+    (["--n", str(2**63)], f"--n {2**63}"),
+    (["--n", str(10**11)], f"--n {10**11}"),
+    (["--n", "10", "--format", "kaggle", "--unlabelled", str(10**11)], f"--n 10 and --unlabelled {10**11}"),
+])
+def test_more_patches_than_memory_holds_is_one_line_naming_the_flag(tmp_path, capsys, argv, flags):
+    from histodetect.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "synth"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{flags}: the patches are drawn in memory" in err and "pass a smaller --n" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_synth_command_refuses_an_out_inside_a_file_in_one_line(tmp_path, capsys):
     from histodetect.cli import main
 

@@ -355,6 +355,13 @@ def test_evaluate_names_a_missing_store_a_one_class_split_and_a_bad_device(train
     assert code == 2 and "--device 'gpu': expected auto, cpu, cuda or cuda:N" in err, err
     code, _, err = run_cli(capsys, "evaluate", trained_run, "--data", f"{small_store}:valid", "--bootstrap", "1")
     assert code == 2 and "--bootstrap 1: expected 100 resamples or more" in err, err
+    # 2**63 resampled until memory ran out; 100000000 still ran after minutes
+    code, _, err = run_cli(capsys, "evaluate", trained_run, "--data", f"{small_store}:valid", "--bootstrap", "100001")
+    assert code == 2 and "--bootstrap 100001: expected at most 100,000 resamples" in err, err
+    # torch keeps 32 bits of a seed: 2**32 drew seed 0's MC-dropout masks, 2**64 was a traceback
+    for seed in ("-1", str(2**32), str(2**64)):
+        code, _, err = run_cli(capsys, "evaluate", trained_run, "--data", f"{small_store}:valid", "--seed", seed)
+        assert code == 2 and f"--seed {seed}: expected an integer in [0, 2**32)" in err and err.count("\n") == 1, err
 
 
 def test_predict_checks_out_and_batch_size_before_scoring(trained_run, pcam_jpeg, tmp_path, capsys, monkeypatch):
@@ -370,7 +377,9 @@ def test_predict_checks_out_and_batch_size_before_scoring(trained_run, pcam_jpeg
     for out, extra, problem in ((tmp_path / "adir", (), "is a folder"),
                                 (tmp_path / "afile" / "p.csv", (), "afile is a file"),
                                 (tmp_path / "p.csv", ("--batch-size", "0"), "--batch-size 0: expected"),
-                                (tmp_path / "p.csv", ("--batch-size", "-1"), "--batch-size -1: expected")):
+                                (tmp_path / "p.csv", ("--batch-size", "-1"), "--batch-size -1: expected"),
+                                (tmp_path / "p.csv", ("--seed", "-1"), "--seed -1: expected an integer in [0, 2**32)"),
+                                (tmp_path / "p.csv", ("--seed", str(2**32)), f"--seed {2**32}: expected an integer")):
         code, _, err = run_cli(capsys, "predict", trained_run, *files, "--out", out, "--quiet", *extra)
         assert code == 2 and problem in err and err.count("\n") == 1, (out, err)
     assert not (tmp_path / "p.csv").exists()
@@ -1010,11 +1019,11 @@ def test_a_mid_epoch_checkpoint_never_saves_weights_an_update_made_non_finite(sm
 
 
 @pytest.mark.parametrize("flag, value, problem", [
-    ("--hue", "0.7", r"augment hue: expected a value in \[0.0, 0.5\], found 0.7"),
-    ("--rotate-deg", "-5", r"augment rotate_deg: expected a value in \[0.0, 180.0\], found -5.0"),
+    ("--hue", "0.7", r"--hue 0.7: expected a value in \[0.0, 0.5\]; pass a value in that range"),
+    ("--rotate-deg", "-5", r"--rotate-deg -5.0: expected a value in \[0.0, 180.0\]"),
     ("--mixup", "-0.2", r"--mixup -0.2: expected an alpha >= 0"),
     ("--sam-rho", "-0.1", r"--sam-rho -0.1: expected a radius in \[0, 1\]"),
-    ("--blur-sigma", "9", r"augment blur_sigma: expected a value in \[0.0, 4.0\], found 9.0"),
+    ("--blur-sigma", "9", r"--blur-sigma 9.0: expected a value in \[0.0, 4.0\]"),
     ("--crop-px", "96", r"--crop-px 96 with --shift-px 4: the crop reads a 104-pixel window"),
     ("--shift-px", "20", r"--crop-px 88 with --shift-px 20: the crop reads a 128-pixel window"),
     ("--schedule", "linear", r"--schedule 'linear': expected one of cosine, onecycle, constant"),
@@ -1023,10 +1032,14 @@ def test_a_mid_epoch_checkpoint_never_saves_weights_an_update_made_non_finite(sm
     ("--lr", "-1", r"--lr -1.0: expected a finite value > 0"),
     ("--lr", "inf", r"--lr inf: expected a finite value > 0"),
     ("--seed", "-1", r"--seed -1: expected a value in \[0, 2\*\*32\)"),
-    ("--hed-bias", "inf", r"augment hed_bias: expected a value in \[0.0, 10.0\], found inf"),
+    ("--hed-bias", "inf", r"--hed-bias inf: expected a value in \[0.0, 10.0\]"),
     ("--mixup", "inf", r"--mixup inf: expected an alpha >= 0"),
     ("--drop-rate", "1.5", r"--drop-rate 1.5: expected a value in \[0, 1\)"),
-    ("--threads", "-1", r"--threads -1: expected a finite value >= 0"),
+    ("--threads", "-1", r"--threads -1: expected a value in \[0, 1024\] \(0 = one per core\)"),
+    # 2**63 was a traceback from torch; 100000000 killed the process in OpenMP (a segmentation fault)
+    ("--threads", str(2**63), r"--threads 9223372036854775808: expected a value in \[0, 1024\]"),
+    ("--crop-px", "-1", r"--crop-px -1: expected a value in \[0, inf\]"),
+    ("--shift-px", "-1", r"--shift-px -1: expected a value in \[0, inf\]"),
     ("--model", "vit_tiny_patch16_224", r"--model vit_tiny_patch16_224: cannot take 64 px crops .* choose a CNN"),
 ])
 def test_a_setting_out_of_range_is_one_line_and_writes_no_run(small_store, tmp_path, capsys, flag, value, problem):
@@ -1041,7 +1054,7 @@ def test_a_blur_wider_than_a_training_crop_is_one_line_and_writes_no_run(small_s
     code, _, err = run_cli(capsys, "train", "--data", small_store, "--preset", "cpu", "--out", tmp_path / "run",
                            "--blur-sigma", "3", *extra)
     size = extra[1].split("@")[0]
-    assert code != 0 and f"the 19-pixel kernel does not fit {size}x{size} images" in err
+    assert code != 0 and f"--blur-sigma 3.0: the 19-pixel kernel does not fit {size}x{size} images" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
@@ -1135,8 +1148,20 @@ def test_out_of_gpu_memory_resuming_does_not_suggest_a_batch_size_the_resume_ref
         fit(None, None, run, resume=True, progress=False)
 
 
+@pytest.mark.parametrize("flag, problem", [
+    ("--weights", "--weights '': expected a .safetensors or state dict file; drop --weights to start from random"),
+    ("--preset", "--preset '': unknown preset (choose from seed-xception, seed-mobilenetv2, default, cpu)"),
+])
+def test_an_empty_weights_or_preset_is_refused_not_taken_as_unset(small_store, tmp_path, capsys, flag, problem):
+    # `--weights "$W"` with W unset trained from random weights, `--preset ""` the default preset, in silence
+    code, _, err = run_cli(capsys, "train", "--data", small_store, "--out", tmp_path / "run", "--epochs", "1",
+                           "--batch-size", "64", "--crop-px", "48", flag, "")
+    assert code == 2 and problem in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_refuses_a_preset_or_overwrite_it_would_ignore(trained_run, capsys):
-    for extra in (["--preset", "seed-xception"], ["--overwrite"]):
+    for extra in (["--preset", "seed-xception"], ["--overwrite"], ["--preset", ""]):
         code, _, err = run_cli(capsys, "train", "--resume", trained_run, *extra)
         assert code == 2 and "drop --out and the overrides" in err and "--preset" in err, err
 
@@ -1174,6 +1199,22 @@ def test_out_pointing_at_an_existing_run_is_refused_unless_overwrite(trained_run
     assert json.loads((run / "run.json").read_text())["epochs_run"] == 1
     assert not (run / "model.onnx").exists() and not (run / "eval-valid-tta1").exists(), "nothing of the old run"
     assert not list(tmp_path.glob(".run.replaced-*"))
+
+
+def test_overwrite_refuses_to_delete_a_store_or_weights_inside_the_old_run(trained_run, small_store, tmp_path, capsys):
+    # `--data run/store --out run --overwrite` trained, then deleted the store it had trained on.
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    shutil.copytree(small_store, run / "store")
+    weights = run / "checkpoints" / "best.pt"
+    fast = ("--preset", "cpu", "--epochs", "1", "--batch-size", "64", "--crop-px", "48")
+    for inputs, named in ((("--data", run / "store"), f"--data {run / 'store'}"),
+                          (("--data", small_store, "--weights", weights), f"--weights {weights}")):
+        code, _, err = run_cli(capsys, "train", *inputs, "--out", run, "--overwrite", *fast)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{run}: --overwrite would delete the old run and with it {named}, which lies inside it" in err, err
+    assert (run / "store" / "manifest.json").is_file() and weights.is_file()
+    assert json.loads((run / "run.json").read_text()) == json.loads((trained_run / "run.json").read_text())
 
 
 def test_device_batches_follow_the_epochs_order_from_any_step(small_store):

@@ -307,10 +307,11 @@ def export_run(run_dir: Path, *, format: str = "onnx", out: Path | None = None, 
     run_dir = Path(run_dir)
     suffix = EXPORT_SUFFIXES[format]
     out = Path(out) if out is not None else run_dir / f"model{suffix}"
+    # A TorchScript .pt must not land on the run's checkpoints (best.pt holds the weights).
+    # Checked before the suffix: `--out .` (a folder without a name) was a traceback there.
+    check_output_file(out, example=f"model{suffix}", protect=[run_dir / "checkpoints"])
     if out.suffix != suffix:
         raise UserError(f"--out {out}: {format} exports are {suffix} files; name it e.g. {out.with_suffix(suffix).name}")
-    # A TorchScript .pt must not land on the run's checkpoints (best.pt holds the weights).
-    check_output_file(out, example=f"model{suffix}", protect=[run_dir / "checkpoints"])
     run = load_run(run_dir, checkpoint=checkpoint, device="cpu", fp32=True)  # the exports run in float32
     patches, checked_on = check_patches(run, check_data)
     meta = _metadata(run)

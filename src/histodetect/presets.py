@@ -171,6 +171,10 @@ def preset_config(name: str, **overrides) -> TrainConfig:
 
 
 SCHEDULES = ("cosine", "onecycle", "constant")
+# torch CPU threads, far past any machine's cores: on the dev machine OpenMP could not start
+# 16384 threads, 100000000 ended in a segmentation fault and 2**63 in a traceback from torch.
+# Fixed rather than this machine's cores, so that a run resumes on another machine.
+MAX_THREADS = 1024
 OPTIMIZERS = ("adam", "adamw")
 
 
@@ -183,6 +187,9 @@ def check_train_config(cfg: TrainConfig) -> None:
     def flag(name: str) -> str:
         return "--" + name.replace("_", "-")
 
+    if cfg.weights is not None and not cfg.weights.strip():  # `--weights "$UNSET"` trained from random weights
+        raise UserError("--weights '': expected a .safetensors or state dict file; drop --weights to start from "
+                        "random weights")
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"--optimizer {cfg.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:
@@ -196,7 +203,8 @@ def check_train_config(cfg: TrainConfig) -> None:
         "epochs": at_least_one, "batch_size": at_least_one, "val_batch_size": at_least_one, "lr": positive,
         "weight_decay": not_negative, "drop_rate": below_one, "ema_decay": below_one, "warmup_fraction": below_one,
         "label_smoothing": below_one, "grad_clip_norm": not_negative, "max_minutes": not_negative,
-        "early_stopping": not_negative, "checkpoint_minutes": (lambda v: v > 0, "a value > 0 (inf: only at epoch ends)"), "threads": not_negative,
+        "early_stopping": not_negative, "checkpoint_minutes": (lambda v: v > 0, "a value > 0 (inf: only at epoch ends)"),
+        "threads": (lambda v: 0 <= v <= MAX_THREADS, f"a value in [0, {MAX_THREADS}] (0 = one per core)"),
         "resident_fraction": fraction,
     }
     for name, (allowed, expected) in ranges.items():

@@ -17,8 +17,8 @@ def check_blur_fits(max_sigma: float, size_px: int) -> int:
     radius = math.ceil(3 * max_sigma)
     if radius >= size_px:
         raise UserError(
-            f"augment blur_sigma={max_sigma}: the {2 * radius + 1}-pixel kernel does not fit "
-            f"{size_px}x{size_px} images; use a smaller blur_sigma"
+            f"--blur-sigma {max_sigma}: the {2 * radius + 1}-pixel kernel does not fit "
+            f"{size_px}x{size_px} images; use a smaller --blur-sigma"
         )
     return radius
 

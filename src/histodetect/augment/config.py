@@ -54,12 +54,13 @@ class AugmentConfig:
         ):
             value = getattr(self, name)
             if not low <= value <= high:
+                # Named as the flag of the same TrainConfig field: `train --hue 0.7` said "augment hue".
                 raise UserError(
-                    f"augment {name}: expected a value in [{low}, {high}], found {value}; "
+                    f"--{name.replace('_', '-')} {value}: expected a value in [{low}, {high}]; "
                     f"pass a value in that range (0 turns it off)"
                 )
         if self.shift_px and not self.crop_px:
             raise UserError(
-                f"augment shift_px={self.shift_px}: the shift moves the crop window, but crop_px is 0; "
-                f"set crop_px (e.g. 64) or shift_px=0"
+                f"--shift-px {self.shift_px}: the shift moves the crop window, but --crop-px is 0; "
+                f"set --crop-px (e.g. 64) or --shift-px 0"
             )

@@ -38,7 +38,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
         overrides = _train_overrides(args)
         settings = {name: value for name, value in overrides.items() if name in RESUME_SETTINGS}
-        if len(settings) < len(overrides) or args.out or args.preset or args.overwrite:
+        if len(settings) < len(overrides) or args.out or args.preset is not None or args.overwrite:
             flags = ", ".join("--" + name.replace("_", "-") for name in RESUME_SETTINGS)
             raise UserError("--resume RUN continues a run with its saved config; drop --out and the overrides, "
                             f"--preset and --overwrite too (--data may say where its store is now; {flags} may change)")
@@ -46,7 +46,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     else:
         if not args.data or not args.out:
             raise UserError("train needs --data STORE and --out RUN (or --resume RUN)")
-        preset = args.preset or "default"  # None when not given, so that --resume can refuse one
+        # None when not given, so that --resume can refuse one; --preset '' is an unknown preset, not the default
+        preset = "default" if args.preset is None else args.preset
         config = preset_config(preset, **_train_overrides(args))
         result = fit(config, args.data, args.out, overwrite=args.overwrite, preset=preset)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only the first process validates and reports

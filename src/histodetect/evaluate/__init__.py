@@ -107,6 +107,7 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
     # compares every uncertainty this evaluation has.
     from ..predict import (
         DEFAULT_UNCERTAINTY,
+        check_mc_seed,
         load_run,
         mean_over_samples,
         predict_samples,
@@ -115,6 +116,7 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
         uncertainty_measures,
     )
 
+    check_mc_seed(seed)
     run = load_run(run_dir, device=device, fp32=fp32)
     store = open_store(data or Path(run.run["data"]["path"]))
     if split is None:

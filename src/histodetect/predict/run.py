@@ -12,6 +12,7 @@ import torch
 from ..augment import check_tta, tta_view_counts
 from ..errors import UserError
 from ..models import create_model
+from ..presets import MAX_THREADS
 from ..train import RUN_FILE, Dist, load_checkpoint, read_run, resolve_device
 
 
@@ -87,8 +88,8 @@ def load_run(run_dir: Path, *, checkpoint: str = "best", device: str = "auto", t
              fp32: bool = False) -> LoadedRun:
     """Load a run folder's `best` (or `last`) weights for inference; `fp32` turns bf16 autocast off."""
     run_dir = Path(run_dir)
-    if threads < 0:
-        raise UserError(f"--threads {threads}: expected a count >= 0 (0: one per core)")
+    if not 0 <= threads <= MAX_THREADS:
+        raise UserError(f"--threads {threads}: expected a count in [0, {MAX_THREADS}] (0: one per core)")
     run = read_run(run_dir)
     state = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
     config = state["config"]

@@ -26,6 +26,9 @@ from .run import LoadedRun
 # from it: on the test model of tests/test_explain.py (threshold 0.655) the most
 # confident half was 0.867 accurate by doubt and 0.828 by entropy (0.777 for all).
 DEFAULT_UNCERTAINTY = "doubt"
+# Far more than MC-dropout needs (20-100 passes are usual): --mc 100000000 still ran after
+# 2 minutes on 120 patches, and --mc 2**63 grew a list of passes until the kernel killed it.
+MAX_MC_PASSES = 1000
 
 
 _DROPOUT_TYPES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
@@ -67,12 +70,24 @@ def mc_dropout(model: torch.nn.Module):
 def _check_mc_passes(run: LoadedRun, mc_passes: int) -> None:
     if mc_passes < 0 or mc_passes == 1:
         raise UserError(f"--mc {mc_passes}: expected 0 (off) or at least 2 MC-dropout passes, e.g. --mc 20")
+    if mc_passes > MAX_MC_PASSES:
+        raise UserError(f"--mc {mc_passes}: expected at most {MAX_MC_PASSES} MC-dropout passes (20-100 are usual)")
     if mc_passes and not has_dropout(run.model):
         raise UserError(
             f"--mc {mc_passes}: {run.run_dir} ({run.config.get('model', 'exported model')}, "
             f"drop_rate {run.config.get('drop_rate', 0)}) "
             "has no dropout to sample; drop --mc, or train with --drop-rate 0.2 or more"
         )
+
+
+def check_mc_seed(seed: int) -> None:
+    """Refuse a --seed of the MC-dropout masks that torch cannot take or tell apart.
+
+    torch's CPU generator keeps 32 bits of its seed (--seed 4294967296 drew the masks of
+    --seed 0) and raised a traceback from 2**64 on; numpy's seeds stop at 2**32 as well.
+    """
+    if not 0 <= seed < 2**32:
+        raise UserError(f"--seed {seed}: expected an integer in [0, 2**32), e.g. --seed 0")
 
 
 def _backbone_is_random(model: torch.nn.Module, views: torch.Tensor) -> bool:

@@ -34,6 +34,10 @@ from .layout import (
 from .out_folder import _check_out_folder, _install, _remove_stale_partials
 from .pack import _compact, _decode_all
 
+# Decoding processes: more than the cores only compete for them, and this covers the largest
+# machines. --workers 2**63 made the pool fork until the system refused.
+MAX_WORKERS = 256
+
 
 class PrepareWarning(UserWarning):
     """Something about the data the user should know, that does not stop prepare."""
@@ -84,6 +88,8 @@ def prepare(
         raise UserError(f"--valid-fraction {valid_fraction}: expected a fraction between 0 and 1")
     if not 0 <= seed < 2**32:
         raise UserError(f"--seed {seed}: expected an integer in [0, 2**32), e.g. --seed 0")
+    if workers is not None and not 0 <= workers <= MAX_WORKERS:
+        raise UserError(f"--workers {workers}: expected 0 (one per core) to {MAX_WORKERS} decoding processes")
     # Resolved, so that '.' or 'stores/x/..' name the folder itself and its real parent.
     out = out.resolve()
     _check_out_folder(out, overwrite)

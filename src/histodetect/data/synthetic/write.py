@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -10,10 +11,31 @@ import numpy as np
 
 from ...errors import UserError
 from ...outputs import naming_write_errors
+from ..decode import PATCH_SIZE_PX
 from ..formats import FORMATS
 from .layouts import _write_folder, _write_kaggle, _write_pcam_h5
 from .patches import _UNLABELLED_STREAM, _draw_labelled_patches, make_synthetic_patches
 from .splits import DEFAULT_SPLITS, _check_splits, _split_indices
+
+
+def _memory_bytes() -> float:
+    """This machine's physical memory in bytes (inf where the system does not say)."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return float("inf")
+
+
+def _check_patches_fit_in_memory(n: int, unlabelled: int) -> None:
+    # Every patch is drawn into one array before the first file is written: --n 1e11
+    # (or 2**63) failed in numpy with a traceback instead of naming the flag.
+    needed = (n + unlabelled) * PATCH_SIZE_PX * PATCH_SIZE_PX * 3
+    available = _memory_bytes()
+    if needed > available:
+        counts = f"--n {n} and --unlabelled {unlabelled}" if unlabelled else f"--n {n}"
+        raise UserError(f"{counts}: the patches are drawn in memory ({needed / 1e9:,.1f} GB at "
+                        f"{PATCH_SIZE_PX}x{PATCH_SIZE_PX}x3 bytes each), more than this machine's "
+                        f"{available / 1e9:,.1f} GB; pass a smaller --n (PCam holds 327,680 patches).")
 
 
 def write_synthetic(
@@ -42,6 +64,7 @@ def write_synthetic(
         raise UserError(f"--n {n}: expected at least 1 patch; pass e.g. --n 1000.")
     if unlabelled < 0:
         raise UserError(f"--unlabelled {unlabelled}: expected a count >= 0; pass 0 for none.")
+    _check_patches_fit_in_memory(n, unlabelled)
     if format != "kaggle" and unlabelled > 0:
         raise UserError(
             f"--unlabelled {unlabelled}: only the kaggle layout has unlabelled patches "

@@ -17,6 +17,9 @@ from ..tiling import PCAM_MPP
 # inference at ~260. On a GPU, where inference stops being the bottleneck,
 # --workers may pay: not measured yet.
 DEFAULT_WORKERS = 0
+# Reading processes: this covers the largest machines; --workers 2**63 was a traceback
+# from multiprocessing (an OverflowError making its semaphore).
+MAX_WORKERS = 256
 
 
 @dataclass
@@ -69,7 +72,8 @@ def check_config(config: SlideConfig, threshold: float) -> None:
         (0 <= config.min_tissue_fraction <= 1,
          f"--min-tissue {config.min_tissue_fraction}: expected a share of the tile between 0 and 1"),
         (config.batch_size >= 1, f"--batch-size {config.batch_size}: expected at least 1"),
-        (config.workers >= 0, f"--workers {config.workers}: expected 0 (read in this process) or more"),
+        (0 <= config.workers <= MAX_WORKERS,
+         f"--workers {config.workers}: expected 0 (read in this process) to {MAX_WORKERS} reading processes"),
     ]
     for ok, message in checks:
         if not ok:

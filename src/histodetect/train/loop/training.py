@@ -84,7 +84,7 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                                 "store moved, pass --data with where it is now")
         data = Path(data)
     else:
-        _check_run_folder(out, overwrite)
+        _check_run_folder(out, overwrite, {"--data": data, "--weights": cfg.weights or None})
         if cfg.weights:  # a resume may start from another folder
             cfg = dataclasses.replace(cfg, weights=str(Path(cfg.weights).resolve()))
         saved_cfg = cfg
