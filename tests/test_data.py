@@ -636,6 +636,18 @@ def test_split_folder_names_are_matched_in_any_case(pcam_jpeg, tmp_path):
     assert sorted(store.split_names) == ["train", "valid"]
 
 
+@pytest.mark.parametrize("layout", ["split/label", "label"])
+def test_a_store_prepared_inside_its_image_folder_does_not_break_the_folder(pcam_jpeg, tmp_path, layout):
+    # `prepare data --out data/store` worked once; then data held a "store" folder beside its
+    # label folders and every later prepare or predict of data refused it ("found folders 0, 1, store").
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=2)
+    if layout == "label":
+        src = src / "train"
+    first = open_store(prepare(src, src / "store", progress=False).store)
+    again = open_store(prepare(src, tmp_path / "again", progress=False).store)
+    assert again.fingerprint == first.fingerprint and len(again.labels) == len(first.labels)
+
+
 def test_an_unlabelled_valid_split_is_not_mixed_with_labelled_train_rows(tmp_path, capsys):
     rng = np.random.default_rng(3)
     x = rng.integers(0, 255, (20, 96, 96, 3), dtype=np.uint8)

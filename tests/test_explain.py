@@ -388,6 +388,9 @@ def test_predict_writes_uncertainty_columns_and_marks_doubtful_patches_review(re
     assert 0 < sum(row["decision"] == "review" for row in rows) < len(rows)
     with pytest.raises(UserError, match="--review-by tta_sd: this uncertainty needs --tta 4 or more"):
         predict_to_csv(run, [real_store], tmp_path / "q.csv", review_above=0.1, review_by="tta_sd", progress=False)
+    with pytest.raises(UserError, match=r"--review-by entropy: it picks the uncertainty --review-above compares; "
+                                        r"add --review-above U"):  # alone it changed nothing and said nothing
+        predict_to_csv(run, [real_store], tmp_path / "q.csv", review_by="entropy", progress=False)
     with pytest.raises(UserError, match="--kaggle-submission writes exactly id,label"):
         predict_to_csv(run, [real_store], tmp_path / "k.csv", uncertainty=True, kaggle_submission=True, progress=False)
     assert not (tmp_path / "q.csv").exists() and not (tmp_path / "k.csv").exists()

@@ -182,6 +182,19 @@ def test_evaluate_writes_metrics_plots_and_one_self_contained_report(trained_run
     assert json.loads((report_dir / "metrics.json").read_text())["roc_auc"] == metrics["roc_auc"]
 
 
+def test_evaluate_on_the_training_split_warns_that_it_shows_fit_not_generalisation(trained_run, small_store,
+                                                                                     tmp_path, capsys):
+    # It printed training-split scores (accuracy near 1 for a big network) with nothing to tell them from a test.
+    code, out, err = run_cli(capsys, "evaluate", trained_run, "--data", f"{small_store}:train", "--out",
+                             tmp_path / "ev", "--bootstrap", "100", "--quiet")
+    assert code == 0, err
+    assert f"histodetect: warning: {small_store}:train is the split {trained_run} trained on" in err, err
+    assert "This is the split the run trained on" in (tmp_path / "ev" / "report.html").read_text()
+    code, _, err = run_cli(capsys, "evaluate", trained_run, "--data", f"{small_store}:valid", "--out",
+                           tmp_path / "ev2", "--bootstrap", "100", "--quiet")
+    assert code == 0 and "warning" not in err, err
+
+
 def assert_preds_follow(rows: list[dict], threshold: float) -> None:
     """pred is prob >= threshold. The threshold is one validation patch's probability: that
     patch, and any within the CSV's 6 decimals or a batch's float noise of it, may fall

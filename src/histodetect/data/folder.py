@@ -34,8 +34,16 @@ def _images(folder: Path) -> list[Path]:
     )
 
 
+def _is_ours(folder: Path) -> bool:
+    """A store (manifest.json) or run folder (run.json) histodetect wrote: not a split or label folder.
+
+    `prepare data --out data/store` put one beside the label folders, and the next
+    `prepare data` refused the folder for its unexpected "store" folder."""
+    return (folder / "manifest.json").is_file() or (folder / "run.json").is_file()
+
+
 def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and not _is_ours(p))
 
 
 def _labelled(folder: Path, split: str) -> list[tuple[Path, int, str]]:

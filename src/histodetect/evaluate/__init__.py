@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,11 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
     # holds anything but an earlier evaluation, is refused now. The default names the store
     # when it is not the one trained on, so evaluations on other stores do not replace each other.
     trained_here = store.fingerprint == run.run["data"]["fingerprint"]
+    on_training_split = trained_here and split == run.config["train_split"]
+    if on_training_split:  # scored on what it learnt from: a user comparing numbers should know
+        warnings.warn(f"{store.path}:{split} is the split {run.run_dir} trained on: its scores show how well the "
+                      f"model fits it, not how well it generalises (evaluate on {run.config['val_split']} or a test split)",
+                      stacklevel=2)
     default_name = f"eval-{split}-tta{tta}" if trained_here else f"eval-{store.path.name}-{split}-tta{tta}"
     out = check_output_folder(Path(out or run.run_dir / default_name), "--out", is_evaluation_folder,
                               keep=[run.run_dir, store.path])
@@ -216,6 +222,9 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
             if store.fingerprint == run.run["data"]["fingerprint"] and split == run.config["val_split"]:
                 notes.append("This is the validation split that chose the best epoch and the threshold: "
                              "scores on it are slightly optimistic.")
+            if on_training_split:
+                notes.append("This is the split the run trained on: its scores show how well the model fits it, "
+                             "not how well it generalises.")
             title = f"histodetect evaluation: {run.run_dir.name} on {store.path.name}:{split} (TTA {tta}"
             title += f", MC-dropout {mc_passes})" if mc_passes else ")"
             write_report(partial, title, metrics, images, {"Accuracy-coverage": _triage_report_rows(triage)}, notes)

@@ -68,6 +68,9 @@ def _check_review(review_above: float | None, review_by: str, tta: int, mc_passe
     needs = {"doubt": None, "entropy": None, "tta_sd": ("--tta 4 or more", tta > 1), "mc_sd": ("--mc N", mc_passes > 0)}
     if review_by not in needs:
         raise UserError(f"--review-by {review_by!r}: expected one of {', '.join(needs)}")
+    if review_above is None and review_by != "doubt":  # it only chooses what --review-above compares: alone it did nothing
+        raise UserError(f"--review-by {review_by}: it picks the uncertainty --review-above compares; add "
+                        f"--review-above U (e.g. 0.5) to mark patches for review, or --uncertainty for the columns")
     if needs[review_by] is not None and not needs[review_by][1]:
         raise UserError(f"--review-by {review_by}: this uncertainty needs {needs[review_by][0]}; add it or review by doubt")
     if review_above is not None and not 0 <= review_above <= 1:
