@@ -1173,6 +1173,20 @@ def test_an_empty_weights_or_preset_is_refused_not_taken_as_unset(small_store, t
     assert not (tmp_path / "run").exists()
 
 
+def test_pretrained_and_weights_together_are_refused_before_any_download(small_store, tmp_path, capsys, monkeypatch):
+    # --weights replaced the hub's weights after they were fetched: minutes of download (or an offline failure) for nothing
+    import histodetect.models as models_module
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the hub was asked for weights")
+
+    monkeypatch.setattr(models_module, "create_pretrained", no_download)
+    code, _, err = run_cli(capsys, "train", "--data", small_store, "--out", tmp_path / "run", "--model", "resnet18",
+                           "--pretrained", "--weights", tmp_path / "w.safetensors")
+    assert code == 2 and "--pretrained and --weights" in err and "both choose the starting weights" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_refuses_a_preset_or_overwrite_it_would_ignore(trained_run, capsys):
     for extra in (["--preset", "seed-xception"], ["--overwrite"], ["--preset", ""]):
         code, _, err = run_cli(capsys, "train", "--resume", trained_run, *extra)

@@ -190,6 +190,9 @@ def check_train_config(cfg: TrainConfig) -> None:
     if cfg.weights is not None and not cfg.weights.strip():  # `--weights "$UNSET"` trained from random weights
         raise UserError("--weights '': expected a .safetensors or state dict file; drop --weights to start from "
                         "random weights")
+    if cfg.pretrained and cfg.weights:  # the file replaced the hub's weights after fetching them (network, minutes)
+        raise UserError(f"--pretrained and --weights {cfg.weights}: both choose the starting weights; pass one "
+                        "(--weights alone to start from that file)")
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"--optimizer {cfg.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:
