@@ -227,6 +227,18 @@ def geometry_like_the_test_slide() -> SlideGeometry:
                          level_downsamples=(1.0, 2.0), mpp=0.486, mpp_source="metadata")
 
 
+def test_a_stride_that_would_make_billions_of_tiles_is_refused_before_any_allocation():
+    # A 25 x 50 mm section at 0.243 um/px: --stride 1 planned 1.3 billion tiles (some 50 GB of arrays).
+    section = SlideGeometry(path="node.svs", backend="tiffslide", level_dimensions=((102_880, 205_760),),
+                            level_downsamples=(1.0,), mpp=0.243, mpp_source="metadata")
+    assert plan_grid(section, stride_px=96).rows * plan_grid(section, stride_px=96).cols < 200_000
+    with pytest.raises(UserError, match=r"^node.svs: --stride 1 makes 1,3\d\d,\d{3},\d{3} tiles, more than 20,000,000; "
+                                        r"use a larger --stride \(96: 1\d\d,\d{3} tiles\) or a smaller --roi$"):
+        plan_grid(section, stride_px=1)
+    grid = plan_grid(section, stride_px=1, roi=(0, 0, 4000, 4000))  # a small region at stride 1 is fine
+    assert grid.rows * grid.cols < 1_000_000
+
+
 def test_at_stride_32_a_heatmap_cell_is_the_centre_32_px_of_its_tile():
     """A tile is 192 level-0 px and the stride 64, so cell (r, c) is the 64-px square
     (PCam's labelled centre) starting 64 px into tile (r, c), not the tile's top-left corner."""

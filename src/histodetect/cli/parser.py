@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "several slides give one folder each under --out and a table slides.csv")
     p.add_argument("--out", type=Path, required=True, help="folder for the results")
     p.add_argument("--stride", type=int, help="pixels at PCam's 0.97 um/px between tiles "
-                   "(default 96: side by side; 32: one tile per PCam label region, 9x the work)")
+                   "(1-96; default 96: side by side; 32: one tile per PCam label region, 9x the work; "
+                   "at most 20 million tiles a slide)")
     p.add_argument("--mpp", type=float, help="micrometres per level-0 pixel, for a slide whose metadata lacks it "
                    "(0.25 at 40x, 0.5 at 20x)")
     p.add_argument("--roi", metavar="X,Y,W,H", help="only this region, in level-0 pixels")

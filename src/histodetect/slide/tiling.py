@@ -83,6 +83,13 @@ class TileGrid:
                 self.origin_y0 + margin + np.asarray(corner_rows) * self.stride_px0)
 
 
+# Tiles in one grid. The heatmap, probabilities, order and coordinates take some 30-40 bytes
+# a tile (estimated from their dtypes), so --stride 1 over a 25 x 50 mm section (1.3 billion
+# tiles) would need about 50 GB before the first tile is scored; 20 million tiles is about
+# --stride 8 over that section, already hours of scoring on a GPU.
+MAX_GRID_TILES = 20_000_000
+
+
 def plan_grid(geometry: SlideGeometry, *, stride_px: int, target_mpp: float = PCAM_MPP,
               roi: tuple[int, int, int, int] | None = None) -> TileGrid:
     """Tiles of 96 target-resolution pixels every `stride_px` of them, over `roi` (level-0 x, y, w, h)."""
@@ -109,11 +116,17 @@ def plan_grid(geometry: SlideGeometry, *, stride_px: int, target_mpp: float = PC
         raise UserError(f"{where}: {w0}x{h0} level-0 px is smaller than one {PATCH_PX}-px tile at "
                         f"{tile_mpp:.3g} um/px ({tile_px0:.0f} level-0 px); "
                         f"a single patch goes to 'histodetect predict'")
+    rows, cols = int((h0 - tile_px0) // stride_px0) + 1, int((w0 - tile_px0) // stride_px0) + 1
+    if rows * cols > MAX_GRID_TILES:
+        where = f"--roi {x0},{y0},{w0},{h0}" if roi is not None else f"{geometry.path}"
+        at_96 = (int((h0 - tile_px0) // tile_px0) + 1) * (int((w0 - tile_px0) // tile_px0) + 1)
+        raise UserError(f"{where}: --stride {stride_px} makes {rows * cols:,} tiles, more than {MAX_GRID_TILES:,}; "
+                        f"use a larger --stride (96: {at_96:,} tiles) or a smaller --roi")
     return TileGrid(
         level=level, level_downsample=geometry.level_downsamples[level], origin_x0=float(x0), origin_y0=float(y0),
         stride_px0=stride_px0, tile_px0=tile_px0,
         read_px=PATCH_PX if native else max(1, round(PATCH_PX * tile_mpp / level_mpp)),
-        rows=int((h0 - tile_px0) // stride_px0) + 1, cols=int((w0 - tile_px0) // stride_px0) + 1,
+        rows=rows, cols=cols,
     )
 
 
