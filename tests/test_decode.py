@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import io
 import shutil
+import struct
+import time
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import imagecodecs
@@ -144,6 +148,23 @@ def test_negative_integers_are_refused_rather_than_clipped_or_wrapped(rgb, tmp_p
     refused(tmp_path / "i8.tif", "negative values (down to -100, int8)")
 
 
+def test_an_uncompressed_int8_rgb_tiff_is_not_read_as_uint8(rgb, tmp_path):
+    # Kaggle's layout (one uncompressed strip of 8-bit RGB) took the fast path, which did not read
+    # SampleFormat: -100 came out as 156, as from Pillow, with no word of a conversion.
+    tifffile.imwrite(tmp_path / "i8.tif", (rgb // 2).astype(np.int8) - 100, photometric="rgb")
+    refused(tmp_path / "i8.tif", "negative values (down to -100, int8)")
+    tifffile.imwrite(tmp_path / "i8_positive.tif", (rgb // 2).astype(np.int8), photometric="rgb")
+    decodes_to(tmp_path / "i8_positive.tif", rgb // 2)
+    assert decode_patch_file(tmp_path / "i8_positive.tif").converted_from == "int8 RGB"
+
+
+def test_sixteen_bit_samples_are_divided_by_257_even_in_a_dark_image(rgb, tmp_path):
+    # Their type, not their largest value, says 16-bit: a dark image's 255 is 1 of 255, not white.
+    dark = rgb.astype(np.uint16)  # values 0-255 in uint16
+    tifffile.imwrite(tmp_path / "dark16.tif", dark, photometric="rgb")
+    decodes_to(tmp_path / "dark16.tif", np.rint(dark / 257).astype(np.uint8))
+
+
 # --- TIFF structure ------------------------------------------------------------------
 
 
@@ -159,6 +180,70 @@ def test_a_multi_page_tiff_is_refused_but_a_thumbnail_page_is_not_counted(rgb, t
         tif.write(rgb, photometric="rgb", compression="lzw")
         tif.write(rgb[::4, ::4], photometric="rgb", subfiletype=1)  # a reduced-resolution copy
     decodes_to(tmp_path / "thumbnail.tif", rgb)
+
+
+def test_a_palette_or_cmyk_tiff_with_a_thumbnail_page_decodes_as_pillow_reads_its_first_page(rgb, tmp_path):
+    # The thumbnail sent the file to tifffile, which refuses palette and CMYK: "is a PALETTE TIFF".
+    palette = Image.fromarray(rgb).quantize(64)
+    indices, colours = np.asarray(palette), np.zeros((256, 3), np.uint16)
+    used = np.reshape(palette.getpalette(), (-1, 3))
+    colours[: len(used)] = used
+    cmyk = np.asarray(Image.fromarray(rgb).convert("CMYK"))
+    for name, pixels, kind in [("palette", indices, {"photometric": "palette", "colormap": colours.T * 257}),
+                               ("cmyk", cmyk, {"photometric": "separated"})]:
+        with tifffile.TiffWriter(tmp_path / f"{name}.tif") as tif:
+            tif.write(pixels, **kind)
+            tif.write(pixels[::4, ::4], subfiletype=1, **kind)
+        with Image.open(tmp_path / f"{name}.tif") as image:
+            want = np.asarray(image.convert("RGB"))
+        decodes_to(tmp_path / f"{name}.tif", want)
+
+
+def _link_last_page_to(path: Path, offset_of_page) -> None:
+    """Point the last page's next-page offset at `offset_of_page(offsets)` (a little-endian classic TIFF)."""
+    data = bytearray(path.read_bytes())
+    offsets = [struct.unpack_from("<I", data, 4)[0]]
+    while True:
+        n_tags = struct.unpack_from("<H", data, offsets[-1])[0]
+        next_at = offsets[-1] + 2 + 12 * n_tags
+        (following,) = struct.unpack_from("<I", data, next_at)
+        if following == 0:
+            break
+        offsets.append(following)
+    struct.pack_into("<I", data, next_at, offset_of_page(offsets))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_a_tiff_whose_pages_link_back_is_read_once_instead_of_for_ever(rgb, tmp_path, dtype):
+    # tifffile's walk along the pages looks for a loop only past 100 pages: a page linking back to
+    # itself hung prepare and kept a serve thread busy for ever.
+    path = tmp_path / "loop.tif"
+    tifffile.imwrite(path, rgb.astype(dtype) * (257 if dtype == "uint16" else 1), photometric="rgb")
+    _link_last_page_to(path, lambda offsets: offsets[0])
+    decodes_to(path, rgb)
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(rgb, photometric="rgb", compression="lzw")
+        tif.write(rgb[::4, ::4], photometric="rgb", subfiletype=1)
+    _link_last_page_to(path, lambda offsets: offsets[-1])  # the thumbnail links to itself
+    decodes_to(path, rgb)
+
+
+def test_a_tiff_of_very_many_pages_is_refused_after_counting_a_hundred(rgb, tmp_path):
+    # A 6 MB file can chain 50,000 pages: Pillow and tifffile counted them all, 16 s and 8 s of a
+    # serve thread per upload.
+    with tifffile.TiffWriter(tmp_path / "stack.tif") as tif:
+        for _ in range(101):
+            tif.write(rgb[:8, :8], photometric="rgb")
+    refused(tmp_path / "stack.tif", "holds more than 100 pages; expected one patch per file")
+    with tifffile.TiffWriter(tmp_path / "thumbnails.tif") as tif:
+        tif.write(rgb, photometric="rgb", compression="lzw")
+        for _ in range(20_000):
+            tif.write(rgb[:1, :1], photometric="rgb", subfiletype=1)
+    started = time.perf_counter()
+    refused(tmp_path / "thumbnails.tif", "holds more than 100 pages")
+    assert time.perf_counter() - started < 1, "Pillow's n_frames took 3 s to count the pages"
 
 
 def test_tiff_samples_that_are_not_grey_or_rgb_are_refused(rgb, tmp_path):
@@ -307,3 +392,74 @@ def test_a_12_bit_tiff_fills_the_8_bit_range_instead_of_coming_out_dark(rgb, tmp
     tifffile.imwrite(tmp_path / "12bit.tif", twelve_bit, photometric="rgb", bitspersample=12)
     decodes_to(tmp_path / "12bit.tif", rgb)
     assert decode_patch_file(tmp_path / "12bit.tif").converted_from == "uint16 (12-bit) RGB"
+
+
+def test_a_4_bit_tiff_read_by_tifffile_fills_the_8_bit_range_as_pillow_reads_it(rgb, tmp_path):
+    # tifffile (here for a big-endian BigTIFF, which Pillow cannot open) unpacks 4-bit samples to 0-15: near black.
+    grey4 = grey_of(rgb) // 16
+    tifffile.imwrite(tmp_path / "pillow.tif", grey4, photometric="minisblack", bitspersample=4)
+    tifffile.imwrite(tmp_path / "tifffile.tif", grey4, photometric="minisblack", bitspersample=4, bigtiff=True,
+                     byteorder=">")
+    decodes_to(tmp_path / "pillow.tif", as_rgb(grey4 * 17))  # Pillow: 0-15 times 17
+    decodes_to(tmp_path / "tifffile.tif", as_rgb(grey4 * 17))
+
+
+def test_a_12_bit_jpeg_compressed_tiff_decodes(rgb, tmp_path):
+    # tifffile returns its YCbCr-coded JPEG tiles as RGB.
+    twelve_bit = np.rint(rgb.astype(np.float64) * 4095 / 255).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "12bit_jpeg.tif", twelve_bit, photometric="rgb", compression="jpeg", bitspersample=12)
+    decoded = decode_patch_file(tmp_path / "12bit_jpeg.tif")
+    assert decoded.error is None and decoded.converted_from == "uint16 (12-bit) RGB", decoded
+    assert np.abs(decoded.patch.astype(int) - rgb).mean() < 3, "lossy, but the same patch"
+
+
+def test_a_tiff_header_announcing_a_huge_image_is_refused_before_its_pixels_are_read(rgb, tmp_path):
+    # Pillow cannot open float RGB: tifffile reads it, and would allocate what the header says.
+    tifffile.imwrite(tmp_path / "huge.tif", rgb.astype(np.float32) / 255, photometric="rgb")
+    data = bytearray((tmp_path / "huge.tif").read_bytes())
+    with tifffile.TiffFile(tmp_path / "huge.tif") as tiff:
+        for name in ("ImageWidth", "ImageLength"):
+            tag = tiff.pages.first.tags[name]
+            struct.pack_into("<I" if tag.dtype == 4 else "<H", data, tag.valueoffset, 100_000 if tag.dtype == 4 else 65_535)
+    (tmp_path / "huge.tif").write_bytes(bytes(data))
+    refused(tmp_path / "huge.tif", "far too large for a patch")
+
+
+def _png_with_exif(pixels: np.ndarray, exif: bytes) -> bytes:
+    png = imagecodecs.png_encode(pixels)
+    chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
+    return png[:33] + chunk + png[33:]  # after the IHDR chunk
+
+
+@pytest.mark.parametrize("exif", [b"II*\x00\x08\x00\x00", b"IX*\x00\x08\x00\x00\x00"], ids=["cut_short", "not_tiff"])
+@pytest.mark.parametrize("depth", [8, 16])
+def test_a_png_with_damaged_exif_decodes_as_stored(rgb, tmp_path, exif, depth):
+    # EXIF is metadata: Pillow's struct.error at an eXIf chunk cut short was a traceback in prepare
+    # and a 500 in serve, and an eXIf that is not TIFF refused a whole image as "truncated or corrupt".
+    pixels = rgb.astype(np.uint16) * 257 if depth == 16 else rgb
+    (tmp_path / "exif.png").write_bytes(_png_with_exif(pixels, exif))
+    decodes_to(tmp_path / "exif.png", rgb)
+
+
+def test_a_large_16_bit_png_is_scaled_without_float64_copies(rgb, tmp_path):
+    # Three float64 copies of the samples: 1.25 GB for one 4096x4096 16-bit RGB PNG, in each of
+    # prepare's worker processes, where Pillow's 8-bit decode had taken 160 MB.
+    samples = np.tile(rgb.astype(np.uint16) * 257, (16, 16, 1))  # 1536x1536
+    (tmp_path / "big.png").write_bytes(imagecodecs.png_encode(samples))
+    tracemalloc.start()
+    try:
+        decoded = decode_patch_file(tmp_path / "big.png", resize=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert decoded.error is None and decoded.resized_from == (1536, 1536)
+    assert peak < 3 * samples.nbytes, f"peak {peak / 2**20:.0f} MiB for {samples.nbytes / 2**20:.0f} MiB of samples"
+
+
+def test_a_damaged_tiff_is_one_refusal_not_tifffiles_log_too(tmp_path, caplog):
+    # tifffile logs what it reads past: prepare printed "<tifffile.TiffPages @8> invalid offset to
+    # first page 8" on stderr beside its one line naming the file.
+    (tmp_path / "header.tif").write_bytes(b"II*\x00\x08\x00\x00\x00")  # points at a page that is not there
+    with caplog.at_level("WARNING"):
+        refused(tmp_path / "header.tif", "is a truncated or corrupt TIFF")
+    assert not [r for r in caplog.records if r.name == "tifffile"], caplog.text

@@ -263,6 +263,22 @@ def test_tiffs_pillow_cannot_open_score_as_predict_scores_them(client, run, patc
         "file 'nan.tif': has NaN or infinite float32 values; expected finite values in 0-1, 0-255 or 0-65535")
 
 
+def test_a_truncated_tiff_read_by_tifffile_is_told_to_be_sent_whole(patch_files):
+    # tifffile's refusal reads "is a truncated or corrupt TIFF (...)": the advice looked for "is truncated".
+    import tifffile
+
+    from histodetect.serve.inputs import RequestError, Upload, decode_upload
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.asarray(Image.open(patch_files[0]).convert("RGB")).astype(np.uint16) * 257,
+                     photometric="rgb")
+    data = buffer.getvalue()
+    with pytest.raises(RequestError, match=r"^file 'cut.tif': is a truncated or corrupt TIFF \(.*\); "
+                                           r"send the complete image file$") as caught:
+        decode_upload(Upload("cut.tif", data[: len(data) // 2]), ServeConfig())
+    assert caught.value.status == 422
+
+
 def test_serve_run_binds_loopback_unless_told_and_warns_beyond_it(trained_run, monkeypatch):
     import uvicorn
 

@@ -11,14 +11,22 @@ imagecodecs the 16-bit PNGs, keeping their full sample values.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
+import logging
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import tifffile
 
 PATCH_SIZE_PX = 96
 PATCH_SHAPE = (PATCH_SIZE_PX, PATCH_SIZE_PX, 3)
@@ -27,6 +35,8 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 # Pillow refuses images over ~89 Mpx with a DecompressionBombError; a patch file
 # is 96x96, so anything above this is not a patch and is refused before decoding.
 MAX_PATCH_FILE_PIXELS = 4096 * 4096
+# Pages of a TIFF counted before it is refused as no patch file (a 6 MB file can chain 100,000 pages).
+MAX_TIFF_PAGES = 100
 
 TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 OTHER_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
@@ -92,15 +102,23 @@ def _read_uncompressed_tiff(data: bytes) -> np.ndarray | None:
         field_type, count, inline, _ = tags[tag]
         return inline if count == 1 and field_type in (3, 4) else -1
 
-    bits_ok = False
-    if 258 in tags and tags[258][:2] == (3, 3):  # three SHORTs stored at an offset
-        (bits_at,) = struct.unpack_from(order + "I", data, tags[258][3])
-        bits_ok = bits_at + 6 <= len(data) and struct.unpack_from(order + "HHH", data, bits_at) == (8, 8, 8)
+    def per_sample(tag: int) -> tuple[int, ...] | None:
+        """A tag of three SHORTs, one per sample, stored at an offset."""
+        if tag not in tags or tags[tag][:2] != (3, 3):
+            return None
+        (at,) = struct.unpack_from(order + "I", data, tags[tag][3])
+        return struct.unpack_from(order + "HHH", data, at) if at + 6 <= len(data) else None
+
+    bits_ok = per_sample(258) == (8, 8, 8)
+    # SampleFormat unsigned (1, the default), once or per sample: int8 (2) is for `_decode` to refuse
+    # or read; as uint8, -100 came out as 156.
+    unsigned = value(339, 1) == 1 or per_sample(339) == (1, 1, 1)
     width, height = value(256), value(257)
     n_bytes = width * height * 3
     start, length = value(273), value(279)
     if not (
         bits_ok
+        and unsigned
         and value(259, 1) == 1  # no compression
         and value(262) == 2  # RGB
         and value(277) == 3  # samples per pixel
@@ -126,8 +144,46 @@ def _to_patch(pixels: np.ndarray, path: Path, resize: bool) -> Decoded:
     return Decoded(np.asarray(image), resized_from=(width, height))
 
 
+# tifffile logs the damage it reads past ("<tifffile.TiffPage 0 @8> incorrect StripOffsets count")
+# on stderr, around the one line `prepare` prints for the file or in place of none at all: the
+# refusal says what is wrong. Filtered per thread, as serve decodes in a thread pool.
+_reading_tiff = threading.local()
+logging.getLogger("tifffile").addFilter(lambda record: not getattr(_reading_tiff, "quiet", False))
+
+
+@contextlib.contextmanager
+def _tifffile_quiet():
+    _reading_tiff.quiet = True
+    try:
+        yield
+    finally:
+        _reading_tiff.quiet = False
+
+
 class _Refused(Exception):
     """Why a file cannot be decoded: caught in decode_patch_file, which returns it as `Decoded.error`."""
+
+
+@functools.lru_cache(maxsize=64)
+def _scale_table(n_values: int, scale: float) -> np.ndarray:
+    """_scaled of every value 0 .. n_values - 1: (n_values,) uint8 (building 65,536 took 0.1 ms a file)."""
+    return _scaled(np.arange(n_values, dtype=np.float64), scale)
+
+
+def _scaled(samples: np.ndarray, scale: float) -> np.ndarray:
+    """round(samples * scale) clipped to 0-255, as uint8.
+
+    8- and 16-bit unsigned samples are looked up in a table and others scaled in place: the
+    three float64 copies of a plain expression took 1.25 GB for one 4096x4096 16-bit RGB PNG
+    (Pillow's 8-bit decode of it, before tifffile and imagecodecs, 160 MB).
+    """
+    if samples.dtype.kind == "u" and samples.dtype.itemsize <= 2:
+        return _scale_table(2 ** (8 * samples.dtype.itemsize), scale)[samples]
+    values = samples if samples.dtype == np.float64 else samples.astype(np.float64)
+    values *= scale
+    np.rint(values, out=values)
+    np.clip(values, 0, 255, out=values)
+    return values.astype(np.uint8)
 
 
 def _samples_to_uint8(samples: np.ndarray, bits: int | None = None) -> np.ndarray:
@@ -142,9 +198,11 @@ def _samples_to_uint8(samples: np.ndarray, bits: int | None = None) -> np.ndarra
     """
     if samples.dtype == bool:
         samples = samples.astype(np.uint8) * 255
-    if bits is not None and samples.dtype.kind == "u" and 8 < bits < 8 * samples.dtype.itemsize:
-        scale = 255 / (2**bits - 1)
-        samples = np.clip(np.rint(samples.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+    elif bits is not None and samples.dtype.kind == "u" and bits < 8 * samples.dtype.itemsize:
+        # tifffile unpacks 2- and 4-bit samples to uint8 too: 0-15 stayed 0-15, near black.
+        samples = _scaled(samples, 255 / (2**bits - 1))
+    if samples.dtype.kind == "u" and samples.dtype.itemsize == 2:  # either byte order
+        samples = _scaled(samples, 1 / 257)
     if samples.dtype != np.uint8:
         values = samples.astype(np.float64)
         is_float = samples.dtype.kind == "f"
@@ -154,7 +212,7 @@ def _samples_to_uint8(samples: np.ndarray, bits: int | None = None) -> np.ndarra
         if low < 0:
             raise _Refused(f"has negative values (down to {low:g}, {samples.dtype}); "
                            "expected values in 0-1, 0-255 or 0-65535")
-        if (samples.dtype.kind == "u" and samples.dtype.itemsize == 2) or 255 < peak <= 65535:
+        if 255 < peak <= 65535:
             scale = 1 / 257
         elif is_float and peak <= 1:
             scale = 255.0
@@ -165,12 +223,13 @@ def _samples_to_uint8(samples: np.ndarray, bits: int | None = None) -> np.ndarra
         else:
             raise _Refused(f"has {samples.dtype} values up to {peak:g}; expected 0-1, 0-255 or 0-65535, "
                            "which say how to scale them to 8 bits")
-        samples = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        samples = _scaled(values, scale)
     return samples if samples.shape[-1] == 3 else np.repeat(samples, 3, axis=-1)
 
 
-def _pillow_reads_right(tiff: Image.Image) -> bool:
-    """Whether Pillow decodes this TIFF right: one page of unsigned samples of at most 8 bits.
+def _pillow_reads_right(tiff: Image.Image, data: bytes) -> bool:
+    """Whether Pillow decodes this TIFF right: one image of unsigned samples of at most 8 bits
+    (thumbnail pages beside it are left alone, as Pillow reads the first page).
 
     Past that, Pillow opens uint32 as int32 "I" (values over 2**31 wrap negative), int8 as
     unsigned "L", 16-bit RGB(A) by dropping the low byte and planar 16-bit RGB as noise; it
@@ -179,11 +238,46 @@ def _pillow_reads_right(tiff: Image.Image) -> bool:
     try:
         bits = [int(b) for b in np.ravel(tiff.tag_v2.get(258, 1))]  # BitsPerSample, one per sample
         sample_formats = [int(f) for f in np.ravel(tiff.tag_v2.get(339, 1))]  # 1 unsigned, 2 signed, 3 float
-        return max(bits) <= 8 and set(sample_formats) == {1} and tiff.n_frames == 1
-    # A damaged header: a tag of the wrong type, or a later page's, which counting the pages reads
-    # outside the care Image.open takes. tifffile will say what is wrong with it.
+        if max(bits) > 8 or set(sample_formats) != {1}:
+            return False
+    # A damaged header: a tag of the wrong type. tifffile will say what is wrong with it.
     except (SyntaxError, TypeError, ValueError, OSError, EOFError, struct.error):
         return False
+    # is_animated: whether a second page follows (n_frames walks every page: 16 s for a 6 MB file of
+    # 50,000). A palette or CMYK image with a thumbnail page stays Pillow's: tifffile refuses both.
+    return not tiff.is_animated or _tiff_image_count(data) == 1
+
+
+def _count_images(tiff: tifffile.TiffFile) -> int | None:
+    """A TIFF's images, or None past MAX_TIFF_PAGES pages.
+
+    Reduced-resolution copies of the image (thumbnails, pyramid levels) are not images of their
+    own. tifffile's walk along the pages finds a loop only past 100 pages: a page that links back
+    to itself went on for ever, and 100,000 pages of a 6 MB file took 8 s. A page seen before
+    ends the file, as tifffile and Pillow end it.
+    """
+    import tifffile
+
+    n_images, offsets = 0, set()
+    for page in tiff.pages:
+        if page.offset in offsets:
+            break
+        if len(offsets) == MAX_TIFF_PAGES:
+            return None
+        offsets.add(page.offset)
+        n_images += not page.subfiletype & tifffile.FILETYPE.REDUCEDIMAGE
+    return n_images
+
+
+def _tiff_image_count(data: bytes) -> int | None:
+    """_count_images of a TIFF's bytes; None where tifffile cannot read it (`_decode_tiff` says why)."""
+    import tifffile
+
+    try:
+        with _tifffile_quiet(), tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            return _count_images(tiff)
+    except Exception:  # noqa: BLE001 (a damaged file makes tifffile raise many types)
+        return None
 
 
 def _decode_tiff(data: bytes) -> tuple[np.ndarray, str | None]:
@@ -191,11 +285,13 @@ def _decode_tiff(data: bytes) -> tuple[np.ndarray, str | None]:
     import tifffile  # 0.2 s to import, and only the TIFFs Pillow gets wrong need it
 
     try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+        with _tifffile_quiet(), tifffile.TiffFile(io.BytesIO(data)) as tiff:
             if not tiff.pages:
                 raise _Refused("is a truncated or corrupt TIFF (no image in it)")
-            # Reduced-resolution copies of the image (thumbnails, pyramid levels) are not images of their own.
-            n_images = sum(not page.subfiletype & tifffile.FILETYPE.REDUCEDIMAGE for page in tiff.pages)
+            n_images = _count_images(tiff)
+            if n_images is None:
+                raise _Refused(f"holds more than {MAX_TIFF_PAGES} pages; expected one patch per file (save each "
+                               "page as a file of its own)")
             if n_images > 1:
                 raise _Refused(f"holds {n_images} images (pages); expected one patch per file (save each page "
                                "as a file of its own)")
@@ -243,7 +339,7 @@ def tiff_size(data: bytes) -> tuple[int, int] | None:
     import tifffile
 
     try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+        with _tifffile_quiet(), tifffile.TiffFile(io.BytesIO(data)) as tiff:
             page = tiff.pages.first
             return int(page.imagewidth), int(page.imagelength)
     except Exception:  # noqa: BLE001 (a damaged header: decoding it will say what is wrong)
@@ -275,7 +371,12 @@ def _upright(pixels: np.ndarray, image: Image.Image) -> np.ndarray:
     """
     if image.format == "TIFF":
         return pixels
-    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    # Damaged EXIF (a PNG's eXIf chunk cut short, not a TIFF header) is metadata: the pixels are whole,
+    # and viewers show them as stored. Pillow raised struct.error, a traceback in prepare and a 500 in serve.
+    except (SyntaxError, TypeError, ValueError, OSError, EOFError, struct.error):
+        return pixels
     if orientation not in UPRIGHT:
         return pixels
     return np.asarray(Image.fromarray(pixels).transpose(UPRIGHT[orientation]))
@@ -289,7 +390,7 @@ def _decode(path: Path, data: bytes) -> tuple[np.ndarray, str | None]:
         with Image.open(path) as image:
             if image.width * image.height > MAX_PATCH_FILE_PIXELS:
                 raise _Refused(f"is {image.width}x{image.height} pixels, far too large for a patch")
-            if image.format == "TIFF" and not _pillow_reads_right(image):
+            if image.format == "TIFF" and not _pillow_reads_right(image, data):
                 return _decode_tiff(data)
             if image.format == "PNG" and data[12:16] == b"IHDR" and data[24] == 16:  # IHDR's bit depth
                 pixels, kind = _decode_png16(data)

@@ -263,7 +263,9 @@ def decode_upload(upload: Upload, config: ServeConfig) -> tuple[np.ndarray, tupl
         decoded = decode_patch_file(Path(handle.name), resize=config.resize)
     if decoded.error is not None:
         # "send the complete file" fits a truncated upload, not values out of range or a multi-page stack.
-        advice = "; send the complete image file" if decoded.error.startswith("is truncated or corrupt") else ""
+        # tifffile's refusals say "is a truncated or corrupt TIFF (...)".
+        truncated = decoded.error.startswith(("is truncated or corrupt", "is a truncated or corrupt"))
+        advice = "; send the complete image file" if truncated else ""
         raise RequestError(f"{where}: {decoded.error}{advice}", 422)
     return decoded.patch, decoded.resized_from, decoded.converted_from
 
