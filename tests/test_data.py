@@ -648,6 +648,33 @@ def test_a_store_prepared_inside_its_image_folder_does_not_break_the_folder(pcam
     assert again.fingerprint == first.fingerprint and len(again.labels) == len(first.labels)
 
 
+@pytest.mark.parametrize("holder, marker", [("valid", "manifest.json"), ("valid", "run.json"),
+                                             ("valid/1", "manifest.json"), ("train/0", "run.json")])
+def test_a_split_or_label_folder_holding_a_json_file_of_ours_by_name_is_still_read(pcam_jpeg, tmp_path, holder, marker):
+    # Only folders holding a store or run are skipped: a split or label folder with a
+    # manifest.json (another tool's) or run.json lost its patches in silence.
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=2)
+    (src / holder / marker).write_text("{}")
+    source = open_source(src)
+    assert sorted(set(source.splits)) == ["train", "valid"] and len(source.labels) == 8
+    assert sorted(source.labels.tolist()) == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_a_run_folder_inside_an_image_folder_is_not_taken_for_a_split(pcam_jpeg, tmp_path):
+    # `train --out data/run` beside the split folders: only the store case was tested.
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=2)
+    (src / "run" / "checkpoints").mkdir(parents=True)
+    (src / "run" / "run.json").write_text("{}")
+    assert sorted(set(open_source(src).splits)) == ["train", "valid"]
+
+
+def test_label_folders_each_holding_a_manifest_json_are_still_read(pcam_jpeg, tmp_path):
+    src = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=2) / "train"
+    for label in ("0", "1"):
+        (src / label / "manifest.json").write_text("{}")
+    assert sorted(open_source(src).labels.tolist()) == [0, 0, 1, 1]
+
+
 def test_an_unlabelled_valid_split_is_not_mixed_with_labelled_train_rows(tmp_path, capsys):
     rng = np.random.default_rng(3)
     x = rng.integers(0, 255, (20, 96, 96, 3), dtype=np.uint8)

@@ -391,6 +391,10 @@ def test_predict_writes_uncertainty_columns_and_marks_doubtful_patches_review(re
     with pytest.raises(UserError, match=r"--review-by entropy: it picks the uncertainty --review-above compares; "
                                         r"add --review-above U"):  # alone it changed nothing and said nothing
         predict_to_csv(run, [real_store], tmp_path / "q.csv", review_by="entropy", progress=False)
+    # It said "or --uncertainty for the columns", and with --uncertainty refused the same way
+    with pytest.raises(UserError) as refused:
+        predict_to_csv(run, [real_store], tmp_path / "q.csv", review_by="entropy", uncertainty=True, progress=False)
+    assert "or drop --review-by (--uncertainty writes every uncertainty column)" in str(refused.value)
     with pytest.raises(UserError, match="--kaggle-submission writes exactly id,label"):
         predict_to_csv(run, [real_store], tmp_path / "k.csv", uncertainty=True, kaggle_submission=True, progress=False)
     assert not (tmp_path / "q.csv").exists() and not (tmp_path / "k.csv").exists()

@@ -444,6 +444,19 @@ def test_more_patches_than_memory_holds_is_one_line_naming_the_flag(tmp_path, ca
     assert list(tmp_path.iterdir()) == []
 
 
+def test_too_many_unlabelled_patches_get_the_fix_for_their_cause(tmp_path, capsys):
+    from histodetect.cli import main
+
+    # The memory check came first: --format folder heard of memory, not that only kaggle has
+    # unlabelled patches, and a huge --unlabelled was told to pass a smaller --n.
+    argv = ["synth", "--out", str(tmp_path / "synth"), "--n", "10", "--unlabelled", str(10**11)]
+    assert main([*argv, "--format", "folder"]) == 2
+    assert "only the kaggle layout has unlabelled patches" in capsys.readouterr().err
+    assert main([*argv, "--format", "kaggle"]) == 2
+    assert "pass a smaller --n or --unlabelled" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_synth_command_refuses_an_out_inside_a_file_in_one_line(tmp_path, capsys):
     from histodetect.cli import main
 

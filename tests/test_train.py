@@ -195,6 +195,15 @@ def test_evaluate_on_the_training_split_warns_that_it_shows_fit_not_generalisati
     assert code == 0 and "warning" not in err, err
 
 
+def test_a_refused_out_on_the_training_split_is_one_line_not_a_warning_and_an_error(trained_run, small_store,
+                                                                                     tmp_path, capsys):
+    # The fit-not-generalisation warning came before the --out check: two lines for one refusal.
+    (tmp_path / "afile").write_text("")
+    code, _, err = run_cli(capsys, "evaluate", trained_run, "--data", f"{small_store}:train", "--out",
+                           tmp_path / "afile", "--bootstrap", "100", "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "warning" not in err and "is a file" in err, err
+
+
 def assert_preds_follow(rows: list[dict], threshold: float) -> None:
     """pred is prob >= threshold. The threshold is one validation patch's probability: that
     patch, and any within the CSV's 6 decimals or a batch's float noise of it, may fall
@@ -1159,6 +1168,22 @@ def test_out_of_gpu_memory_resuming_does_not_suggest_a_batch_size_the_resume_ref
                                         r"resume it on a GPU with more memory, or start it again with "
                                         r"--overwrite --batch-size 16$"):
         fit(None, None, run, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("weights", [{"weights": ""}, {"weights": "start.safetensors", "pretrained": True}])
+def test_a_run_saved_with_starting_weights_now_refused_still_resumes(small_store, tmp_path, monkeypatch, weights):
+    # Runs saved before --weights '' and --pretrained with --weights were refused: a resume
+    # starts from last.pt, not from those, and cannot change them, so refusing it stranded the run.
+    import histodetect.train.loop.training as train_module
+
+    run = tmp_path / "r"
+    cfg = dataclasses.replace(preset_config("cpu", **TINY), **weights)
+    with monkeypatch.context() as old:  # the checks and the starting weights of the older version
+        old.setattr(train_module, "check_train_config", lambda cfg, **kw: None)
+        old.setattr(train_module, "create_model", lambda name, **kw: create_model(name, drop_rate=kw["drop_rate"]))
+        fit(cfg, small_store, run, progress=False, stop_after_epochs=1)
+    result = fit(None, None, run, resume=True, progress=False)
+    assert result.epochs_run == 2
 
 
 @pytest.mark.parametrize("flag, problem", [

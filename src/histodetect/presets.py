@@ -178,21 +178,28 @@ MAX_THREADS = 1024
 OPTIMIZERS = ("adam", "adamw")
 
 
-def check_train_config(cfg: TrainConfig) -> None:
-    """Refuse a setting outside its range in one line naming the flag; `fit` calls it before writing anything.
-
-    Augmentation ranges are checked by `augment.AugmentConfig`; this covers the rest,
-    and that every training crop (with its shift) fits the 96 px patch.
-    """
-    def flag(name: str) -> str:
-        return "--" + name.replace("_", "-")
-
+def _check_starting_weights(cfg: TrainConfig) -> None:
     if cfg.weights is not None and not cfg.weights.strip():  # `--weights "$UNSET"` trained from random weights
         raise UserError("--weights '': expected a .safetensors or state dict file; drop --weights to start from "
                         "random weights")
     if cfg.pretrained and cfg.weights:  # the file replaced the hub's weights after fetching them (network, minutes)
         raise UserError(f"--pretrained and --weights {cfg.weights}: both choose the starting weights; pass one "
                         "(--weights alone to start from that file)")
+
+
+def check_train_config(cfg: TrainConfig, *, resuming: bool = False) -> None:
+    """Refuse a setting outside its range in one line naming the flag; `fit` calls it before writing anything.
+
+    Augmentation ranges are checked by `augment.AugmentConfig`; this covers the rest,
+    and that every training crop (with its shift) fits the 96 px patch. `resuming` skips
+    the starting weights: a resume starts from last.pt, and a run saved before these
+    checks (--weights '', --pretrained with --weights) cannot change them.
+    """
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    if not resuming:
+        _check_starting_weights(cfg)
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"--optimizer {cfg.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:

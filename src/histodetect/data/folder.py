@@ -38,7 +38,11 @@ def _is_ours(folder: Path) -> bool:
     """A store (manifest.json) or run folder (run.json) histodetect wrote: not a split or label folder.
 
     `prepare data --out data/store` put one beside the label folders, and the next
-    `prepare data` refused the folder for its unexpected "store" folder."""
+    `prepare data` refused the folder for its unexpected "store" folder. A folder holding
+    label folders is a split folder, and a label folder a label folder, whatever else they
+    hold (another tool's manifest.json)."""
+    if folder.name in LABEL_DIRS or any((folder / label).is_dir() for label in LABEL_DIRS):
+        return False
     return (folder / "manifest.json").is_file() or (folder / "run.json").is_file()
 
 

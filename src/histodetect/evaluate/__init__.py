@@ -136,13 +136,14 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
     # when it is not the one trained on, so evaluations on other stores do not replace each other.
     trained_here = store.fingerprint == run.run["data"]["fingerprint"]
     on_training_split = trained_here and split == run.config["train_split"]
-    if on_training_split:  # scored on what it learnt from: a user comparing numbers should know
-        warnings.warn(f"{store.path}:{split} is the split {run.run_dir} trained on: its scores show how well the "
-                      f"model fits it, not how well it generalises (evaluate on {run.config['val_split']} or a test split)",
-                      stacklevel=2)
     default_name = f"eval-{split}-tta{tta}" if trained_here else f"eval-{store.path.name}-{split}-tta{tta}"
     out = check_output_folder(Path(out or run.run_dir / default_name), "--out", is_evaluation_folder,
                               keep=[run.run_dir, store.path])
+    if on_training_split:  # scored on what it learnt from: a user comparing numbers should know
+        # After the --out check: a refused --out is then one line, not a warning and an error.
+        warnings.warn(f"{store.path}:{split} is the split {run.run_dir} trained on: its scores show how well the "
+                      f"model fits it, not how well it generalises (evaluate on {run.config['val_split']} or a test split)",
+                      stacklevel=2)
     # A bar, because the scoring can take minutes to hours: Kaggle's 22,003 validation patches
     # took 165 s with --tta 8 on one CPU thread before a first line was printed (--tta 72: 9 times that).
     # It moves per batch: per 4,096-patch read it stood still for 3 minutes at --tta 72 on one thread.

@@ -70,7 +70,8 @@ def _check_review(review_above: float | None, review_by: str, tta: int, mc_passe
         raise UserError(f"--review-by {review_by!r}: expected one of {', '.join(needs)}")
     if review_above is None and review_by != "doubt":  # it only chooses what --review-above compares: alone it did nothing
         raise UserError(f"--review-by {review_by}: it picks the uncertainty --review-above compares; add "
-                        f"--review-above U (e.g. 0.5) to mark patches for review, or --uncertainty for the columns")
+                        f"--review-above U (e.g. 0.5) to mark patches for review, or drop --review-by "
+                        "(--uncertainty writes every uncertainty column)")
     if needs[review_by] is not None and not needs[review_by][1]:
         raise UserError(f"--review-by {review_by}: this uncertainty needs {needs[review_by][0]}; add it or review by doubt")
     if review_above is not None and not 0 <= review_above <= 1:

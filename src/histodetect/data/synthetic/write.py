@@ -32,10 +32,10 @@ def _check_patches_fit_in_memory(n: int, unlabelled: int) -> None:
     needed = (n + unlabelled) * PATCH_SIZE_PX * PATCH_SIZE_PX * 3
     available = _memory_bytes()
     if needed > available:
-        counts = f"--n {n} and --unlabelled {unlabelled}" if unlabelled else f"--n {n}"
+        counts, flags = (f"--n {n} and --unlabelled {unlabelled}", "--n or --unlabelled") if unlabelled else (f"--n {n}", "--n")
         raise UserError(f"{counts}: the patches are drawn in memory ({needed / 1e9:,.1f} GB at "
                         f"{PATCH_SIZE_PX}x{PATCH_SIZE_PX}x3 bytes each), more than this machine's "
-                        f"{available / 1e9:,.1f} GB; pass a smaller --n (PCam holds 327,680 patches).")
+                        f"{available / 1e9:,.1f} GB; pass a smaller {flags} (PCam holds 327,680 patches).")
 
 
 def write_synthetic(
@@ -64,12 +64,12 @@ def write_synthetic(
         raise UserError(f"--n {n}: expected at least 1 patch; pass e.g. --n 1000.")
     if unlabelled < 0:
         raise UserError(f"--unlabelled {unlabelled}: expected a count >= 0; pass 0 for none.")
-    _check_patches_fit_in_memory(n, unlabelled)
     if format != "kaggle" and unlabelled > 0:
         raise UserError(
             f"--unlabelled {unlabelled}: only the kaggle layout has unlabelled patches "
             f"(out/test/), found --format {format}; pass --format kaggle or --unlabelled 0."
         )
+    _check_patches_fit_in_memory(n, unlabelled)
     if format == "kaggle":
         if splits is not None:
             raise UserError(

@@ -93,7 +93,7 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
     augment_cfg = cfg.augment()
     if cfg.blur_sigma:  # the smallest training crop, before anything is written
         check_blur_fits(cfg.blur_sigma, min(training_crop_sizes(cfg)))
-    check_train_config(cfg)
+    check_train_config(cfg, resuming=resume)
 
     if resume:
         trained_on = checkpoint["rng"].get("device_type", "cuda" if checkpoint["rng"].get("cuda") is not None else "cpu")
