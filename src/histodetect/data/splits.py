@@ -6,6 +6,18 @@ import math
 
 import numpy as np
 
+from ..errors import UserError
+
+
+def check_seed(seed: int) -> None:
+    """Refuse a --seed numpy or torch cannot take or tell apart (prepare's split, predict's MC masks).
+
+    numpy's seeds stop at 2**32; torch's CPU generator keeps 32 bits of its seed (--seed
+    4294967296 drew the masks of --seed 0) and raised a traceback from 2**64 on.
+    """
+    if not 0 <= seed < 2**32:
+        raise UserError(f"--seed {seed}: expected an integer in [0, 2**32), e.g. --seed 0")
+
 
 def make_validation_split(labels: np.ndarray, slides: list[str], fraction: float, seed: int) -> np.ndarray:
     """A boolean mask of the rows to move to validation: stratified by label, and

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..data.splits import check_seed
 from ..errors import UserError
 from ..outputs import check_output_folder, naming_write_errors, replace_folder
 from .metrics import (
@@ -108,7 +109,6 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
     # compares every uncertainty this evaluation has.
     from ..predict import (
         DEFAULT_UNCERTAINTY,
-        check_mc_seed,
         load_run,
         mean_over_samples,
         predict_samples,
@@ -117,7 +117,7 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
         uncertainty_measures,
     )
 
-    check_mc_seed(seed)
+    check_seed(seed)
     run = load_run(run_dir, device=device, fp32=fp32)
     store = open_store(data or Path(run.run["data"]["path"]))
     if split is None:

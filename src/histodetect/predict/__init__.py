@@ -34,7 +34,6 @@ from .run import LoadedRun, load_run, run_thresholds
 from .uncertainty import (
     DEFAULT_UNCERTAINTY,
     MAX_MC_PASSES,
-    check_mc_seed,
     entropy_bits,
     has_dropout,
     mc_dropout,
@@ -44,8 +43,7 @@ from .uncertainty import (
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "DEFAULT_UNCERTAINTY", "MAX_MC_PASSES", "UNCERTAINTY_COLUMNS", "InputChunk", "LoadedRun",
-    "check_batch_size", "check_mc_seed",
-    "entropy_bits", "has_dropout", "iter_inputs", "load_run", "mc_dropout", "mean_over_samples", "open_inputs",
+    "check_batch_size", "entropy_bits", "has_dropout", "iter_inputs", "load_run", "mc_dropout", "mean_over_samples", "open_inputs",
     "predict_logits", "predict_patches", "predict_samples", "predict_to_csv", "probabilities", "run_thresholds",
     "sample_probabilities", "uncertainty_measures", "write_csv_atomic",
 ]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..data.splits import check_seed
 from ..errors import UserError
 from ..outputs import check_output_file, write_file_atomic
 from ..train import RUN_FILE
@@ -26,7 +27,6 @@ from .run import LoadedRun
 from .uncertainty import (
     DEFAULT_UNCERTAINTY,
     _check_mc_passes,
-    check_mc_seed,
     predict_samples,
     uncertainty_measures,
 )
@@ -114,7 +114,7 @@ def predict_to_csv(run: LoadedRun, inputs: list[Path], out: Path, *, tta: int = 
         run.run_dir / RUN_FILE, run.run_dir / "checkpoints", *(i for i in inputs if i.is_file()), *beside])
     check_batch_size(batch_size)
     _check_mc_passes(run, mc_passes)
-    check_mc_seed(seed)
+    check_seed(seed)
     _check_review(review_above, review_by, tta, mc_passes)
     with_uncertainty = uncertainty or mc_passes > 0 or review_above is not None
     if kaggle_submission and (uncertainty or review_above is not None):

@@ -4,7 +4,6 @@ and the per-patch measures taken from them (doubt, entropy, spreads)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-
 from contextlib import contextmanager
 
 import numpy as np
@@ -78,16 +77,6 @@ def _check_mc_passes(run: LoadedRun, mc_passes: int) -> None:
             f"drop_rate {run.config.get('drop_rate', 0)}) "
             "has no dropout to sample; drop --mc, or train with --drop-rate 0.2 or more"
         )
-
-
-def check_mc_seed(seed: int) -> None:
-    """Refuse a --seed of the MC-dropout masks that torch cannot take or tell apart.
-
-    torch's CPU generator keeps 32 bits of its seed (--seed 4294967296 drew the masks of
-    --seed 0) and raised a traceback from 2**64 on; numpy's seeds stop at 2**32 as well.
-    """
-    if not 0 <= seed < 2**32:
-        raise UserError(f"--seed {seed}: expected an integer in [0, 2**32), e.g. --seed 0")
 
 
 def _backbone_is_random(model: torch.nn.Module, views: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ from ...outputs import WRITE_ERRNOS
 from ..decode import PATCH_SHAPE
 from ..formats import open_source
 from ..record import UNLABELLED
-from ..splits import make_validation_split
+from ..splits import check_seed, make_validation_split
 from .layout import (
     INDEX_COLUMNS,
     INDEX_FILE,
@@ -86,8 +86,7 @@ def prepare(
     src, out = Path(src), Path(out)
     if not 0 < valid_fraction < 1:
         raise UserError(f"--valid-fraction {valid_fraction}: expected a fraction between 0 and 1")
-    if not 0 <= seed < 2**32:
-        raise UserError(f"--seed {seed}: expected an integer in [0, 2**32), e.g. --seed 0")
+    check_seed(seed)
     if workers is not None and not 0 <= workers <= MAX_WORKERS:
         raise UserError(f"--workers {workers}: expected 0 (one per core) to {MAX_WORKERS} decoding processes")
     # Resolved, so that '.' or 'stores/x/..' name the folder itself and its real parent.
