@@ -441,6 +441,23 @@ def test_a_png_with_damaged_exif_decodes_as_stored(rgb, tmp_path, exif, depth):
     decodes_to(tmp_path / "exif.png", rgb)
 
 
+def test_a_16_bit_png_is_decoded_once_and_still_turned_by_its_exif(rgb, tmp_path, monkeypatch):
+    # Pillow's getexif decodes a whole PNG to look for EXIF after its pixels: a 16-bit PNG,
+    # already decoded by imagecodecs, was decoded a second time for nothing.
+    from PIL import PngImagePlugin
+
+    loads = []
+    real_load = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: loads.append(1) or real_load(self))
+    (tmp_path / "plain.png").write_bytes(imagecodecs.png_encode(rgb.astype(np.uint16) * 257))
+    decodes_to(tmp_path / "plain.png", rgb)
+    assert loads == [], "Pillow decoded the pixels imagecodecs had decoded"
+    exif = Image.Exif()
+    exif[0x0112] = 3  # turned 180 degrees
+    (tmp_path / "turned.png").write_bytes(_png_with_exif(rgb.astype(np.uint16) * 257, exif.tobytes()))
+    decodes_to(tmp_path / "turned.png", rgb[::-1, ::-1])
+
+
 def test_a_large_16_bit_png_is_scaled_without_float64_copies(rgb, tmp_path):
     # Three float64 copies of the samples: 1.25 GB for one 4096x4096 16-bit RGB PNG, in each of
     # prepare's worker processes, where Pillow's 8-bit decode had taken 160 MB.

@@ -73,12 +73,16 @@ def _to_patch(pixels: np.ndarray, path: Path, resize: bool) -> Decoded:
     return Decoded(np.asarray(image), resized_from=(width, height))
 
 
-def _upright(pixels: np.ndarray, image: Image.Image) -> np.ndarray:
+def _upright(pixels: np.ndarray, image: Image.Image, data: bytes) -> np.ndarray:
     """The pixels turned as the file's EXIF orientation says, as viewers and browsers show them.
 
     TIFF's Orientation tag is left alone: libtiff, tifffile and `_read_uncompressed_tiff` ignore it too.
     """
     if image.format == "TIFF":
+        return pixels
+    # A PNG's EXIF may follow its pixels, so Pillow's getexif decodes the whole image to look:
+    # a 16-bit PNG, already decoded by imagecodecs, was decoded twice. No EXIF chunk, no look.
+    if image.format == "PNG" and b"eXIf" not in data and b"Raw profile type exif" not in data:
         return pixels
     try:
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
@@ -103,14 +107,14 @@ def _decode(path: Path, data: bytes) -> tuple[np.ndarray, str | None]:
                 return _decode_tiff(data)
             if image.format == "PNG" and data[12:16] == b"IHDR" and data[24] == 16:  # IHDR's bit depth
                 pixels, kind = _decode_png16(data)
-                return _upright(pixels, image), kind
+                return _upright(pixels, image, data), kind
             image.load()
             mode = image.mode
             if mode.startswith("I") or mode == "F":  # wide grey ("I;16", "I", "F") would saturate in a plain convert
                 pixels = _samples_to_uint8(np.asarray(image)[..., None])
             else:
                 pixels = np.asarray(image if mode == "RGB" else image.convert("RGB"))
-            return _upright(pixels, image), None if mode == "RGB" else mode
+            return _upright(pixels, image, data), None if mode == "RGB" else mode
     except UnidentifiedImageError:
         if data[:4] in TIFF_SIGNATURES:  # float64, uint32 RGB, 5 samples...: no Pillow mode holds them
             return _decode_tiff(data)
