@@ -21,10 +21,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..data.decode import PATCH_SHAPE, PATCH_SIZE_PX
-from ..errors import UserError
+from ..data.decode import PATCH_SIZE_PX
 from ..outputs import check_output_folder, naming_write_errors, unique_name
-from ..predict import LoadedRun, open_inputs, predict_patches, sample_probabilities
+from ..predict import LoadedRun, check_patches, open_inputs, predict_patches, sample_probabilities
 from ..train import bf16_is_fast
 from .calibration import (
     calibrate_run,
@@ -75,16 +74,6 @@ class CamResult:
     layer: str  # the layer the maps were taken at
 
 
-def _check_patches(patches_uint8: np.ndarray) -> np.ndarray:
-    if not isinstance(patches_uint8, np.ndarray) or patches_uint8.dtype != np.uint8 \
-            or patches_uint8.ndim != 4 or patches_uint8.shape[1:] != PATCH_SHAPE:
-        found = (f"{patches_uint8.dtype} {patches_uint8.shape}" if isinstance(patches_uint8, np.ndarray)
-                 else type(patches_uint8).__name__)
-        raise UserError(f"patches_uint8: expected uint8 RGB patches (N, 96, 96, 3), found {found}; "
-                        "decode files with decode_patch_file(path, resize=True) (CLI: --resize)")
-    return patches_uint8
-
-
 def explain_patches(run: LoadedRun, patches_uint8: np.ndarray, *, method: str = "gradcam",
                     layer: str | None = None) -> CamResult:
     """CAMs of the tumour logit for uint8 patches (N, 96, 96, 3), their probabilities and overlay images.
@@ -93,7 +82,7 @@ def explain_patches(run: LoadedRun, patches_uint8: np.ndarray, *, method: str = 
     DEFAULT_CAM_LAYERS for its family). A wrong layer is a UserError listing the
     valid ones.
     """
-    patches_uint8 = _check_patches(patches_uint8)
+    patches_uint8 = check_patches(patches_uint8)
     cams, logits, layer_name = class_activation_maps(
         run.model, patches_uint8, mean=run.mean, std=run.std, crop_px=run.crop_px, device=run.device,
         method=method, layer=layer)

@@ -23,6 +23,7 @@ from .csv_output import UNCERTAINTY_COLUMNS, predict_to_csv, write_csv_atomic
 from .inference import (
     DEFAULT_BATCH_SIZE,
     check_batch_size,
+    check_patches,
     mean_over_samples,
     predict_logits,
     predict_patches,
@@ -43,7 +44,7 @@ from .uncertainty import (
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "DEFAULT_UNCERTAINTY", "MAX_MC_PASSES", "UNCERTAINTY_COLUMNS", "InputChunk", "LoadedRun",
-    "check_batch_size", "entropy_bits", "has_dropout", "iter_inputs", "load_run", "mc_dropout", "mean_over_samples", "open_inputs",
+    "check_batch_size", "check_patches", "entropy_bits", "has_dropout", "iter_inputs", "load_run", "mc_dropout", "mean_over_samples", "open_inputs",
     "predict_logits", "predict_patches", "predict_samples", "predict_to_csv", "probabilities", "run_thresholds",
     "sample_probabilities", "uncertainty_measures", "write_csv_atomic",
 ]

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..data.decode import PATCH_SHAPE, PATCH_SIZE_PX
 from ..errors import UserError
 from ..train import model_logits
 from .run import LoadedRun
@@ -16,6 +17,38 @@ from .run import LoadedRun
 # patches 2-3x faster than timm's eager fp32 model called on batches of 64; float32
 # alone (--fp32) gained only 0.9-1.3x there.
 DEFAULT_BATCH_SIZE = 256
+
+
+def check_patches(patches_uint8) -> np.ndarray:
+    """Patches as the models take them: a uint8 array (N, 96, 96, 3); (N, 3, 96, 96) is turned channels-last.
+
+    Any array-like (a list of patches, a CPU torch tensor) is accepted; anything else
+    is a UserError saying what was found and how to get there (a notebook's usual
+    slips: floats in 0-1, one patch without its batch axis, another patch size).
+    """
+    try:
+        patches = np.asarray(patches_uint8)
+    except (TypeError, ValueError, RuntimeError) as exc:  # ragged lists, CUDA tensors
+        raise UserError(f"patches_uint8: expected uint8 RGB patches (N, 96, 96, 3), found "
+                        f"{type(patches_uint8).__name__} ({str(exc).splitlines()[0]}); pass a numpy array") from None
+    if patches.ndim == 4 and patches.shape[1:] == (3, PATCH_SIZE_PX, PATCH_SIZE_PX):
+        patches = patches.transpose(0, 2, 3, 1)
+    if patches.dtype == np.uint8 and patches.ndim == 4 and patches.shape[1:] == PATCH_SHAPE:
+        return patches
+    found = f"{patches.dtype} {patches.shape}"
+    if patches.dtype.kind == "f":
+        fix = "pass the patches as decoded, uint8 0-255 (floats in 0-1: (x * 255).round().astype(np.uint8))"
+    elif patches.dtype.kind in "iu" and patches.dtype != np.uint8:
+        fix = "pass them as uint8 (values 0-255: x.astype(np.uint8))"
+    elif patches.dtype != np.uint8:
+        fix = "pass the pixels as a uint8 array"
+    elif patches.shape == PATCH_SHAPE:
+        fix = "one patch needs its batch axis: patches[None]"
+    elif patches.ndim == 4 and patches.shape[-1] == 3:
+        fix = "resize the patches to 96x96 first (decode_patch_file(path, resize=True); CLI: --resize)"
+    else:
+        fix = "RGB patches, channels last"
+    raise UserError(f"patches_uint8: expected uint8 RGB patches (N, 96, 96, 3), found {found}; {fix}")
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -32,6 +65,7 @@ def predict_logits(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1,
     """
     run.check_tta(tta)
     check_batch_size(batch_size)
+    patches_uint8 = check_patches(patches_uint8)
     return model_logits(run.model, patches_uint8, run.mean, run.std, run.crop_px, run.device, batch_size, tta=tta,
                         shift_px=run.shift_px, bf16=run.bf16, on_batch=on_batch)
 

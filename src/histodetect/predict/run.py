@@ -36,6 +36,13 @@ class LoadedRun:
     # always holds 1. Runs trained before 4 and 8 had their own use the 1-view one.
     thresholds: dict[int, float] = field(default_factory=lambda: {1: 0.5})
 
+    def __repr__(self) -> str:  # the dataclass's would print the whole network and run.json
+        name = self.config.get("model", type(self.model).__name__)
+        thresholds = {views: round(t, 4) for views, t in sorted(self.thresholds.items())}
+        return (f"LoadedRun({str(self.run_dir)!r}, model={name!r}, device={str(self.device)!r}, "
+                f"crop_px={self.crop_px}, shift_px={self.shift_px}, bf16={self.bf16}, "
+                f"temperature={self.temperature:.4g}, thresholds={thresholds})")
+
     @property
     def threshold(self) -> float:
         """The decision threshold for one view (0.5 until one was chosen)."""

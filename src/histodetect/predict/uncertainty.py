@@ -12,7 +12,7 @@ import torch
 from ..augment import tta_view_groups
 from ..errors import UserError
 from ..train import bf16_is_fast
-from .inference import DEFAULT_BATCH_SIZE, predict_logits
+from .inference import DEFAULT_BATCH_SIZE, check_patches, predict_logits
 from .run import LoadedRun
 
 # The uncertainty `--review-above` compares with and `evaluate` triages by: how
@@ -129,6 +129,7 @@ def predict_samples(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1, 
     _check_mc_passes(run, mc_passes)
     if not mc_passes:
         return predict_logits(run, patches_uint8, tta=tta, batch_size=batch_size, on_batch=on_batch)[:, None, :]
+    patches_uint8 = check_patches(patches_uint8)
     devices = [run.device] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), mc_dropout(run.model):
         torch.manual_seed(seed)

@@ -131,12 +131,13 @@ def _decode(path: Path, data: bytes) -> tuple[np.ndarray, str | None]:
         raise _Refused(f"is truncated or corrupt ({exc})") from None
 
 
-def decode_patch_file(path: Path, *, resize: bool = False) -> Decoded:
+def decode_patch_file(path: Path | str, *, resize: bool = False) -> Decoded:
     """Decode one image file to a (96, 96, 3) uint8 RGB patch.
 
     Grayscale, palette, RGBA, 16-bit, float and other kinds are converted to 8-bit RGB
     (reported in `converted_from`); another size is an error unless `resize`.
     """
+    path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:

@@ -1,0 +1,78 @@
+"""The Python API as a notebook uses it: the README's example, run as written, and the patches it takes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import copy_patches
+from histodetect.errors import UserError
+from histodetect.predict import check_patches
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_example() -> str:
+    """The python block of the README's 'From Python' section."""
+    section = README.read_text().split("\n## From Python\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1, "the 'From Python' section holds one python block"
+    return blocks[0]
+
+
+def test_the_readmes_python_example_runs_on_real_patches(pcam_jpeg, tmp_path, monkeypatch):
+    copy_patches(pcam_jpeg, tmp_path / "data" / "pcam", {"train": 48, "valid": 16})
+    (tmp_path / "my_patches").mkdir()
+    for path in sorted((pcam_jpeg / "valid" / "1").glob("*.jpg"))[:3]:
+        Image.open(path).save(tmp_path / "my_patches" / f"{path.stem}.png")
+    code = _readme_example()
+    # The example's 5-minute run, cut to 2 epochs of 96 patches for the test.
+    cap = 'preset_config("cpu", max_minutes=5)'
+    assert cap in code
+    code = code.replace(cap, 'preset_config("cpu", max_minutes=5, epochs=2, batch_size=32, threads=1)')
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - the README's own example
+
+    assert namespace["result"].epochs_run == 2 and (tmp_path / "runs" / "nb" / "run.json").is_file()
+    probs, patches = namespace["probs"], namespace["patches"]
+    assert patches.shape == (32, 96, 96, 3) and probs.shape == (32,)
+    assert ((probs >= 0) & (probs <= 1)).all()
+    assert namespace["tumour"].dtype == bool and namespace["mine_probs"].shape == (3,)
+    metrics = namespace["metrics"]
+    assert metrics["n"] == 32 and 0 <= metrics["accuracy"] <= 1 and len(metrics["roc_auc_ci"]) == 2
+    assert (tmp_path / "runs" / "nb" / "eval-valid-tta8" / "report.html").is_file()
+    cams = namespace["cams"]
+    assert cams.cams.shape == (8, 96, 96) and cams.probs.shape == (8,)
+    # The PNG files hold the pixels of the store's first valid tumour patches, and score alike.
+    run, store, mine = namespace["run"], namespace["store"], namespace["mine"]
+    rows = [int(np.flatnonzero(store.ids == path.stem)[0]) for path in namespace["files"]]
+    assert np.array_equal(mine, store.read_batch(np.asarray(rows)))
+    assert np.abs(namespace["mine_probs"] - namespace["predict_patches"](run, store.read_batch(rows))).max() < 0.03
+    assert "histo_tinynet" in repr(run) and "Conv2d" not in repr(run), "a short repr, not the whole network"
+
+
+@pytest.mark.parametrize(("given", "found", "fix"), [
+    (np.zeros((2, 96, 96, 3), np.float32), r"float32 \(2, 96, 96, 3\)", r"floats in 0-1: \(x \* 255\)"),
+    (np.zeros((2, 96, 96, 3), np.int64), r"int64 \(2, 96, 96, 3\)", r"x.astype\(np.uint8\)"),
+    (np.zeros((96, 96, 3), np.uint8), r"uint8 \(96, 96, 3\)", r"one patch needs its batch axis: patches\[None\]"),
+    (np.zeros((2, 64, 64, 3), np.uint8), r"uint8 \(2, 64, 64, 3\)", r"resize the patches to 96x96 first"),
+    (np.zeros((2, 96, 96, 4), np.uint8), r"uint8 \(2, 96, 96, 4\)", r"RGB patches, channels last"),
+    ([np.zeros((96, 96, 3), np.uint8), np.zeros((64, 64, 3), np.uint8)], r"list", r"pass a numpy array"),
+])
+def test_patches_other_than_uint8_96x96_rgb_are_refused_saying_how_to_fix_them(given, found, fix):
+    with pytest.raises(UserError, match=rf"^patches_uint8: expected uint8 RGB patches \(N, 96, 96, 3\), "
+                                        rf"found {found}.*; .*{fix}"):
+        check_patches(given)
+
+
+def test_patches_may_come_channels_first_as_a_list_or_a_tensor():
+    patches = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
+    for given in (patches.transpose(0, 3, 1, 2), list(patches), torch.from_numpy(patches), patches[:0]):
+        checked = check_patches(given)
+        assert checked.dtype == np.uint8 and np.array_equal(checked, patches[: len(checked)])
