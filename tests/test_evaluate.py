@@ -55,15 +55,29 @@ def calibrated_scores(n: int, seed: int = 0):
 # --- choose_threshold -------------------------------------------------------
 
 
-def test_choose_threshold_separates_perfectly_separable_scores_at_lowest_tumour_score():
+def test_choose_threshold_separates_perfectly_separable_scores_between_the_classes():
     labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
     probs = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 0.9])
-    assert choose_threshold(labels, probs) == 0.65
+    assert choose_threshold(labels, probs) == pytest.approx(0.625)  # halfway from 0.6 to the lowest tumour's 0.65
 
 
 def test_choose_threshold_breaks_ties_towards_one_half():
-    # Thresholds 0.9 and 0.3 both give sensitivity - (1 - specificity) = 0.5.
-    assert choose_threshold([0, 1, 0, 1], [0.2, 0.3, 0.6, 0.9]) == 0.3
+    # Thresholds 0.9 and 0.3 both give sensitivity - (1 - specificity) = 0.5; 0.3 wins, moved halfway to 0.2.
+    assert choose_threshold([0, 1, 0, 1], [0.2, 0.3, 0.6, 0.9]) == pytest.approx(0.25)
+    assert choose_threshold([1, 0], [0.2, 0.6]) == pytest.approx(0.1), "at the lowest probability: halfway to 0"
+
+
+def test_no_patch_sits_on_the_chosen_threshold_so_its_printed_probability_keeps_its_decision():
+    # bf16 logits take few values, so validation patches share the chosen probability;
+    # predict writes probabilities with 6 decimals, and 0.6000004 printed 0.600000 with
+    # pred 1 under a threshold of 0.6000004.
+    labels = np.array([0, 0, 1, 1, 1, 0, 1])
+    probs = np.array([0.2, 0.3, 0.6000004, 0.6000004, 0.9, 0.1, 0.8])
+    threshold = choose_threshold(labels, probs)
+    assert not np.isin(threshold, probs)
+    printed = np.array([float(f"{p:.6f}") for p in probs])
+    np.testing.assert_array_equal(printed >= threshold, probs >= threshold)
+    np.testing.assert_array_equal(probs >= threshold, labels == 1)  # the same decisions as the ROC point
 
 
 def test_choose_threshold_finds_the_midpoint_of_shifted_scores_whatever_the_class_balance():

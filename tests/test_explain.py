@@ -209,6 +209,10 @@ def test_probabilities_are_the_calibrated_ones_predict_gives(copied_run, real_st
     patches = valid_patches(real_store)[:16]
     result = explain_patches(run, patches)
     np.testing.assert_allclose(result.probs, predict_patches(run, patches), atol=1e-5)
+    # In float64, as predict's: float32 rounding could move a patch on the threshold to the other side.
+    assert result.probs.dtype == np.float64
+    fp32 = load_run(copied_run, device="cpu", fp32=True)
+    np.testing.assert_allclose(explain_patches(fp32, patches).probs, predict_patches(fp32, patches), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("model_name, layer", [

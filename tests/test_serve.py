@@ -150,6 +150,17 @@ def test_multipart_probabilities_equal_predicts_csv_for_the_same_files(client, r
         assert r["prob_sd_tta"] is None and r["overlay_png_base64"] is None
 
 
+def test_the_model_cards_threshold_is_the_one_the_server_decides_with_at_its_tta(run, patch_files):
+    # Served with --tta 8, the card (and the page's header) gave the 1-view threshold while every label used 8's.
+    with TestClient(create_app(run, ServeConfig(tta=8))) as client:
+        card = client.get("/v1/model").json()
+        answer = client.post("/v1/predict", files=multipart(patch_files)).json()
+    assert run.threshold_for(8) != run.threshold, "the test run chose another threshold for 8 views"
+    assert answer["tta"] == 8 and card["threshold"] == pytest.approx(answer["threshold"])
+    assert card["threshold"] == pytest.approx(run.threshold_for(8))
+    assert card["thresholds_by_tta"]["1"] == pytest.approx(run.threshold)
+
+
 def test_base64_json_answers_the_same_as_multipart_and_tta_adds_a_spread(client, run, patch_files):
     answer = client.post("/v1/predict?tta=8", files=multipart(patch_files)).json()
     by_files = answer["results"]

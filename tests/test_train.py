@@ -407,6 +407,15 @@ def test_predict_checks_out_and_batch_size_before_scoring(trained_run, pcam_jpeg
     assert not (tmp_path / "p.csv").exists()
 
 
+def test_predict_given_evaluates_store_colon_split_names_the_split_flag(trained_run, small_store, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "predict", trained_run, f"{small_store}:valid", "--out", tmp_path / "p.csv", "--quiet")
+    assert code == 2 and err.count("\n") == 1
+    assert f"{small_store}:valid: no such file or folder; name a store's split with --split: " \
+           f"'{small_store} --split valid'" in err
+    code, _, err = run_cli(capsys, "predict", trained_run, tmp_path / "missing:valid", "--out", tmp_path / "p.csv")
+    assert code == 2 and err.strip().endswith("missing:valid: no such file or folder"), "not a store: no advice"
+
+
 def test_predict_refuses_repeated_ids_in_a_kaggle_submission_and_warns_elsewhere(trained_run, kaggle_sample, pcam_jpeg,
                                                                                  tmp_path, capsys):
     test = kaggle_sample / "test"

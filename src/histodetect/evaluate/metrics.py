@@ -92,6 +92,12 @@ def choose_threshold(labels, probs) -> float:
     curve's thresholds (each a probability that occurs in `probs`); among equally
     good ones the threshold closest to 0.5 wins, so a calibrated model keeps its
     natural threshold. Returns a probability: call a patch tumour when prob >= it.
+
+    The value returned lies halfway between that candidate and the next lower
+    probability in `probs` (0 below the lowest), so it makes the same decisions on
+    `probs` while no patch sits on it. bf16 logits take few values: up to 5 of 200
+    pcam-jpeg validation patches shared the candidate's probability, and predict's
+    CSV printed them rounded to 6 decimals, often below the threshold, with pred 1.
     """
     labels, probs = check_labels_and_probs(labels, probs)
     _require_both_classes(labels, "choosing a threshold")
@@ -105,8 +111,11 @@ def choose_threshold(labels, probs) -> float:
     false_positives = np.rint(fpr * n_negative).astype(np.int64)
     scaled_j = true_positives * n_negative - false_positives * n_positive
     candidates = np.isfinite(thresholds) & (scaled_j == scaled_j[np.isfinite(thresholds)].max())
-    best = thresholds[candidates]
-    return float(best[np.argmin(np.abs(best - 0.5))])
+    best = np.flatnonzero(candidates)
+    chosen = best[np.argmin(np.abs(thresholds[best] - 0.5))]
+    # roc_curve's thresholds are the distinct probabilities, descending (drop_intermediate=False).
+    next_lower = thresholds[chosen + 1] if chosen + 1 < len(thresholds) else 0.0
+    return float((thresholds[chosen] + next_lower) / 2)
 
 
 def reliability_curve(labels, probs, n_bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

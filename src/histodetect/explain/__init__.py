@@ -69,7 +69,9 @@ class CamResult:
     """Class activation maps of a batch of patches, with what a viewer needs to show them."""
 
     cams: np.ndarray  # (N, 96, 96) float32 in [0, 1], over the whole patch (0 outside a centre crop)
-    probs: np.ndarray  # (N,) calibrated probability of tumour, from the same forward pass
+    # (N,) float64 calibrated probability of tumour, as predict gives it: float32 could round a patch
+    # on the decision threshold to the other side of it
+    probs: np.ndarray
     overlays: np.ndarray  # (N, 96 * OVERLAY_SCALE, 96 * OVERLAY_SCALE, 3) uint8
     layer: str  # the layer the maps were taken at
 
@@ -88,9 +90,9 @@ def explain_patches(run: LoadedRun, patches_uint8: np.ndarray, *, method: str = 
         method=method, layer=layer)
     if run.bf16 and bf16_is_fast(run.device):
         # The maps are float32; the probability shown is the one predict gives (bf16 autocast).
-        probs = predict_patches(run, patches_uint8).astype(np.float32)
+        probs = predict_patches(run, patches_uint8)
     else:
-        probs = sample_probabilities(logits, run.temperature).astype(np.float32)
+        probs = sample_probabilities(logits, run.temperature)
     return CamResult(cams=cams, probs=probs, overlays=render_overlays(patches_uint8, cams, probs), layer=layer_name)
 
 

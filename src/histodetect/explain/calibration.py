@@ -69,8 +69,9 @@ TIE_MARGIN = 1e-12  # see calibrated_threshold
 def calibrated_threshold(threshold: float, temperature: float) -> float:
     """Where a decision threshold on uncalibrated probabilities lands after dividing the logits by T.
 
-    A threshold chosen on validation is one of its probabilities, so some patch (and
-    its duplicates) sits exactly on it and counts as tumour. Rounding in the mapping
+    A threshold chosen on validation before `choose_threshold` moved it halfway to the
+    next lower probability is one of its probabilities, so some patch (and its
+    duplicates) sits exactly on it and counts as tumour. Rounding in the mapping
     could move such a tie to either side; lowering the result by 1e-12, far below
     any difference between real patches, keeps it on the tumour side.
     """

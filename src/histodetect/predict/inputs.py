@@ -31,6 +31,10 @@ def _group_inputs(inputs: list[Path]) -> list[Path | list[Path]]:
     files: list[Path] = []
     for path in map(Path, inputs):
         if not path.exists():
+            store, _, split = str(path).rpartition(":")
+            if store and split and is_store(Path(store)):  # evaluate's and calibrate's STORE:split
+                raise UserError(f"{path}: no such file or folder; name a store's split with --split: "
+                                f"'{store} --split {split}'")
             raise UserError(f"{path}: no such file or folder")
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             files.append(path)

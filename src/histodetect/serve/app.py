@@ -162,7 +162,8 @@ def model_card(run: LoadedRun, config: ServeConfig) -> dict:
                  "train_split": data.get("train_split"), "val_split": data.get("val_split")},
         "preprocessing": {"mean": list(run.mean), "std": list(run.std), "crop_px": run.crop_px,
                           "patch_size_px": 96},
-        "threshold": run.threshold,
+        # The one the server decides with by default (its --tta); the page shows it.
+        "threshold": run.threshold_for(config.tta),
         "thresholds_by_tta": {str(views): t for views, t in sorted(run.thresholds.items())},
         "calibration": {"temperature": run.temperature, **(info.get("calibration") or {})},
         "validation": {"best_epoch": best_epoch(run.run_dir), "best_val_auc": info.get("best_val_auc")},
