@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import csv
 import io
+import logging
+import queue
 import re
 import shutil
 import socket
@@ -543,7 +546,7 @@ def test_concurrent_requests_are_batched_into_one_model_call_with_the_same_answe
         return predict_samples(run, batch, tta=tta)
 
     batcher = PredictionBatcher(score, lambda batch: batch, max_batch_patches=256, max_wait_ms=0,
-                                max_queued_patches=1024)
+                                max_queued_views=1024)
     batcher.start()
     try:
         first = batcher.submit(patches[:1], tta=1)
@@ -570,7 +573,7 @@ def test_requests_with_other_tta_or_overlays_share_a_batch_but_get_their_own_ans
         return predict_samples(run, batch, tta=tta)
 
     batcher = PredictionBatcher(score, lambda batch: batch[:, :2, :2] + 1, max_batch_patches=256, max_wait_ms=0,
-                                max_queued_patches=1024)
+                                max_queued_views=1024)
     batcher.start()
     try:
         blocker = batcher.submit(patches[:1], tta=1)
@@ -598,14 +601,15 @@ def test_a_full_queue_refuses_with_server_busy(run, patch_files):
     patch = decode_patch_file(patch_files[0]).patch[None]
     release = threading.Event()
     batcher = PredictionBatcher(lambda batch, tta: (release.wait(timeout=60), predict_samples(run, batch))[1],
-                                lambda batch: batch, max_batch_patches=1, max_wait_ms=0, max_queued_patches=2)
+                                lambda batch: batch, max_batch_patches=1, max_wait_ms=0, max_queued_views=2)
     batcher.start()
     try:
         running = batcher.submit(patch, tta=1)
         while batcher.queued_patches:
             time.sleep(0.01)
         queued = [batcher.submit(patch, tta=1), batcher.submit(patch, tta=1)]
-        with pytest.raises(ServerBusy, match=r"server busy: 2 patches queued \(limit 2\); retry in a second"):
+        with pytest.raises(ServerBusy, match=r"^server busy: 2 patches queued, 2 test-time views of work "
+                                             r"\(limit 2; this request 1\); retry in 1 s$"):
             batcher.submit(patch, tta=1)
         release.set()
         for future in [running, *queued]:
@@ -625,7 +629,7 @@ def test_a_request_cancelled_while_queued_is_skipped_and_the_worker_keeps_servin
         scored.append(len(batch))
         return predict_samples(run, batch, tta=tta)
 
-    batcher = PredictionBatcher(score, lambda batch: batch, max_batch_patches=1, max_wait_ms=0, max_queued_patches=8)
+    batcher = PredictionBatcher(score, lambda batch: batch, max_batch_patches=1, max_wait_ms=0, max_queued_views=8)
     batcher.start()
     try:
         running = batcher.submit(patch, tta=1)
@@ -639,6 +643,186 @@ def test_a_request_cancelled_while_queued_is_skipped_and_the_worker_keeps_servin
         batcher.stop()
     assert scored == [1, 1], "the cancelled request was not scored"
     assert batcher.queued_patches == 0
+
+
+def gated(score):
+    """`score` behind a gate: each model call puts its patch count on `started`, then waits for a pass."""
+    started, passes = queue.Queue(), threading.Semaphore(0)
+
+    def gated_score(*args, **kwargs):
+        started.put(next(len(a) for a in args if isinstance(a, np.ndarray)))
+        assert passes.acquire(timeout=20), "the test never let this model call through"
+        return score(*args, **kwargs)
+
+    return gated_score, started, passes
+
+
+def wait_until(condition, what: str, timeout_s: float = 5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout_s} s"
+        time.sleep(0.005)
+
+
+def test_the_queue_counts_test_time_views_and_overlays_not_patches(patch_files):
+    from histodetect.serve.batcher import OVERLAY_VIEWS
+
+    patch = decode_patch_file(patch_files[0]).patch[None]
+    score, started, passes = gated(lambda batch, tta: np.zeros((len(batch), 1, tta), np.float32))
+    limit = 16 + OVERLAY_VIEWS  # room for a patch at 8 views and one at 8 views with an overlay
+    batcher = PredictionBatcher(score, lambda batch: batch, max_batch_patches=256, max_wait_ms=0,
+                                max_queued_views=limit)
+    batcher.start()
+    try:
+        running = batcher.submit(patch, tta=1)
+        assert started.get(timeout=20) == 1  # the worker holds it: the queue is empty
+        big = batcher.submit(np.repeat(patch, 2, axis=0), tta=72)  # 144 views, over the limit on its own:
+        assert (batcher.queued_patches, batcher.queued_views) == (2, 144)  # taken, as the queue was empty
+        with pytest.raises(ServerBusy, match=r"^server busy: 2 patches queued, 144 test-time views of work "
+                                             rf"\(limit {limit}; this request 1\); retry in \d+ s$"):
+            batcher.submit(patch, tta=1)
+        passes.release()
+        assert started.get(timeout=20) == 2  # the big request is being scored; the queue is empty again
+        assert batcher.queued_views == 0
+        views = batcher.submit(patch, tta=8)
+        overlaid = batcher.submit(patch, tta=8, overlay=True)
+        assert (batcher.queued_patches, batcher.queued_views) == (2, limit)  # 2 patches fill the queue
+        with pytest.raises(ServerBusy, match=rf"server busy: 2 patches queued, {limit} test-time views"):
+            batcher.submit(patch, tta=1)
+        passes.release(2)  # one model call for both: the same tta
+        assert [f.result(timeout=20).logits.shape for f in (running, big, views, overlaid)] == [
+            (1, 1, 1), (2, 1, 72), (1, 1, 8), (1, 1, 8)]
+        assert overlaid.result().overlays.shape == (1, 96, 96, 3)
+    finally:
+        passes.release(8)
+        batcher.stop()
+    assert batcher.stats.views == 1 + 144 + limit and batcher.queued_views == 0
+
+
+def test_retry_after_is_the_measured_time_to_work_through_the_queue(patch_files):
+    from histodetect.serve.batcher import MAX_RETRY_AFTER_S, retry_after_s
+
+    patch = decode_patch_file(patch_files[0]).patch[None]
+    now_s = [0.0]
+
+    def score(batch: np.ndarray, tta: int) -> np.ndarray:  # a model that does 100 views a second
+        now_s[0] += len(batch) * tta / 100
+        return np.zeros((len(batch), 1, tta), np.float32)
+
+    score, started, passes = gated(score)
+    batcher = PredictionBatcher(score, lambda batch: batch, max_batch_patches=256, max_wait_ms=0,
+                                max_queued_views=1000, timer=lambda: now_s[0])
+    batcher.start()
+    try:
+        first = batcher.submit(patch, tta=1)
+        started.get(timeout=20)
+        batcher.submit(np.repeat(patch, 125, axis=0), tta=8)  # 1000 views: the queue is full
+        with pytest.raises(ServerBusy) as unmeasured:
+            batcher.submit(patch, tta=1)
+        assert unmeasured.value.retry_after_s == 1, "no model call has finished: nothing measured yet"
+        passes.release()
+        first.result(timeout=20)
+        assert started.get(timeout=20) == 125  # the worker is on the 1000 views; nothing is queued
+        batcher.submit(np.repeat(patch, 50, axis=0), tta=8)  # 400 views
+        batcher.submit(np.repeat(patch, 75, axis=0), tta=8)  # 600 more: full
+        with pytest.raises(ServerBusy, match=r"retry in 10 s$") as busy:
+            batcher.submit(patch, tta=1)
+        assert busy.value.retry_after_s == 10 and batcher.views_per_s == pytest.approx(100)  # 1000 views / 100 a second
+    finally:
+        passes.release(8)
+        batcher.stop()
+    assert retry_after_s(10**6, 100) == MAX_RETRY_AFTER_S == 60 and retry_after_s(1, 100) == 1
+
+
+def test_a_flood_of_many_view_requests_gets_503_with_retry_after_from_the_measured_rate(run, patch_files,
+                                                                                        monkeypatch):
+    import histodetect.serve.app as app_module
+    from histodetect.serve.batcher import retry_after_s
+
+    score, started, passes = gated(predict_samples)
+    monkeypatch.setattr(app_module, "predict_samples", score)
+    files = multipart(patch_files[:1])
+    # 4 patches at the server's 8 views: the queue holds 32 views, whatever the requests ask for.
+    with TestClient(create_app(run, ServeConfig(max_files=4, max_queued_patches=4, tta=8))) as client, \
+            concurrent.futures.ThreadPoolExecutor(2) as pool:
+        passes.release()
+        assert client.post("/v1/predict", files=files).status_code == 200  # measures the model's speed
+        assert started.get(timeout=20) == 1
+        running = pool.submit(client.post, "/v1/predict", files=files)
+        assert started.get(timeout=20) == 1  # the model is held on it
+        queued = pool.submit(client.post, "/v1/predict?tta=72", files=files)  # 72 views: over the limit
+        wait_until(lambda: client.get("/health").json()["queued_views"] == 72, "the request queued")
+        health = client.get("/health").json()
+        assert (health["queued_patches"], health["queued_views"]) == (1, 72)
+        busy = client.post("/v1/predict?tta=1", files=files)  # one view more is too much
+        assert busy.status_code == 503
+        batcher = client.app.state.batcher
+        assert busy.headers["retry-after"] == str(retry_after_s(72, batcher.views_per_s))
+        assert busy.json()["error"].startswith("server busy: 1 patches queued, 72 test-time views of work (limit 32")
+        passes.release(2)
+        assert running.result(timeout=20).status_code == queued.result(timeout=20).status_code == 200
+        assert queued.result().json()["tta"] == 72
+
+
+def _raw_predict(port: int, patch_file: Path) -> socket.socket:
+    """A socket that has sent POST /v1/predict with one patch and reads nothing: close it to leave."""
+    boundary = "histodetect-test-boundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{patch_file.name}"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + patch_file.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall(head + body)
+    return sock
+
+
+def test_a_request_whose_client_leaves_while_queued_is_never_scored(run, patch_files, monkeypatch, caplog):
+    import httpx
+
+    import histodetect.serve.app as app_module
+
+    score, started, passes = gated(predict_samples)
+    monkeypatch.setattr(app_module, "predict_samples", score)
+    app = create_app(run)
+    batcher = app.state.batcher
+    with serving(app, log_config=None) as (server, port), concurrent.futures.ThreadPoolExecutor(1) as pool:
+        url = f"http://127.0.0.1:{port}/v1/predict"
+        running = pool.submit(httpx.post, url, files=multipart(patch_files[:1]), timeout=20)
+        assert started.get(timeout=20) == 1  # the model is held on it
+        leaving = _raw_predict(port, patch_files[1])
+        wait_until(lambda: batcher.queued_patches == 1, "the second request queued")
+        leaving.close()
+        # Released by the request itself: the worker is still held on the first one.
+        wait_until(lambda: (batcher.queued_patches, batcher.queued_views) == (0, 0), "the queue emptied")
+        wait_until(lambda: len(server.server_state.tasks) == 1, "the second request ended")
+        passes.release()
+        assert running.result(timeout=20).status_code == 200
+        passes.release()
+        assert httpx.post(url, files=multipart(patch_files[2:3]), timeout=20).status_code == 200
+    assert started.qsize() == 1, "two model calls after the first: the request that left was not scored"
+    assert batcher.stats.requests == batcher.stats.patches == 2 and batcher.queued_patches == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_client_that_leaves_while_its_patches_are_scored_does_not_stop_the_worker(run, patch_files, monkeypatch,
+                                                                                      caplog):
+    import httpx
+
+    import histodetect.serve.app as app_module
+
+    score, started, passes = gated(predict_samples)
+    monkeypatch.setattr(app_module, "predict_samples", score)
+    app = create_app(run)
+    with serving(app, log_config=None) as (server, port):
+        leaving = _raw_predict(port, patch_files[0])
+        assert started.get(timeout=20) == 1  # being scored: too late to cancel
+        leaving.close()
+        wait_until(lambda: not server.server_state.tasks, "the request ended without its answer")
+        passes.release(2)  # the abandoned call finishes; its answer is dropped
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/predict", files=multipart(patch_files[1:2]), timeout=20)
+        assert response.status_code == 200
+    assert app.state.batcher.stats.requests == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_concurrent_http_requests_all_get_their_own_answers(client, run, patch_files):
@@ -663,22 +847,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def live_server(run):
-    """The app on a real socket (uvicorn in a thread), for the browser."""
+@contextlib.contextmanager
+def serving(app, **uvicorn_options):
+    """`app` on a real socket: uvicorn in a thread on a free loopback port; yields the server and its port."""
     import uvicorn
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(run), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started, "uvicorn did not start within 30 s"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield server, port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def live_server(run):
+    """The app on a real socket, for the browser."""
+    with serving(create_app(run)) as (_, port):
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

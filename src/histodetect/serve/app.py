@@ -18,6 +18,7 @@ import base64
 import csv
 import io
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from .. import __version__
 from ..errors import UserError
 from ..explain import class_activation_maps, render_overlays
 from ..predict import LoadedRun, mean_over_samples, predict_samples, sample_probabilities, uncertainty_measures
-from .batcher import PredictionBatcher, ServerBusy
+from .batcher import PredictionBatcher, ScoredPatches, ServerBusy
 from .inputs import (
     JSON_TYPE,
     MULTIPART,
@@ -84,7 +85,7 @@ _ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in
     (413, "body over the size limit, too many patches, or an image too large to decode"),
     (415, f"Content-Type is neither {MULTIPART} nor {JSON_TYPE}"),
     (422, "not an image, truncated, not 96x96 (without --resize), or a missing field"),
-    (503, "the queue is full; retry after Retry-After seconds"),
+    (503, "the queue is full; retry after Retry-After seconds (the server's estimate of when it has room)"),
 )}
 
 _REQUEST_BODY = {"requestBody": {"required": True, "content": {
@@ -134,6 +135,30 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client has disconnected: after the body, an ASGI receive() waits for http.disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def scored_unless_client_gone(request: Request, future: Future) -> ScoredPatches | None:
+    """The batcher's answer, or None when the client disconnects first; its job is then cancelled.
+
+    Starlette does not cancel an endpoint whose client has gone, so without this
+    the batcher would score every abandoned request. Cancelling takes a queued job
+    out of the queue at once; a job already being scored runs on and its answer is
+    dropped. Waiting on receive() wakes only on the disconnect, where polling
+    `request.is_disconnected()` would wake every waiting request a few times a second.
+    """
+    scored, gone = asyncio.wrap_future(future), asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait((scored, gone), return_when=asyncio.FIRST_COMPLETED)
+        return scored.result() if scored.done() else None
+    finally:  # also when this request is cancelled (server shutdown)
+        gone.cancel()
+        scored.cancel()  # cancels `future` too, unless the worker has started on it
 
 
 def best_epoch(run_dir: Path) -> dict | None:
@@ -218,7 +243,8 @@ def create_app(run: LoadedRun, config: ServeConfig | None = None) -> FastAPI:
         lambda patches: class_activation_maps(run.model, patches, mean=run.mean, std=run.std, crop_px=run.crop_px,
                                               device=run.device, method="gradcam")[0],
         max_batch_patches=config.max_batch_patches, max_wait_ms=config.max_wait_ms,
-        max_queued_patches=config.max_queued_patches,
+        # --max-queued-patches is counted at the server's own --tta: a patch asking for more views counts for more.
+        max_queued_views=config.max_queued_patches * config.tta,
     )
 
     @asynccontextmanager
@@ -243,7 +269,7 @@ def create_app(run: LoadedRun, config: ServeConfig | None = None) -> FastAPI:
 
     @app.exception_handler(ServerBusy)
     async def busy(request: Request, exc: ServerBusy) -> JSONResponse:
-        return _error(503, str(exc), {"Retry-After": "1"})
+        return _error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -264,7 +290,8 @@ def create_app(run: LoadedRun, config: ServeConfig | None = None) -> FastAPI:
     async def health() -> dict:
         stats = batcher.stats
         return {"status": "ok", "model": run.config.get("model"), "queued_patches": batcher.queued_patches,
-                "requests": stats.requests, "patches": stats.patches, "batches": stats.batches}
+                "queued_views": batcher.queued_views, "requests": stats.requests, "patches": stats.patches,
+                "batches": stats.batches}
 
     # Load balancers and `curl -I` probe liveness with HEAD; FastAPI answers 405 to a GET-only route.
     @app.head("/health", include_in_schema=False)
@@ -287,7 +314,9 @@ def create_app(run: LoadedRun, config: ServeConfig | None = None) -> FastAPI:
         tta = check_tta(tta, config, run.tta_choices)
         uploads = await read_uploads(request, config)
         decoded = await run_in_threadpool(decode_uploads, uploads, config)
-        scored = await asyncio.wrap_future(batcher.submit(decoded.patches, tta, overlay))
+        scored = await scored_unless_client_gone(request, batcher.submit(decoded.patches, tta, overlay))
+        if scored is None:  # nobody reads this answer; 499 is nginx's "client closed request"
+            return _error(499, "client closed the request before it was scored")
         return await run_in_threadpool(_results, run, decoded, scored.logits, scored.overlays, tta)
 
     return app

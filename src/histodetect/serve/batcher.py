@@ -6,13 +6,21 @@ then everything already queued and whatever arrives within `max_wait_ms`, up to
 of 32 patches costs far less than 32 batches of one on a CPU, so throughput rises
 with concurrency (benchmarks/serve_load.py). Keeping the model on one thread also
 means Grad-CAM's hooks never see another request's forward pass.
+
+The queue is bounded in work, not patches: a patch costs its test-time views (1 to
+72) and a Grad-CAM overlay `OVERLAY_VIEWS` more, so the bound holds a request's wait
+whatever it asks for. Past it a request is refused (ServerBusy, a 503) with a wait
+estimated from the worker's measured views per second; a request over the bound on
+its own is queued when the queue is empty, so none is refused for good.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -20,8 +28,24 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+# A Grad-CAM overlay (a forward and a backward pass) costs about as much as this many
+# scored views per patch with two torch threads, the default on a 2-core CPU: medians
+# 4.8, 7.0 and 9.0 in three runs on a loaded one; 1.3 with one thread
+# (benchmarks/overlay_cost.py, a cpu-preset histo_tinynet). The throughput behind
+# Retry-After is measured in these same views, so it includes the overlays' real cost.
+OVERLAY_VIEWS = 8
+# Retry-After is the measured time to work through the queue, 1 s to this: past a
+# minute a client is better told to come back later than to wait for it.
+MAX_RETRY_AFTER_S = 60
+THROUGHPUT_BATCHES = 16  # the last model calls the throughput is measured over
+
+
 class ServerBusy(Exception):
-    """The queue holds max_queued_patches already; answered with 503 and Retry-After."""
+    """The queue holds max_queued_views already; answered with 503 and Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -32,18 +56,53 @@ class ScoredPatches:
     overlays: np.ndarray | None  # (N, ...) what the overlay function gave per patch (the app's: Grad-CAM maps)
 
 
+def job_views(n_patches: int, tta: int, overlay: bool) -> int:
+    """The work of scoring n_patches at `tta` views, with or without overlays, in scored views."""
+    return n_patches * (tta + (OVERLAY_VIEWS if overlay else 0))
+
+
+def retry_after_s(queued_views: int, views_per_s: float | None) -> int:
+    """Whole seconds until the worker has done `queued_views`, 1 to MAX_RETRY_AFTER_S; 1 before it is measured."""
+    if not views_per_s:
+        return 1
+    return min(MAX_RETRY_AFTER_S, max(1, math.ceil(queued_views / views_per_s)))
+
+
+@dataclass
+class _QueueShare:
+    """A job's part of the queue's count. The future's cancel callback holds this, not the
+    job: job -> future -> callback -> job would be a cycle keeping the pixels until a full GC."""
+
+    patches: int
+    views: int  # job_views
+    counted: bool = True  # until the worker takes the job or its future is cancelled
+
+
 @dataclass
 class _Job:
     patches: np.ndarray  # (N, 96, 96, 3) uint8
     tta: int
     overlay: bool
+    share: _QueueShare
     future: Future = field(default_factory=Future)
+
+
+def _live_patches(job: _Job) -> int:
+    """Patches a job adds to a batch: none once cancelled (its client has gone)."""
+    return 0 if job.future.cancelled() else len(job.patches)
+
+
+def _throughput(calls: deque[tuple[int, float]]) -> float | None:
+    """Views per second of model calls (views, seconds); None before the first."""
+    seconds = sum(s for _, s in calls)
+    return sum(v for v, _ in calls) / seconds if seconds > 0 else None
 
 
 @dataclass
 class BatcherStats:
     requests: int = 0
     patches: int = 0
+    views: int = 0  # job_views of what was scored, overlays included
     batches: int = 0  # model calls; requests / batches is how much batching happened
 
 
@@ -55,19 +114,31 @@ class PredictionBatcher:
     """Queue of scoring requests served by one worker thread that owns the model."""
 
     def __init__(self, score: ScoreFn, overlay: OverlayFn, *, max_batch_patches: int,
-                 max_wait_ms: float, max_queued_patches: int):
-        self._score, self._overlay = score, overlay
+                 max_wait_ms: float, max_queued_views: int, timer: Callable[[], float] = time.perf_counter):
+        """`timer` times the model calls for the throughput behind Retry-After (a test passes a fake one)."""
+        self._score, self._overlay, self._timer = score, overlay, timer
         self.max_batch_patches, self.max_wait_s = max_batch_patches, max_wait_ms / 1000
-        self.max_queued_patches = max_queued_patches
+        self.max_queued_views = max_queued_views
         self.stats = BatcherStats()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._queued_patches = 0
+        self._queued_patches = self._queued_views = 0
+        self._recent_calls: deque[tuple[int, float]] = deque(maxlen=THROUGHPUT_BATCHES)  # (views, seconds)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @property
     def queued_patches(self) -> int:
         return self._queued_patches
+
+    @property
+    def queued_views(self) -> int:
+        return self._queued_views
+
+    @property
+    def views_per_s(self) -> float | None:
+        """The worker's throughput over its last THROUGHPUT_BATCHES model calls; None before the first."""
+        with self._lock:
+            return _throughput(self._recent_calls)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="histodetect-model", daemon=True)
@@ -81,21 +152,39 @@ class PredictionBatcher:
             self._thread = None
 
     def submit(self, patches_uint8: np.ndarray, tta: int, overlay: bool = False) -> Future:
-        """Queue patches (N, 96, 96, 3) uint8; the future's result is a `ScoredPatches`."""
+        """Queue patches (N, 96, 96, 3) uint8; the future's result is a `ScoredPatches`.
+
+        Cancelling the future (the client has gone) takes the job out of the queue's
+        count at once; the worker skips it. A job already being scored cannot be cancelled.
+        """
         if self._thread is None:
             raise RuntimeError("PredictionBatcher.submit before start()")
+        share = _QueueShare(len(patches_uint8), job_views(len(patches_uint8), tta, overlay))
         with self._lock:
-            if self._queued_patches + len(patches_uint8) > self.max_queued_patches:
-                raise ServerBusy(f"server busy: {self._queued_patches} patches queued (limit "
-                                 f"{self.max_queued_patches}); retry in a second")
-            self._queued_patches += len(patches_uint8)
-        job = _Job(patches_uint8, tta, overlay)
+            # An empty queue takes any request, however big: else one over the limit would never be served.
+            if self._queued_views and self._queued_views + share.views > self.max_queued_views:
+                wait_s = retry_after_s(self._queued_views, _throughput(self._recent_calls))
+                raise ServerBusy(f"server busy: {self._queued_patches} patches queued, {self._queued_views:,} "
+                                 f"test-time views of work (limit {self.max_queued_views:,}; this request "
+                                 f"{share.views:,}); retry in {wait_s} s", wait_s)
+            self._queued_patches += share.patches
+            self._queued_views += share.views
+        job = _Job(patches_uint8, tta, overlay, share)
+        job.future.add_done_callback(lambda future: self._dequeue(share) if future.cancelled() else None)
         self._queue.put(job)
         return job.future
 
+    def _dequeue(self, share: _QueueShare) -> None:
+        """Take a job out of the queue's count, once: when the worker takes it or its future is cancelled."""
+        with self._lock:
+            if share.counted:
+                share.counted = False
+                self._queued_patches -= share.patches
+                self._queued_views -= share.views
+
     def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
         """The first job plus what is queued or arrives within max_wait, up to max_batch_patches."""
-        jobs, n_patches, stop = [first], len(first.patches), False
+        jobs, n_patches, stop = [first], _live_patches(first), False
         deadline = time.perf_counter() + self.max_wait_s
         while n_patches < self.max_batch_patches:
             try:
@@ -106,7 +195,7 @@ class PredictionBatcher:
                 stop = True
                 break
             jobs.append(job)
-            n_patches += len(job.patches)
+            n_patches += _live_patches(job)
         return jobs, stop
 
     def _work(self) -> None:
@@ -116,8 +205,8 @@ class PredictionBatcher:
             if first is None:
                 break
             jobs, stop = self._gather(first)
-            with self._lock:
-                self._queued_patches -= sum(len(job.patches) for job in jobs)
+            for job in jobs:
+                self._dequeue(job.share)
             # A request the ASGI server cancelled (client gone, shutdown) cancelled its future:
             # skip it, and mark the rest running so that a later cancel cannot make set_result
             # raise InvalidStateError here, which would end this thread and hang every request after.
@@ -126,6 +215,7 @@ class PredictionBatcher:
                 self._run([job for job in jobs if job.tta == tta], tta)
 
     def _run(self, jobs: list[_Job], tta: int) -> None:
+        started = self._timer()
         try:
             logits = self._score(np.concatenate([job.patches for job in jobs]), tta)  # (N, 1, tta)
             wanted = [job for job in jobs if job.overlay]
@@ -134,8 +224,12 @@ class PredictionBatcher:
             for job in jobs:
                 job.future.set_exception(exc)
             return
+        views = sum(job.share.views for job in jobs)
+        with self._lock:
+            self._recent_calls.append((views, self._timer() - started))
         self.stats.requests += len(jobs)
         self.stats.patches += len(logits)
+        self.stats.views += views
         self.stats.batches += 1
         begin = overlay_begin = 0
         for job in jobs:
