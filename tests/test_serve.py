@@ -948,3 +948,32 @@ def test_the_page_marks_a_bad_file_and_still_scores_the_good_ones(browser, live_
     failed = browser.find_element(By.CSS_SELECTOR, "tr.failed")
     assert failed.get_attribute("data-name") == "notes.png" and "not an image" in failed.text
     assert browser.find_element(By.CSS_SELECTOR, f'tr.result[data-name="{patch_files[4].name}"] .prob').text
+
+
+def test_the_page_is_usable_from_the_keyboard_and_counts_each_batch_on_its_own(browser, live_server, patch_files,
+                                                                             tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(live_server + "/")
+    WebDriverWait(browser, 30).until(lambda d: "histo_tinynet" in d.find_element(By.ID, "model-card").text)
+    assert not browser.find_element(By.ID, "controls").is_displayed(), "no sort, filter or download before results"
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
+    assert browser.switch_to.active_element.get_attribute("id") == "file-input", "Tab reaches 'Choose files'"
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    status = browser.find_element(By.ID, "status")
+    browser.find_element(By.ID, "file-input").send_keys(f"{patch_files[5]}\n{bad}")
+    WebDriverWait(browser, 60).until(lambda d: status.text.startswith("Scored"))
+    assert status.text == "Scored 1 of 2 patches. 1 could not be scored: see the rows marked in red."
+    browser.find_element(By.ID, "file-input").send_keys(str(patch_files[6]))
+    WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.result")) == 3)
+    WebDriverWait(browser, 10).until(lambda d: status.text.startswith("Scored"))
+    assert status.text == "Scored 1 patch.", "the earlier batch's failure is not counted again"
+
+    high = browser.find_element(By.ID, "max-prob")
+    high.clear()  # an emptied bound is no bound, not 0
+    high.send_keys(Keys.BACKSPACE)
+    WebDriverWait(browser, 10).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.result")) == 3)

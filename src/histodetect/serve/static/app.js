@@ -6,11 +6,16 @@
 const IMAGE_NAME = /\.(png|jpe?g|tiff?)$/i;
 const BROWSER_CAN_SHOW = /\.(png|jpe?g)$/i; // browsers do not display TIFF
 const state = {
-  rows: [], // {name, url, prob, label, threshold, entropy, sd, overlay, error}
+  rows: [], // {name, url, batch, prob, label, threshold, tta, entropy, sd, overlay, resized, converted, error}
   limits: { max_files: 256, max_upload_bytes: 16 * 2 ** 20, tta: 1 },
   threshold: 0.5,
+  card: null,
+  scoring: Promise.resolve(), // one batch of files at a time: a second pick waits for the first
+  batch: 0, // the batch being scored; its rows carry it, for the status line's counts
 };
 const $ = (selector) => document.querySelector(selector);
+
+const patches = (n) => `${n} patch${n === 1 ? "" : "es"}`;
 
 function setStatus(text, isError = false) {
   $("#status").textContent = text;
@@ -21,23 +26,33 @@ async function loadModelCard() {
   try {
     const response = await fetch("/v1/model");
     const card = await response.json();
+    state.card = card;
     state.limits = card.serving;
     state.threshold = card.threshold;
-    const best = card.validation.best_epoch;
-    const parts = [
-      `${card.architecture}${card.preset ? ` (${card.preset} preset)` : ""}`,
-      best ? `validation AUC ${best.val_auc.toFixed(3)} at epoch ${best.epoch}` : null,
-      `threshold ${card.threshold.toFixed(3)}`,
-      card.calibration.temperature !== 1 ? `temperature ${card.calibration.temperature.toFixed(2)}` : null,
-      card.data.fingerprint ? `data ${card.data.fingerprint.slice(0, 12)}` : null,
-    ];
-    $("#model-card").textContent = "Model: " + parts.filter(Boolean).join(" · ");
     const choices = card.serving.tta_choices || [1, 4, 8];
     $("#tta").replaceChildren(...choices.map((n) => new Option(String(n), String(n))));
     $("#tta").value = String(card.serving.tta);
+    showModelCard();
   } catch (error) {
     $("#model-card").textContent = `Could not load the model card (${error}).`;
   }
+}
+
+// The threshold shown is the one the chosen number of views decides with (each has its own).
+function showModelCard() {
+  const card = state.card;
+  if (!card) return;
+  const tta = $("#tta").value;
+  const threshold = (card.thresholds_by_tta || {})[tta] ?? card.threshold;
+  const best = card.validation.best_epoch;
+  const parts = [
+    `${card.architecture}${card.preset ? ` (${card.preset} preset)` : ""}`,
+    best ? `validation AUC ${best.val_auc.toFixed(3)} at epoch ${best.epoch}` : null,
+    `threshold ${threshold.toFixed(3)} at ${tta} view${tta === "1" ? "" : "s"}`,
+    card.calibration.temperature !== 1 ? `temperature ${card.calibration.temperature.toFixed(2)}` : null,
+    card.data.fingerprint ? `data ${card.data.fingerprint.slice(0, 12)}` : null,
+  ];
+  $("#model-card").textContent = "Model: " + parts.filter(Boolean).join(" · ");
 }
 
 // Chunks of files that fit the server's limits on file count and body size.
@@ -60,19 +75,22 @@ function chunksOf(files) {
   return chunks;
 }
 
-// threshold: the response's, which depends on its number of views (tta).
-function addRow(item, result, error, threshold = state.threshold) {
+// answer: the response's threshold and tta (the threshold depends on the number of views).
+function addRow(item, result, error, answer = { threshold: state.threshold, tta: null }) {
   const url = BROWSER_CAN_SHOW.test(item.file.name) ? URL.createObjectURL(item.file) : null;
-  const row = { name: item.name, url, error: error || null };
+  const row = { name: item.name, url, batch: state.batch, error: error || null };
   if (result) {
     Object.assign(row, {
-      prob: result.prob_tumour, label: result.label, threshold, entropy: result.entropy_bits, sd: result.prob_sd_tta,
+      prob: result.prob_tumour, label: result.label, threshold: answer.threshold, tta: answer.tta,
+      entropy: result.entropy_bits, sd: result.prob_sd_tta,
       overlay: result.overlay_png_base64 ? `data:image/png;base64,${result.overlay_png_base64}` : null,
+      resized: result.resized_from || null, converted: result.converted_from || null,
     });
   }
   state.rows.push(row);
 }
 
+// Sends the files; false when the server did not answer at all (stopped, or the network is down).
 async function postChunk(items, query) {
   const form = new FormData();
   for (const item of items) form.append("files", item.file, item.file.name);
@@ -82,24 +100,30 @@ async function postChunk(items, query) {
     response = await fetch(`/v1/predict?${query}`, { method: "POST", body: form });
     body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
   } catch (error) {
-    items.forEach((item) => addRow(item, null, `network error: ${error}`));
-    return;
+    items.forEach((item) => addRow(item, null, `no answer from the server (${error.message}): is it still running?`));
+    return false;
   }
   if (response.ok) {
-    body.results.forEach((result, i) => addRow(items[i], result, null, body.threshold));
+    body.results.forEach((result, i) => addRow(items[i], result, null, body));
   } else if (response.status === 503) { // queue full: wait as told, say so, then again
     const seconds = Number(response.headers.get("Retry-After") || 1);
     const before = $("#status").textContent;
     setStatus(`The server is busy; trying again in ${seconds} s…`);
     await new Promise((resolve) => setTimeout(resolve, 1000 * seconds));
     setStatus(before);
-    await postChunk(items, query);
+    return postChunk(items, query);
   } else if (items.length > 1 && response.status < 500) {
     // One bad file refuses the whole request: score the files one by one to find it.
-    for (const item of items) await postChunk([item], query);
+    for (const [i, item] of items.entries()) {
+      if (!(await postChunk([item], query))) {
+        items.slice(i + 1).forEach((rest) => addRow(rest, null, "not sent: the server stopped answering"));
+        return false;
+      }
+    }
   } else {
     items.forEach((item) => addRow(item, null, body.error || `HTTP ${response.status}`));
   }
+  return true;
 }
 
 async function scoreFiles(items) {
@@ -109,16 +133,31 @@ async function scoreFiles(items) {
   }
   const query = new URLSearchParams({ tta: $("#tta").value, overlay: String($("#overlay").checked) });
   const chunks = chunksOf(items);
+  const batch = ++state.batch;
   let done = 0;
+  let answered = true;
   for (const chunk of chunks) {
+    if (!answered) { // the server has gone: say so once instead of trying every chunk
+      chunk.forEach((item) => addRow(item, null, "not sent: the server stopped answering"));
+      continue;
+    }
     setStatus(`Scoring ${done + 1}-${done + chunk.length} of ${items.length} patches…`);
-    await postChunk(chunk, query);
+    answered = await postChunk(chunk, query);
     done += chunk.length;
     render();
   }
-  const failed = state.rows.filter((row) => row.error).length;
-  setStatus(`Scored ${items.length} patches.` + (failed ? ` ${failed} could not be scored: see the rows marked in red.` : ""),
-    failed > 0);
+  render();
+  const failed = state.rows.filter((row) => row.batch === batch && row.error).length;
+  const scored = `Scored ${items.length - failed} of ${patches(items.length)}.`;
+  if (!answered) setStatus(`${scored} The server stopped answering: start it again, then add the files of the red rows again.`, true);
+  else if (failed) setStatus(`${scored} ${failed} could not be scored: see the rows marked in red.`, true);
+  else setStatus(`Scored ${patches(items.length)}.`);
+}
+
+function enqueue(items) {
+  const run = () => scoreFiles(items);
+  state.scoring = state.scoring.then(run, run);
+  return state.scoring;
 }
 
 // Files (and folders, recursively) from a drop.
@@ -143,9 +182,15 @@ async function droppedFiles(dataTransfer) {
   return items;
 }
 
+// A probability bound; an emptied field means no bound (Number("") would be 0).
+function bound(input, none) {
+  const value = input.value.trim() === "" ? NaN : Number(input.value);
+  return Number.isFinite(value) ? value : none;
+}
+
 function visibleRows() {
-  const low = Number($("#min-prob").value);
-  const high = Number($("#max-prob").value);
+  const low = bound($("#min-prob"), 0);
+  const high = bound($("#max-prob"), 1);
   const labelFilter = $("#label-filter").value;
   const rows = state.rows.filter((row) => {
     if (labelFilter === "error") return row.error !== null;
@@ -158,7 +203,7 @@ function visibleRows() {
     "prob-desc": (a, b) => byProb(b, a),
     "prob-asc": byProb,
     "uncertainty-desc": (a, b) => (b.entropy ?? -1) - (a.entropy ?? -1),
-    name: (a, b) => a.name.localeCompare(b.name),
+    name: (a, b) => a.name.localeCompare(b.name, undefined, { numeric: true }), // patch9 before patch10
   }[$("#sort").value];
   return rows.sort(order);
 }
@@ -180,6 +225,7 @@ function picture(url, alt) {
     return none;
   }
   const img = document.createElement("img");
+  img.addEventListener("error", () => img.replaceWith(picture(null, "cannot display"))); // not an image after all
   img.src = url;
   img.alt = alt;
   img.className = alt === "overlay" ? "overlay" : "patch";
@@ -195,7 +241,16 @@ function render() {
     tr.dataset.name = row.name;
     cell(tr, null, picture(row.url, "patch"));
     cell(tr, null, picture(row.overlay, "overlay"));
-    cell(tr, "name", row.name);
+    const name = cell(tr, "name", row.name);
+    // The server changed what it scored: say so next to the name.
+    const notes = [row.converted && `converted from ${row.converted} to RGB`,
+      row.resized && `resized from ${row.resized.join("×")}`].filter(Boolean);
+    if (notes.length) {
+      const note = document.createElement("div");
+      note.className = "note";
+      note.textContent = notes.join("; ");
+      name.append(note);
+    }
     if (row.error) {
       const td = cell(tr, "error", row.error);
       td.colSpan = 3;
@@ -213,6 +268,7 @@ function render() {
     body.append(tr);
   }
   $("#results tbody").replaceChildren(body);
+  $("#results").classList.toggle("no-overlays", !rows.some((row) => row.overlay));
   $("#results").hidden = state.rows.length === 0;
   $("#controls").hidden = state.rows.length === 0;
   $("#shown").textContent = `${rows.length} of ${state.rows.length} shown`;
@@ -224,10 +280,12 @@ function csvField(value) {
 }
 
 function downloadCsv() {
-  const header = ["file", "prob_tumour", "label", "entropy_bits", "prob_sd_tta", "error"];
+  const header = ["file", "prob_tumour", "label", "threshold", "tta", "entropy_bits", "prob_sd_tta",
+    "resized_from", "converted_from", "error"];
   const lines = [header.join(",")];
   for (const row of visibleRows()) {
-    lines.push([row.name, row.prob, row.label, row.entropy, row.sd, row.error].map(csvField).join(","));
+    lines.push([row.name, row.prob, row.label, row.threshold, row.tta, row.entropy, row.sd,
+      row.resized && row.resized.join("x"), row.converted, row.error].map(csvField).join(","));
   }
   const link = document.createElement("a");
   link.href = URL.createObjectURL(new Blob([lines.join("\n") + "\n"], { type: "text/csv" }));
@@ -248,7 +306,7 @@ function picked(input, fromFolder) {
     .filter((file) => !fromFolder || IMAGE_NAME.test(file.name))
     .map((file) => ({ file, name: file.webkitRelativePath || file.name }));
   input.value = "";
-  return scoreFiles(items);
+  return enqueue(items);
 }
 
 function main() {
@@ -258,11 +316,12 @@ function main() {
   zone.addEventListener("drop", async (event) => {
     event.preventDefault();
     zone.classList.remove("dragging");
-    await scoreFiles(await droppedFiles(event.dataTransfer));
+    await enqueue(await droppedFiles(event.dataTransfer));
   });
   $("#file-input").addEventListener("change", (event) => picked(event.target, false));
   $("#folder-input").addEventListener("change", (event) => picked(event.target, true));
   for (const id of ["#sort", "#min-prob", "#max-prob", "#label-filter"]) $(id).addEventListener("input", render);
+  $("#tta").addEventListener("change", showModelCard);
   $("#download").addEventListener("click", downloadCsv);
   $("#clear").addEventListener("click", clearRows);
   loadModelCard();
