@@ -80,6 +80,18 @@ def test_no_patch_sits_on_the_chosen_threshold_so_its_printed_probability_keeps_
     np.testing.assert_array_equal(probs >= threshold, labels == 1)  # the same decisions as the ROC point
 
 
+def test_a_threshold_between_neighbouring_floats_keeps_the_rocs_decisions():
+    # Means of the same bf16 view probabilities summed in another order differ by a float64
+    # step; halfway between two such neighbours rounds onto one of them, and onto the lower
+    # one it called the negative patch tumour.
+    below = np.nextafter(0.6, 0.0)
+    labels, probs = np.array([0, 1, 0, 1]), np.array([below, 0.6, 0.1, 0.9])
+    threshold = choose_threshold(labels, probs)
+    np.testing.assert_array_equal(probs >= threshold, labels == 1)
+    assert threshold == 0.6
+
+
+
 def test_choose_threshold_finds_the_midpoint_of_shifted_scores_whatever_the_class_balance():
     # Equal-variance Gaussians at 0.35 and 0.65: balanced accuracy peaks at 0.5,
     # even with nine normals per tumour (plain accuracy would push it up).

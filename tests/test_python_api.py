@@ -59,8 +59,11 @@ def test_the_readmes_python_example_runs_on_real_patches(pcam_jpeg, tmp_path, mo
 
 @pytest.mark.parametrize(("given", "found", "fix"), [
     (np.zeros((2, 96, 96, 3), np.float32), r"float32 \(2, 96, 96, 3\)", r"floats in 0-1: \(x \* 255\)"),
+    (np.zeros((2, 3, 96, 96), np.float32), r"float32 \(2, 3, 96, 96\)", r"floats in 0-1"),  # the shape as given
     (np.zeros((2, 96, 96, 3), np.int64), r"int64 \(2, 96, 96, 3\)", r"x.astype\(np.uint8\)"),
     (np.zeros((96, 96, 3), np.uint8), r"uint8 \(96, 96, 3\)", r"one patch needs its batch axis: patches\[None\]"),
+    (np.zeros((3, 96, 96), np.uint8), r"uint8 \(3, 96, 96\)", r"one patch needs its batch axis: patches\[None\]"),
+    ([], r"float64 \(0,\)", r"no patches: an empty batch is np.empty\(\(0, 96, 96, 3\), np.uint8\)"),
     (np.zeros((2, 64, 64, 3), np.uint8), r"uint8 \(2, 64, 64, 3\)", r"resize the patches to 96x96 first"),
     (np.zeros((2, 96, 96, 4), np.uint8), r"uint8 \(2, 96, 96, 4\)", r"RGB patches, channels last"),
     ([np.zeros((96, 96, 3), np.uint8), np.zeros((64, 64, 3), np.uint8)], r"list", r"pass a numpy array"),

@@ -6,6 +6,7 @@ import base64
 import concurrent.futures
 import contextlib
 import csv
+import gc
 import io
 import logging
 import queue
@@ -16,6 +17,7 @@ import struct
 import threading
 import time
 import warnings
+import weakref
 import zlib
 from pathlib import Path
 
@@ -618,6 +620,28 @@ def test_a_full_queue_refuses_with_server_busy(run, patch_files):
         batcher.stop()
 
 
+def test_the_queue_also_bounds_patches_so_few_view_requests_cannot_fill_memory(patch_files):
+    # Counted in views alone, a server at --tta 8 queued 8x --max-queued-patches patches of 1-view requests.
+    patch = decode_patch_file(patch_files[0]).patch[None]
+    score, started, passes = gated(lambda batch, tta: np.zeros((len(batch), 1, tta), np.float32))
+    batcher = PredictionBatcher(score, lambda batch: batch, max_batch_patches=256, max_wait_ms=0,
+                                max_queued_views=100, max_queued_patches=2)
+    batcher.start()
+    try:
+        running = batcher.submit(patch, tta=1)
+        assert started.get(timeout=20) == 1  # the worker holds it: the queue is empty
+        queued = [batcher.submit(patch, tta=1) for _ in range(2)]
+        assert (batcher.queued_patches, batcher.queued_views) == (2, 2)
+        with pytest.raises(ServerBusy, match=r"^server busy: 2 patches queued, 2 test-time views of work "
+                                             r"\(limit 100 views, 2 patches; this request 1\); retry in \d+ s$"):
+            batcher.submit(patch, tta=1)
+        passes.release(2)
+        assert all(f.result(timeout=20).logits.shape == (1, 1, 1) for f in (running, *queued))
+    finally:
+        passes.release(8)
+        batcher.stop()
+
+
 def test_a_request_cancelled_while_queued_is_skipped_and_the_worker_keeps_serving(run, patch_files):
     """An ASGI server that cancels a request (client gone, shutdown) cancels its future: the worker must live on."""
     patch = decode_patch_file(patch_files[0]).patch[None]
@@ -699,6 +723,34 @@ def test_the_queue_counts_test_time_views_and_overlays_not_patches(patch_files):
     assert batcher.stats.views == 1 + 144 + limit and batcher.queued_views == 0
 
 
+def test_a_cancelled_job_frees_its_pixels_while_the_worker_is_busy(patch_files):
+    # Its room in the queue goes to new requests at once, so pixels it kept until the worker
+    # reached it would be over the limit: 200 clients that upload 256 patches and hang up
+    # held 1.3 GiB with a limit of 4096 patches.
+    patch = decode_patch_file(patch_files[0]).patch[None]
+    score, started, passes = gated(lambda batch, tta: np.zeros((len(batch), 1, tta), np.float32))
+    batcher = PredictionBatcher(score, lambda batch: batch, max_batch_patches=256, max_wait_ms=0,
+                                max_queued_views=8)
+    batcher.start()
+    try:
+        running = batcher.submit(patch, tta=1)
+        assert started.get(timeout=20) == 1  # the worker is held: what follows stays queued
+        pixels = []
+        for _ in range(3):  # 3 x 8 views through a queue of 8: each room is taken again after a cancel
+            patches = np.repeat(patch, 8, axis=0)
+            pixels.append(weakref.ref(patches))
+            batcher.submit(patches, tta=1).cancel()
+            del patches
+        gc.collect()
+        assert [ref() is None for ref in pixels] == [True] * 3, "a cancelled job kept its patches"
+        passes.release()
+        assert running.result(timeout=20).logits.shape == (1, 1, 1)
+    finally:
+        passes.release(8)
+        batcher.stop()
+    assert batcher.stats.requests == 1 and batcher.queued_views == 0
+
+
 def test_retry_after_is_the_measured_time_to_work_through_the_queue(patch_files):
     from histodetect.serve.batcher import MAX_RETRY_AFTER_S, retry_after_s
 
@@ -758,7 +810,8 @@ def test_a_flood_of_many_view_requests_gets_503_with_retry_after_from_the_measur
         assert busy.status_code == 503
         batcher = client.app.state.batcher
         assert busy.headers["retry-after"] == str(retry_after_s(72, batcher.views_per_s))
-        assert busy.json()["error"].startswith("server busy: 1 patches queued, 72 test-time views of work (limit 32")
+        assert busy.json()["error"].startswith("server busy: 1 patch queued, 72 test-time views of work "
+                                               "(limit 32 views, 4 patches; this request 1);")
         passes.release(2)
         assert running.result(timeout=20).status_code == queued.result(timeout=20).status_code == 200
         assert queued.result().json()["tta"] == 72

@@ -201,9 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-patches", type=int, help="patches the model scores at once across requests (default 256)")
     p.add_argument("--max-wait-ms", type=float, help="how long a batch waits for more requests (default 2)")
     p.add_argument("--max-queued-patches", type=int,
-                   help="queued work before answering 503 (default 4096), in patches at --tta: a patch asked for "
-                        "with more views counts for more (at --tta 8, a patch at 72 views counts as 9), "
-                        "a Grad-CAM overlay as a few views more")
+                   help="queued patches before answering 503 (default 4096), also counted as work at --tta: "
+                        "a patch asked for with more views counts for more (at --tta 8, a patch at 72 views "
+                        "counts as 9), a Grad-CAM overlay as 8 views more")
     add_device_options(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: one per core)")
     p = add("slide", "Whole slides: find the tissue, score it tile by tile, write a tumour heatmap, regions and a summary.",

@@ -95,7 +95,8 @@ def choose_threshold(labels, probs) -> float:
 
     The value returned lies halfway between that candidate and the next lower
     probability in `probs` (0 below the lowest), so it makes the same decisions on
-    `probs` while no patch sits on it. bf16 logits take few values: up to 5 of 200
+    `probs` while no patch sits on it (unless the two are a float64 step apart: then
+    it is the candidate itself). bf16 logits take few values: up to 5 of 200
     pcam-jpeg validation patches shared the candidate's probability, and predict's
     CSV printed them rounded to 6 decimals, often below the threshold, with pred 1.
     """
@@ -115,7 +116,10 @@ def choose_threshold(labels, probs) -> float:
     chosen = best[np.argmin(np.abs(thresholds[best] - 0.5))]
     # roc_curve's thresholds are the distinct probabilities, descending (drop_intermediate=False).
     next_lower = thresholds[chosen + 1] if chosen + 1 < len(thresholds) else 0.0
-    return float((thresholds[chosen] + next_lower) / 2)
+    halfway = (thresholds[chosen] + next_lower) / 2
+    # Probabilities a float64 step apart have nothing between them: halfway rounds onto one
+    # of them, and onto the lower one it would call that patch tumour too. Keep the candidate.
+    return float(halfway if halfway > next_lower else thresholds[chosen])
 
 
 def reliability_curve(labels, probs, n_bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

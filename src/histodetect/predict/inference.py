@@ -31,18 +31,20 @@ def check_patches(patches_uint8) -> np.ndarray:
     except (TypeError, ValueError, RuntimeError) as exc:  # ragged lists, CUDA tensors
         raise UserError(f"patches_uint8: expected uint8 RGB patches (N, 96, 96, 3), found "
                         f"{type(patches_uint8).__name__} ({str(exc).splitlines()[0]}); pass a numpy array") from None
+    found = f"{patches.dtype} {patches.shape}"  # as given, before a channels-first batch is turned
     if patches.ndim == 4 and patches.shape[1:] == (3, PATCH_SIZE_PX, PATCH_SIZE_PX):
         patches = patches.transpose(0, 2, 3, 1)
     if patches.dtype == np.uint8 and patches.ndim == 4 and patches.shape[1:] == PATCH_SHAPE:
         return patches
-    found = f"{patches.dtype} {patches.shape}"
-    if patches.dtype.kind == "f":
+    if patches.size == 0 and patches.ndim != 4:  # np.asarray([]) is float64 (0,)
+        fix = "no patches: an empty batch is np.empty((0, 96, 96, 3), np.uint8)"
+    elif patches.dtype.kind == "f":
         fix = "pass the patches as decoded, uint8 0-255 (floats in 0-1: (x * 255).round().astype(np.uint8))"
     elif patches.dtype.kind in "iu" and patches.dtype != np.uint8:
         fix = "pass them as uint8 (values 0-255: x.astype(np.uint8))"
     elif patches.dtype != np.uint8:
         fix = "pass the pixels as a uint8 array"
-    elif patches.shape == PATCH_SHAPE:
+    elif patches.shape in (PATCH_SHAPE, (3, PATCH_SIZE_PX, PATCH_SIZE_PX)):
         fix = "one patch needs its batch axis: patches[None]"
     elif patches.ndim == 4 and patches.shape[-1] == 3:
         fix = "resize the patches to 96x96 first (decode_patch_file(path, resize=True); CLI: --resize)"

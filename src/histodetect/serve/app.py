@@ -244,7 +244,7 @@ def create_app(run: LoadedRun, config: ServeConfig | None = None) -> FastAPI:
                                               device=run.device, method="gradcam")[0],
         max_batch_patches=config.max_batch_patches, max_wait_ms=config.max_wait_ms,
         # --max-queued-patches is counted at the server's own --tta: a patch asking for more views counts for more.
-        max_queued_views=config.max_queued_patches * config.tta,
+        max_queued_views=config.max_queued_patches * config.tta, max_queued_patches=config.max_queued_patches,
     )
 
     @asynccontextmanager

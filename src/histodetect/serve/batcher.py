@@ -20,6 +20,7 @@ import math
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -87,6 +88,10 @@ class _Job:
     future: Future = field(default_factory=Future)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 'es' if noun.endswith('ch') else 's'}"
+
+
 def _live_patches(job: _Job) -> int:
     """Patches a job adds to a batch: none once cancelled (its client has gone)."""
     return 0 if job.future.cancelled() else len(job.patches)
@@ -114,11 +119,14 @@ class PredictionBatcher:
     """Queue of scoring requests served by one worker thread that owns the model."""
 
     def __init__(self, score: ScoreFn, overlay: OverlayFn, *, max_batch_patches: int,
-                 max_wait_ms: float, max_queued_views: int, timer: Callable[[], float] = time.perf_counter):
-        """`timer` times the model calls for the throughput behind Retry-After (a test passes a fake one)."""
+                 max_wait_ms: float, max_queued_views: int, max_queued_patches: int | None = None,
+                 timer: Callable[[], float] = time.perf_counter):
+        """The queue holds at most `max_queued_views` of work and `max_queued_patches` patches (their
+        pixels: requests with fewer views than the server's default would otherwise queue more of
+        them than that). `timer` times the model calls for Retry-After (a test passes a fake one)."""
         self._score, self._overlay, self._timer = score, overlay, timer
         self.max_batch_patches, self.max_wait_s = max_batch_patches, max_wait_ms / 1000
-        self.max_queued_views = max_queued_views
+        self.max_queued_views, self.max_queued_patches = max_queued_views, max_queued_patches
         self.stats = BatcherStats()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._queued_patches = self._queued_views = 0
@@ -155,24 +163,41 @@ class PredictionBatcher:
         """Queue patches (N, 96, 96, 3) uint8; the future's result is a `ScoredPatches`.
 
         Cancelling the future (the client has gone) takes the job out of the queue's
-        count at once; the worker skips it. A job already being scored cannot be cancelled.
+        count and frees its pixels at once; the worker skips it. A job already being
+        scored cannot be cancelled.
         """
         if self._thread is None:
             raise RuntimeError("PredictionBatcher.submit before start()")
         share = _QueueShare(len(patches_uint8), job_views(len(patches_uint8), tta, overlay))
         with self._lock:
             # An empty queue takes any request, however big: else one over the limit would never be served.
-            if self._queued_views and self._queued_views + share.views > self.max_queued_views:
+            over_patches = (self.max_queued_patches is not None
+                            and self._queued_patches + share.patches > self.max_queued_patches)
+            if self._queued_views and (self._queued_views + share.views > self.max_queued_views or over_patches):
                 wait_s = retry_after_s(self._queued_views, _throughput(self._recent_calls))
-                raise ServerBusy(f"server busy: {self._queued_patches} patches queued, {self._queued_views:,} "
-                                 f"test-time views of work (limit {self.max_queued_views:,}; this request "
+                limits = f"{self.max_queued_views:,}" + (f" views, {self.max_queued_patches:,} patches"
+                                                         if self.max_queued_patches is not None else "")
+                raise ServerBusy(f"server busy: {_count(self._queued_patches, 'patch')} queued, "
+                                 f"{self._queued_views:,} test-time views of work (limit {limits}; this request "
                                  f"{share.views:,}); retry in {wait_s} s", wait_s)
             self._queued_patches += share.patches
             self._queued_views += share.views
         job = _Job(patches_uint8, tta, overlay, share)
-        job.future.add_done_callback(lambda future: self._dequeue(share) if future.cancelled() else None)
+        queued = weakref.ref(job)
+        job.future.add_done_callback(lambda future: self._cancelled(share, queued) if future.cancelled() else None)
         self._queue.put(job)
         return job.future
+
+    def _cancelled(self, share: _QueueShare, queued: weakref.ref[_Job]) -> None:
+        """Uncount a cancelled job and free its pixels now, not when the worker reaches it.
+
+        Once uncounted its room goes to new requests, so pixels it kept would be over the
+        limit: clients that upload and hang up while the worker is busy would fill memory.
+        """
+        self._dequeue(share)
+        job = queued()
+        if job is not None:  # never scored: the worker skips a cancelled future
+            job.patches = np.empty((0, *job.patches.shape[1:]), job.patches.dtype)
 
     def _dequeue(self, share: _QueueShare) -> None:
         """Take a job out of the queue's count, once: when the worker takes it or its future is cancelled."""

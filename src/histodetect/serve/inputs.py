@@ -44,9 +44,10 @@ class ServeConfig:
     # waiting at most max_wait_ms for more to arrive after the first.
     max_batch_patches: int = 256
     max_wait_ms: float = 2.0
-    # Past this much queued work the server answers 503 (busy) instead of queueing. It is
-    # counted in patches at `tta`: one asking for more views counts for more (at tta 8, a
-    # patch at 72 views counts as 9), a Grad-CAM overlay for batcher.OVERLAY_VIEWS views.
+    # Past this many queued patches, or this much queued work, the server answers 503 (busy)
+    # instead of queueing. Work is counted in patches at `tta`: one asking for more views
+    # counts for more (at tta 8, a patch at 72 views counts as 9), a Grad-CAM overlay for
+    # batcher.OVERLAY_VIEWS views more. The patch count bounds the queue's memory.
     max_queued_patches: int = 4096
 
     def __post_init__(self) -> None:
@@ -61,7 +62,7 @@ class ServeConfig:
         if self.max_queued_patches < self.max_files:
             # A request over the limit is queued only when the queue is empty, which under load may be never.
             raise UserError(f"--max-queued-patches {self.max_queued_patches}: expected at least --max-files "
-                            f"{self.max_files}, or a full request would wait for an empty queue")
+                            f"{self.max_files}, or a full request at --tta would wait for an empty queue")
         if self.max_wait_ms < 0:
             raise UserError(f"--max-wait-ms {self.max_wait_ms}: expected 0 or more milliseconds")
 
