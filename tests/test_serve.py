@@ -905,9 +905,12 @@ def serving(app, **uvicorn_options):
     """`app` on a real socket: uvicorn in a thread on a free loopback port; yields the server and its port."""
     import uvicorn
 
-    port = _free_port()
+    # A socket bound here and handed over: a port found free and bound again later could be taken in between.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_options))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
@@ -918,6 +921,7 @@ def serving(app, **uvicorn_options):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        sock.close()
 
 
 @pytest.fixture(scope="module")
