@@ -999,12 +999,23 @@ def test_the_page_marks_a_bad_file_and_still_scores_the_good_ones(browser, live_
 
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
+    formula = tmp_path / "=1+2.jpg"  # a spreadsheet would run the name in the downloaded CSV
+    shutil.copy(patch_files[3], formula)
     browser.get(live_server + "/")
-    browser.find_element(By.ID, "file-input").send_keys(f"{patch_files[4]}\n{bad}")
-    WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.result")) == 2)
+    browser.find_element(By.ID, "file-input").send_keys(f"{patch_files[4]}\n{bad}\n{formula}")
+    WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.result")) == 3)
     failed = browser.find_element(By.CSS_SELECTOR, "tr.failed")
     assert failed.get_attribute("data-name") == "notes.png" and "not an image" in failed.text
     assert browser.find_element(By.CSS_SELECTOR, f'tr.result[data-name="{patch_files[4].name}"] .prob').text
+
+    csv_path = browser.downloads / "histodetect-results.csv"
+    csv_path.unlink(missing_ok=True)  # an earlier test's download
+    browser.find_element(By.ID, "download").click()
+    WebDriverWait(browser, 20).until(lambda d: csv_path.is_file() and csv_path.stat().st_size > 0)
+    with csv_path.open() as handle:
+        files = {row["file"]: row for row in csv.DictReader(handle)}
+    assert set(files) == {patch_files[4].name, "notes.png", "'=1+2.jpg"}
+    assert float(files["'=1+2.jpg"]["prob_tumour"]) > 0 and files["notes.png"]["prob_tumour"] == ""
 
 
 def test_the_page_is_usable_from_the_keyboard_and_counts_each_batch_on_its_own(browser, live_server, patch_files,

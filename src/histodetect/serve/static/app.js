@@ -275,7 +275,10 @@ function render() {
 }
 
 function csvField(value) {
-  const text = value === null || value === undefined ? "" : String(value);
+  let text = value === null || value === undefined ? "" : String(value);
+  // A file name such as =HYPERLINK(...).png would be a formula in a spreadsheet: text starting
+  // with = + - @ or a tab gets a leading ' (OWASP's advice for CSV injection). Numbers stay as they are.
+  if (typeof value === "string" && /^[=+\-@\t\r]/.test(text)) text = `'${text}`;
   return /[",\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
 }
 
