@@ -261,6 +261,7 @@ def test_dedupe_keeps_the_first_of_each_duplicate_group(pcam_jpeg, tmp_path):
     prepare(src, tmp_path / "plain", progress=False)
     info = describe_store(open_store(tmp_path / "plain"))
     assert info["duplicates"] == 2 and info["shared_across_splits"] == 4
+    assert describe_store(str(tmp_path / "plain")) == info  # a notebook passes the folder
     report = prepare(src, tmp_path / "dedup", dedupe=True, progress=False)
     store = open_store(tmp_path / "dedup")
     assert report.n_deduplicated == 6 and len(store) == 4

@@ -651,3 +651,11 @@ def test_patch_ids_that_clash_as_file_names_get_numbered_files():
     taken: set[str] = set()
     names = [_file_stem(patch_id, taken) for patch_id in ("a/b", "a_b", "..", "", "a_b-2")]
     assert names == ["a_b", "a_b-2", "patch", "patch-2", "a_b-2-2"]
+
+
+def test_cams_of_an_exported_model_are_refused_saying_to_load_the_run():
+    from histodetect.explain import feature_map_layers
+
+    with pytest.raises(UserError, match=r"no PyTorch weights to take gradients of; class activation maps need the "
+                                        r"run loaded with load_run\(RUN_DIR\), not an export$"):
+        feature_map_layers(torch.nn.Identity(), 88)  # ExportedLogits, like Identity, has no parameters

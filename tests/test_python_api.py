@@ -79,3 +79,39 @@ def test_patches_may_come_channels_first_as_a_list_or_a_tensor():
     for given in (patches.transpose(0, 3, 1, 2), list(patches), torch.from_numpy(patches), patches[:0]):
         checked = check_patches(given)
         assert checked.dtype == np.uint8 and np.array_equal(checked, patches[: len(checked)])
+
+
+def test_a_path_where_a_loaded_run_goes_and_a_loaded_run_where_a_path_goes_are_refused_saying_how():
+    from histodetect.predict import LoadedRun, check_run, predict_patches, run_folder
+
+    with pytest.raises(UserError, match=r"^run: expected a LoadedRun, found the path 'runs/a'; load it first: "
+                                        r"run = load_run\('runs/a'\)$"):
+        predict_patches("runs/a", np.zeros((1, 96, 96, 3), np.uint8))
+    with pytest.raises(UserError, match=r"^run: expected a LoadedRun \(run = load_run\(RUN_DIR\)\), found dict$"):
+        check_run({})
+    run = LoadedRun(run_dir=Path("/runs/a"), model=torch.nn.Identity(), device=torch.device("cpu"), mean=(0, 0, 0),
+                    std=(1, 1, 1), crop_px=0, temperature=1.0, config={}, run={})
+    with pytest.raises(UserError, match=r"^run_dir: expected a run folder's path, found a LoadedRun; pass its "
+                                        r"folder, run.run_dir \(/runs/a\)$"):
+        run_folder(run)
+    with pytest.raises(UserError, match=r"^run_dir: expected a run folder's path, found list$"):
+        run_folder(["runs/a"])
+    assert run_folder("runs/a") == Path("runs/a") and check_run(run) is run
+
+
+def test_one_input_path_is_a_list_of_one_not_of_its_characters():
+    from histodetect.predict import input_paths
+
+    assert input_paths("data/valid") == [Path("data/valid")]
+    assert input_paths(Path("a")) == [Path("a")] and input_paths(["a", Path("b")]) == [Path("a"), Path("b")]
+    with pytest.raises(UserError, match=r"^inputs: expected a path or a list of paths .*, found int 3$"):
+        input_paths(["a", 3])
+
+
+def test_a_cam_result_prints_its_shapes_not_its_numbers():
+    from histodetect.explain import CamResult
+
+    result = CamResult(cams=np.zeros((8, 96, 96), np.float32), probs=np.zeros(8), overlays=np.zeros(
+        (8, 288, 288, 3), np.uint8), layer="stages.3")
+    assert repr(result) == ("CamResult(cams=float32 (8, 96, 96), probs=float64 (8,), "
+                            "overlays=uint8 (8, 288, 288, 3), layer='stages.3')")

@@ -1368,3 +1368,30 @@ def test_device_batches_never_wait_for_the_gpu_within_an_epoch(small_store, resi
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(got) == batches.steps_per_epoch - 1
+
+
+def test_fit_restores_torchs_thread_count_and_refuses_options_of_the_wrong_type(small_store, tmp_path):
+    """A notebook trains with threads=1 and goes on with its own thread count; epochs="2" is one line."""
+    with pytest.raises(UserError, match=r"^--epochs '2': expected an int, found str$"):
+        preset_config("cpu", epochs="2")
+    with pytest.raises(UserError, match=r"^--lr '1e-3': expected a number, found str$"):
+        fit(dataclasses.replace(preset_config("cpu", **TINY), lr="1e-3"), small_store, tmp_path / "lr", progress=False)
+    with pytest.raises(UserError, match=r"^cfg: expected a TrainConfig .*, found str$"):
+        fit("cpu", small_store, tmp_path / "str", progress=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fit(preset_config("cpu", **{**TINY, "epochs": 1, "threads": 1}), str(small_store), str(tmp_path / "run"),
+            progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_loaded_run_names_its_folder_after_a_chdir(trained_run, monkeypatch, tmp_path):
+    from histodetect.predict import load_run
+
+    monkeypatch.chdir(trained_run.parent)
+    run = load_run(trained_run.name)
+    monkeypatch.chdir(tmp_path)
+    assert run.run_dir == trained_run and (run.run_dir / "run.json").is_file()

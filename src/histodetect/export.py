@@ -33,7 +33,14 @@ from .data.decode import PATCH_SIZE_PX
 from .data.store import is_store, open_store
 from .errors import UserError
 from .outputs import check_output_file
-from .predict import LoadedRun, iter_inputs, load_run, predict_patches, run_thresholds
+from .predict import (
+    LoadedRun,
+    iter_inputs,
+    load_run,
+    predict_patches,
+    run_folder,
+    run_thresholds,
+)
 from .train import RUN_FILE, read_run
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -195,7 +202,7 @@ def load_exported_run(path: Path, *, threads: int = 0) -> LoadedRun:
     meta = exported.metadata
     _check_export_is_current(exported.path, meta)
     return LoadedRun(
-        run_dir=exported.path.parent, model=ExportedLogits(exported), device=torch.device("cpu"),
+        run_dir=exported.path.parent.absolute(), model=ExportedLogits(exported), device=torch.device("cpu"),
         mean=tuple(meta.mean), std=tuple(meta.std), crop_px=meta.crop_px,
         thresholds={**run_thresholds(meta.run), 1: meta.threshold},  # the run's for TTA; the export's own for 1 view
         temperature=meta.temperature, config=meta.run.get("config", {}), run=meta.run, bf16=False,
@@ -293,7 +300,7 @@ def _write_torchscript(model: nn.Module, example: torch.Tensor, meta: ExportMeta
         torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_EXTRA_FILE: json.dumps(meta.to_strings())})
 
 
-def export_run(run_dir: Path, *, format: str = "onnx", out: Path | None = None, check_data: Path | None = None,
+def export_run(run_dir: Path | str, *, format: str = "onnx", out: Path | None = None, check_data: Path | None = None,
                checkpoint: str = "best") -> ExportReport:
     """Export a run's weights to ONNX or TorchScript and check them against PyTorch.
 
@@ -304,7 +311,7 @@ def export_run(run_dir: Path, *, format: str = "onnx", out: Path | None = None, 
     start = time.perf_counter()
     if format not in EXPORT_FORMATS:
         raise UserError(f"--format {format!r}: expected one of {', '.join(EXPORT_FORMATS)}")
-    run_dir = Path(run_dir)
+    run_dir = run_folder(run_dir)
     suffix = EXPORT_SUFFIXES[format]
     out = Path(out) if out is not None else run_dir / f"model{suffix}"
     # A TorchScript .pt must not land on the run's checkpoints (best.pt holds the weights).

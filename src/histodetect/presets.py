@@ -167,7 +167,30 @@ def preset_config(name: str, **overrides) -> TrainConfig:
     unknown = set(overrides) - known
     if unknown:
         raise UserError(f"unknown training option(s) {', '.join(sorted(unknown))}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+    config = dataclasses.replace(PRESETS[name], **overrides)
+    check_config_types(config)
+    return config
+
+
+# What each TrainConfig annotation takes, never a bool for a number. A str where a number goes
+# failed deep in fit as a TypeError; numpy's int64 (a sweep's np.arange) could not go into run.json.
+_FIELD_TYPES = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "True or False"),
+    "str": (lambda v: isinstance(v, str), "a str"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a str or None"),
+}
+
+
+def check_config_types(cfg: TrainConfig) -> None:
+    """Refuse a value of another type than its TrainConfig field's (e.g. epochs="2") in one line naming it."""
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        allowed, expected = _FIELD_TYPES[f.type]
+        if not allowed(value):
+            raise UserError(f"--{f.name.replace('_', '-')} {value!r}: expected {expected}, found "
+                            f"{type(value).__name__}")
 
 
 SCHEDULES = ("cosine", "onecycle", "constant")

@@ -44,8 +44,9 @@ def tta_crop_offsets(n_views: int, shift_px: int) -> list[tuple[int, int]]:
     down, left and right; 72 add the four diagonal moves too: the corners and edge
     midpoints of the square a training crop's centre wanders over (`shift_px`).
     """
-    if n_views not in TTA_VIEW_COUNTS:
-        raise UserError(f"--tta {n_views}: expected one of {', '.join(map(str, TTA_VIEW_COUNTS))}")
+    if n_views not in TTA_VIEW_COUNTS:  # repr: a str "8" read as --tta 8 in the message
+        raise UserError(f"--tta {n_views!r}: expected one of {', '.join(map(str, TTA_VIEW_COUNTS))}"
+                        + ("" if isinstance(n_views, int) else f", found {type(n_views).__name__}"))
     s = shift_px
     offsets = [(0, 0)]
     if n_views >= 40:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..data.decode import PATCH_SIZE_PX
 from ..outputs import check_output_folder, naming_write_errors, unique_name
-from ..predict import LoadedRun, check_patches, open_inputs, predict_patches, sample_probabilities
+from ..predict import LoadedRun, check_patches, check_run, input_paths, open_inputs, predict_patches, sample_probabilities
 from ..train import bf16_is_fast
 from .calibration import (
     calibrate_run,
@@ -75,6 +75,13 @@ class CamResult:
     overlays: np.ndarray  # (N, 96 * OVERLAY_SCALE, 96 * OVERLAY_SCALE, 3) uint8
     layer: str  # the layer the maps were taken at
 
+    def __repr__(self) -> str:  # the dataclass's printed thousands of numbers in a notebook
+        def shape(array: np.ndarray) -> str:
+            return f"{array.dtype} {tuple(array.shape)}"
+
+        return (f"CamResult(cams={shape(self.cams)}, probs={shape(self.probs)}, overlays={shape(self.overlays)}, "
+                f"layer={self.layer!r})")
+
 
 def explain_patches(run: LoadedRun, patches_uint8: np.ndarray, *, method: str = "gradcam",
                     layer: str | None = None) -> CamResult:
@@ -84,6 +91,7 @@ def explain_patches(run: LoadedRun, patches_uint8: np.ndarray, *, method: str = 
     DEFAULT_CAM_LAYERS for its family). A wrong layer is a UserError listing the
     valid ones.
     """
+    run = check_run(run)
     patches_uint8 = check_patches(patches_uint8)
     cams, logits, layer_name = class_activation_maps(
         run.model, patches_uint8, mean=run.mean, std=run.std, crop_px=run.crop_px, device=run.device,
@@ -115,7 +123,7 @@ def check_explain_out(out: Path, run_dir: Path) -> None:
     check_output_folder(out, "--out", lambda folder: (folder / EXPLANATIONS_CSV).is_file(), keep=[run_dir])
 
 
-def write_explanations(run: LoadedRun, inputs: list[Path], out: Path, *, method: str = "gradcam",
+def write_explanations(run: LoadedRun, inputs: Path | str | list[Path | str], out: Path | str, *, method: str = "gradcam",
                        layer: str | None = None, split: str | None = None, resize: bool = False,
                        progress: bool = True) -> ExplainReport:
     """Write one overlay PNG per patch of `inputs`, contact sheets when there are several, and explanations.csv.
@@ -124,8 +132,10 @@ def write_explanations(run: LoadedRun, inputs: list[Path], out: Path, *, method:
     the map inside the centre 32x32, and the overlay's file name); explain.json
     names the run, method and layer. Everything is written to a temporary folder
     that replaces `out` when complete; an `out` that holds anything but an
-    earlier explain output is refused.
+    earlier explain output is refused. `inputs` is one path or a list of them.
     """
+    run = check_run(run)
+    inputs = input_paths(inputs)
     out = Path(out)
     check_explain_out(out, run.run_dir)
     # A wrong method or layer is reported before anything is decoded or written.

@@ -21,7 +21,13 @@ from tqdm import tqdm
 from ..data.store import open_store
 from ..errors import UserError
 from ..evaluate.metrics import NLL_CLIP_EPS, binary_metrics
-from ..predict import load_run, predict_logits, run_thresholds, sample_probabilities
+from ..predict import (
+    load_run,
+    predict_logits,
+    run_folder,
+    run_thresholds,
+    sample_probabilities,
+)
 from ..train import RUN_FILE, read_run, write_text_atomic
 
 # T is searched in [1/100, 100] on a log scale: beyond that a model is not
@@ -79,7 +85,7 @@ def calibrated_threshold(threshold: float, temperature: float) -> float:
     return float(1 / (1 + math.exp(-math.log(p / (1 - p)) / temperature))) - TIE_MARGIN
 
 
-def calibrate_run(run_dir: Path, data: Path | None = None, *, split: str | None = None, tta: int = 1,
+def calibrate_run(run_dir: Path | str, data: Path | str | None = None, *, split: str | None = None, tta: int = 1,
                   device: str = "auto", fp32: bool = False, progress: bool = True) -> dict:
     """Fit temperature scaling on a labelled split and store it under "calibration" in the run's run.json.
 
@@ -88,7 +94,7 @@ def calibrate_run(run_dir: Path, data: Path | None = None, *, split: str | None 
     record holds the temperature, NLL and ECE before and after, the split and
     the store's fingerprint, and where the decision threshold moves to.
     """
-    run_dir = Path(run_dir)
+    run_dir = run_folder(run_dir)
     run = load_run(run_dir, device=device, fp32=fp32)
     store = open_store(data or Path(run.run["data"]["path"]))
     split = split or run.config["val_split"]

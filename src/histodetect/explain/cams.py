@@ -86,9 +86,13 @@ def feature_map_layers(model: torch.nn.Module, input_px: int) -> dict[str, tuple
                 shapes[name] = tuple(output.shape)
         return hook
 
+    parameter = next(model.parameters(), None)
+    if parameter is None:  # an exported model (load_exported_run): ONNX Runtime and TorchScript give no gradients
+        raise UserError(f"{_model_name(model)}: no PyTorch weights to take gradients of; class activation maps "
+                        "need the run loaded with load_run(RUN_DIR), not an export")
     handles = [module.register_forward_hook(record(name)) for name, module in model.named_modules() if name]
     try:
-        device = next(model.parameters()).device
+        device = parameter.device
         blank = torch.zeros(1, 3, input_px, input_px, device=device)
         forward = model.forward_features if hasattr(model, "forward_features") else model
         features = forward(blank)

@@ -22,8 +22,8 @@ from .inference import (
     mean_over_samples,
     sample_probabilities,
 )
-from .inputs import open_inputs
-from .run import LoadedRun
+from .inputs import input_paths, open_inputs
+from .run import LoadedRun, check_run
 from .uncertainty import (
     DEFAULT_UNCERTAINTY,
     _check_mc_passes,
@@ -90,7 +90,7 @@ def _is_predict_csv(path: Path) -> bool:
     return first == b"" or first.startswith(b"id,prob,pred") or first == b"id,label"
 
 
-def predict_to_csv(run: LoadedRun, inputs: list[Path], out: Path, *, tta: int = 1, split: str | None = None,
+def predict_to_csv(run: LoadedRun, inputs: Path | str | list[Path | str], out: Path | str, *, tta: int = 1, split: str | None = None,
                    kaggle_submission: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
                    progress: bool = True, uncertainty: bool = False, mc_passes: int = 0,
                    review_above: float | None = None, review_by: str = DEFAULT_UNCERTAINTY,
@@ -103,11 +103,13 @@ def predict_to_csv(run: LoadedRun, inputs: list[Path], out: Path, *, tta: int = 
     `prob` is then the mean over the passes; see `uncertainty_measures`); with
     `review_above` U, a column `decision` says `tumour`, `normal`, or `review`
     where the `review_by` uncertainty is above U, so that a pathologist looks
-    only at those.
+    only at those. `inputs` is one path or a list of them (files, folders, stores, h5 files).
+    Returns the CSV's path and its number of rows.
     """
+    run = check_run(run)
     # Never over an input (or the labels and slide table beside it), the run's own files or
     # a model file: only an earlier output of predict is replaced.
-    inputs = [Path(i) for i in inputs]
+    inputs = input_paths(inputs)
     beside = [f for folder in inputs if folder.is_dir()
               for f in (*folder.glob("*labels*.csv"), *folder.glob("*_meta.csv"))]
     check_output_file(out, is_ours=_is_predict_csv, protect=[

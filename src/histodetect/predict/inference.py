@@ -10,7 +10,7 @@ import numpy as np
 from ..data.decode import PATCH_SHAPE, PATCH_SIZE_PX
 from ..errors import UserError
 from ..train import model_logits
-from .run import LoadedRun
+from .run import LoadedRun, check_run
 
 # Measured in benchmarks/predict_speed.py on the 2-core CPU (BENCHMARKS.md): bf16
 # autocast on its AMX units, inference_mode, channels_last and batches of 256 score
@@ -65,6 +65,7 @@ def predict_logits(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1,
 
     `on_batch` is called with each batch's number of patches once it is scored (a progress bar).
     """
+    run = check_run(run)
     run.check_tta(tta)
     check_batch_size(batch_size)
     patches_uint8 = check_patches(patches_uint8)

@@ -3,6 +3,7 @@ h5 files, grouped, counted and decoded chunk by chunk as InputChunks."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,18 @@ class InputChunk:
     ids: list[str]
     patches: np.ndarray  # (N, 96, 96, 3) uint8
     labels: np.ndarray  # (N,) int8, UNLABELLED where unknown
+
+
+def input_paths(inputs: Path | str | list[Path | str]) -> list[Path]:
+    """The inputs as a list of paths: one path (str or Path) is a list of one, not of its characters."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return [Path(inputs)]
+    items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    wrong = [item for item in items if not isinstance(item, (str, os.PathLike))]
+    if wrong:
+        raise UserError(f"inputs: expected a path or a list of paths (files, folders, stores), found "
+                        f"{type(wrong[0]).__name__} {wrong[0]!r:.60}")
+    return [Path(item) for item in items]
 
 
 def _group_inputs(inputs: list[Path]) -> list[Path | list[Path]]:

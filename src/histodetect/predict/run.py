@@ -4,6 +4,7 @@ thresholds and calibration temperature its run.json holds, each checked as it is
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,10 +92,34 @@ def run_thresholds(run: dict, *, calibrated: bool = True, where: str = RUN_FILE)
     return thresholds
 
 
-def load_run(run_dir: Path, *, checkpoint: str = "best", device: str = "auto", threads: int = 0,
+def check_run(run: LoadedRun) -> LoadedRun:
+    """`run` as the functions that score with it take it: a LoadedRun. A notebook's usual slip,
+    the run folder's path, is refused saying how to load it."""
+    if isinstance(run, LoadedRun):
+        return run
+    if isinstance(run, (str, os.PathLike)):
+        raise UserError(f"run: expected a LoadedRun, found the path {str(run)!r}; load it first: "
+                        f"run = load_run({str(run)!r})")
+    raise UserError(f"run: expected a LoadedRun (run = load_run(RUN_DIR)), found {type(run).__name__}")
+
+
+def run_folder(run_dir: Path | str) -> Path:
+    """`run_dir` as the functions that open a run folder take it: a path. A LoadedRun is refused naming its folder."""
+    if isinstance(run_dir, LoadedRun):
+        raise UserError(f"run_dir: expected a run folder's path, found a LoadedRun; pass its folder, "
+                        f"run.run_dir ({run_dir.run_dir})")
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise UserError(f"run_dir: expected a run folder's path, found {type(run_dir).__name__}")
+    return Path(run_dir)
+
+
+def load_run(run_dir: Path | str, *, checkpoint: str = "best", device: str = "auto", threads: int = 0,
              fp32: bool = False) -> LoadedRun:
-    """Load a run folder's `best` (or `last`) weights for inference; `fp32` turns bf16 autocast off."""
-    run_dir = Path(run_dir)
+    """Load a run folder's `best` (or `last`) weights for inference; `fp32` turns bf16 autocast off.
+
+    The LoadedRun's `run_dir` is absolute, so that it still names the run after an `os.chdir`.
+    """
+    run_dir = run_folder(run_dir).absolute()
     if not 0 <= threads <= MAX_THREADS:
         raise UserError(f"--threads {threads}: expected a count in [0, {MAX_THREADS}] (0: one per core)")
     run = read_run(run_dir)

@@ -13,7 +13,7 @@ from ..augment import tta_view_groups
 from ..errors import UserError
 from ..train import bf16_is_fast
 from .inference import DEFAULT_BATCH_SIZE, check_patches, predict_logits
-from .run import LoadedRun
+from .run import LoadedRun, check_run
 
 # The uncertainty `--review-above` compares with and `evaluate` triages by: how
 # close the probability is to the decision threshold, where a decision is least
@@ -125,6 +125,7 @@ def predict_samples(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1, 
     With `mc_passes`, the dropout masks come from `seed`: the same call gives the same logits.
     `on_batch` is called with each batch's number of patches once it is scored (a progress bar).
     """
+    run = check_run(run)
     run.check_tta(tta)
     _check_mc_passes(run, mc_passes)
     if not mc_passes:

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import UserError
 from ..explain import class_activation_maps, render_overlays
-from ..predict import LoadedRun, mean_over_samples, predict_samples, sample_probabilities, uncertainty_measures
+from ..predict import LoadedRun, check_run, mean_over_samples, predict_samples, sample_probabilities, uncertainty_measures
 from .batcher import PredictionBatcher, ScoredPatches, ServerBusy
 from .inputs import (
     JSON_TYPE,
@@ -236,6 +236,7 @@ def _results(run: LoadedRun, decoded: DecodedUploads, logits: np.ndarray, cams: 
 
 def create_app(run: LoadedRun, config: ServeConfig | None = None) -> FastAPI:
     """The app serving `run` (a torch model: Grad-CAM needs its gradients) within `config`'s limits."""
+    run = check_run(run)
     config = config or ServeConfig()
     run.check_tta(config.tta)
     batcher = PredictionBatcher(

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter, defaultdict
+from pathlib import Path
 
 from .layout import split_counts
-from .read import PatchStore
+from .read import PatchStore, open_store
 
 
-def describe_store(store: PatchStore) -> dict:
-    """Counts, label balance per split, duplicates within splits and patches shared across splits."""
+def describe_store(store: PatchStore | Path | str) -> dict:
+    """Counts, label balance per split, duplicates within splits and patches shared across splits.
+
+    `store` is an open PatchStore or the store's folder.
+    """
+    if isinstance(store, (str, os.PathLike)):
+        store = open_store(Path(store))
     splits = {}
     splits_by_sha1: dict[str, set[str]] = defaultdict(set)
     for split, counts in split_counts(store.labels, store.splits).items():

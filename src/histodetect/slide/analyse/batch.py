@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ...errors import UserError
 from ...outputs import check_folder_location, unique_name
-from ...predict import LoadedRun, write_csv_atomic
+from ...predict import LoadedRun, check_run, write_csv_atomic
 from ..reader import has_slide_suffix, slide_stem
 from .config import SlideConfig, SlidesReport
 from .pipeline import analyse_slide
@@ -38,13 +39,17 @@ def find_slides(inputs: list[str | Path]) -> list[Path]:
     return found
 
 
-def analyse_slides(run: LoadedRun, inputs: list[str | Path], out: Path, config: SlideConfig | None = None, *,
+def analyse_slides(run: LoadedRun, inputs: str | Path | list[str | Path], out: Path | str, config: SlideConfig | None = None, *,
                    overwrite: bool = False, progress: bool = True) -> SlidesReport:
     """Analyse one slide into `out`, or several (folders, patterns) into `out/NAME/` plus `out/slides.csv`.
 
     With several slides, one that fails is recorded (in the report and the table)
     and the others go on; slides already done with the same settings are reused.
+    `inputs` is one slide, folder or pattern, or a list of them.
     """
+    run = check_run(run)
+    if isinstance(inputs, (str, os.PathLike)):  # one slide, not a list of its characters
+        inputs = [inputs]
     config = config or SlideConfig()
     check_folder_location(out)
     slides = find_slides(inputs)

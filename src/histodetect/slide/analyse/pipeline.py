@@ -10,7 +10,7 @@ import numpy as np
 
 from ...errors import UserError
 from ...outputs import WRITE_ERRNOS, naming_write_errors
-from ...predict import LoadedRun
+from ...predict import LoadedRun, check_run
 from ..outputs import region_features
 from ..reader import SlideReader, open_slide, read_downsampled
 from ..tiling import mask_downsample, plan_blocks, plan_grid, tile_tissue_fractions
@@ -38,7 +38,10 @@ def analyse_slide(run: LoadedRun, slide_path: Path, out_dir: Path, config: Slide
     overlay.png, regions.geojson, tiles.csv (x, y = top-left in level-0 px, level,
     prob) and summary.json. A slide without tissue gives empty results, not an error.
     """
+    run = check_run(run)
     config = config or SlideConfig()
+    if not isinstance(config, SlideConfig):
+        raise UserError(f"config: expected a SlideConfig (e.g. SlideConfig(stride_px=48)), found {type(config).__name__}")
     started = time.perf_counter()
     slide_path, out_dir = Path(slide_path), Path(out_dir)
     check_config(config, 0.5 if config.threshold is None else config.threshold)

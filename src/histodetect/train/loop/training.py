@@ -26,7 +26,14 @@ from ...augment import augment_batch, check_blur_fits, mixup_batch, tta_view_cou
 from ...data.store import MANIFEST_FILE, is_store, open_store
 from ...errors import UserError
 from ...models import create_model
-from ...presets import TrainConfig, check_train_config, parse_progressive_crop, scheduled_crop, training_crop_sizes
+from ...presets import (
+    TrainConfig,
+    check_config_types,
+    check_train_config,
+    parse_progressive_crop,
+    scheduled_crop,
+    training_crop_sizes,
+)
 from ..batches import DeviceBatches
 from ..checkpoint import CHECKPOINT_FORMAT, RUN_FILE, load_checkpoint, package_versions, read_run, save_atomic, write_text_atomic
 from ..device import bf16_is_fast, init_distributed, resolve_device
@@ -57,8 +64,21 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
     With `overwrite`, an earlier run at `out` is replaced once the new one has started.
     `stop_after_epochs` ends the process early as a kill would (tests use it).
     `resume_settings` changes RESUME_SETTINGS for a resumed run (e.g. a smaller
-    val_batch_size after validation ran out of GPU memory).
+    val_batch_size after validation ran out of GPU memory). `cfg.threads` holds while
+    fit runs: torch's thread count is restored when it returns or raises, so that what
+    a notebook runs next keeps its own.
     """
+    threads = torch.get_num_threads()
+    try:
+        return _fit(cfg, data, out, overwrite=overwrite, resume=resume, preset=preset, progress=progress,
+                    stop_after_epochs=stop_after_epochs, resume_settings=resume_settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(cfg: TrainConfig | None, data: Path | None, out: Path, *, overwrite: bool, resume: bool,
+         preset: str | None, progress: bool, stop_after_epochs: int | None, resume_settings: dict | None) -> FitResult:
+    """fit() without restoring torch's thread count."""
     out = Path(out)
     checkpoint = None
     if resume:
@@ -84,11 +104,14 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
                                 "store moved, pass --data with where it is now")
         data = Path(data)
     else:
+        if not isinstance(cfg, TrainConfig):
+            raise UserError(f"cfg: expected a TrainConfig (e.g. preset_config('cpu', epochs=2)), found {type(cfg).__name__}")
         _check_run_folder(out, overwrite, {"--data": data, "--weights": cfg.weights or None})
         if cfg.weights:  # a resume may start from another folder
             cfg = dataclasses.replace(cfg, weights=str(Path(cfg.weights).resolve()))
         saved_cfg = cfg
     # Every setting is checked before anything is written.
+    check_config_types(cfg)
     crop_stages = parse_progressive_crop(cfg.progressive_crop)
     augment_cfg = cfg.augment()
     if cfg.blur_sigma:  # the smallest training crop, before anything is written
