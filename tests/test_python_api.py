@@ -108,6 +108,20 @@ def test_one_input_path_is_a_list_of_one_not_of_its_characters():
         input_paths(["a", 3])
 
 
+def test_any_iterable_of_input_paths_is_a_list_of_them(tmp_path):
+    # Path.glob's generator and a numpy array of names were scored as inputs before input_paths
+    # existed; only a str was split into its letters.
+    from histodetect.predict import input_paths
+
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).touch()
+    assert sorted(input_paths(tmp_path.glob("*.png"))) == [tmp_path / "a.png", tmp_path / "b.png"]
+    assert input_paths(np.array(["a.png", "b.png"])) == [Path("a.png"), Path("b.png")]
+    assert input_paths({"a.png": 1}.keys()) == [Path("a.png")]
+    with pytest.raises(UserError, match=r"^inputs: expected a path or a list of paths .*, found int 3$"):
+        input_paths(3)
+
+
 def test_a_cam_result_prints_its_shapes_not_its_numbers():
     from histodetect.explain import CamResult
 

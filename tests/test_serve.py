@@ -1041,7 +1041,36 @@ def test_the_page_is_usable_from_the_keyboard_and_counts_each_batch_on_its_own(b
     WebDriverWait(browser, 10).until(lambda d: status.text.startswith("Scored"))
     assert status.text == "Scored 1 patch.", "the earlier batch's failure is not counted again"
 
+    # An emptied bound is no bound, not 0. Erased by keys as a user would: clear() fires no
+    # input event, so the page would never filter and the check could not fail.
     high = browser.find_element(By.ID, "max-prob")
-    high.clear()  # an emptied bound is no bound, not 0
+    high.send_keys(Keys.CONTROL, "a")
     high.send_keys(Keys.BACKSPACE)
-    WebDriverWait(browser, 10).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.result")) == 3)
+    assert high.get_attribute("value") == ""
+    assert browser.find_element(By.ID, "shown").text == "3 of 3 shown"
+
+
+def test_clear_while_scoring_stops_that_batch_and_the_next_pick_stands_alone(browser, live_server, patch_files):
+    # It went on sending the rest, so a cleared page filled again, said 'Scored 4 patches.' with
+    # 3 shown, and a pick after Clear waited for the cleared files and landed among them.
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(live_server + "/")
+    WebDriverWait(browser, 30).until(lambda d: "histo_tinynet" in d.find_element(By.ID, "model-card").text)
+    # One file a request, each answer held back 0.5 s: Clear lands while the batch is scoring.
+    browser.execute_script("""
+      state.limits.max_files = 1;
+      const send = window.fetch;
+      window.fetch = (url, options) => send(url, options).then(
+        (response) => new Promise((resolve) => setTimeout(() => resolve(response), 500)));
+    """)
+    browser.find_element(By.ID, "file-input").send_keys("\n".join(str(path) for path in patch_files[:4]))
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr.result"))
+    browser.find_element(By.ID, "clear").click()
+    browser.find_element(By.ID, "file-input").send_keys(str(patch_files[5]))
+    status = browser.find_element(By.ID, "status")
+    WebDriverWait(browser, 30).until(lambda d: status.text.startswith("Scored"))
+    assert status.text == "Scored 1 patch."
+    rows = browser.find_elements(By.CSS_SELECTOR, "tr.result")
+    assert [row.get_attribute("data-name") for row in rows] == [patch_files[5].name]

@@ -30,6 +30,7 @@ from histodetect.train import (
     load_checkpoint,
     preset_config,
     sam_second_pass,
+    save_atomic,
     training_loss,
 )
 from conftest import copy_patches
@@ -1395,3 +1396,20 @@ def test_a_loaded_run_names_its_folder_after_a_chdir(trained_run, monkeypatch, t
     run = load_run(trained_run.name)
     monkeypatch.chdir(tmp_path)
     assert run.run_dir == trained_run and (run.run_dir / "run.json").is_file()
+
+
+def test_a_run_started_with_a_float_epoch_count_still_resumes(small_store, tmp_path):
+    """Before check_config_types, preset_config(epochs=2.0) trained: its run must resume, not be refused."""
+    run = tmp_path / "run"
+    fit(preset_config("cpu", **TINY), small_store, run, progress=False, stop_after_epochs=1)
+    last = run / "checkpoints" / "last.pt"
+    checkpoint = load_checkpoint(last)
+    checkpoint["config"]["epochs"] = 2.0  # as the older version wrote it
+    save_atomic(checkpoint, last)
+    run_json = json.loads((run / "run.json").read_text())
+    run_json["config"]["epochs"] = 2.0
+    (run / "run.json").write_text(json.dumps(run_json))
+    with pytest.raises(UserError, match=r"^--val-batch-size '64': expected an int, found str$"):
+        fit(None, None, run, resume=True, progress=False, resume_settings={"val_batch_size": "64"})
+    result = fit(None, None, run, resume=True, progress=False)
+    assert result.epochs_run == 2

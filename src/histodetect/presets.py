@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -183,9 +184,14 @@ _FIELD_TYPES = {
 }
 
 
-def check_config_types(cfg: TrainConfig) -> None:
-    """Refuse a value of another type than its TrainConfig field's (e.g. epochs="2") in one line naming it."""
+def check_config_types(cfg: TrainConfig, names: Collection[str] | None = None) -> None:
+    """Refuse a value of another type than its TrainConfig field's (e.g. epochs="2") in one line naming it.
+
+    `names` limits the check to those fields (None: all of them).
+    """
     for f in fields(TrainConfig):
+        if names is not None and f.name not in names:
+            continue
         value = getattr(cfg, f.name)
         allowed, expected = _FIELD_TYPES[f.type]
         if not allowed(value):

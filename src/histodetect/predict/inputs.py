@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +26,17 @@ class InputChunk:
     labels: np.ndarray  # (N,) int8, UNLABELLED where unknown
 
 
-def input_paths(inputs: Path | str | list[Path | str]) -> list[Path]:
-    """The inputs as a list of paths: one path (str or Path) is a list of one, not of its characters."""
+def input_paths(inputs: Path | str | Iterable[Path | str]) -> list[Path]:
+    """The inputs as a list of paths: one path (str or Path) is a list of one, not of its characters.
+
+    Any iterable of paths is a list of them: Path.glob's generator, a numpy array of str, a set.
+    """
     if isinstance(inputs, (str, os.PathLike)):
         return [Path(inputs)]
-    items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    try:
+        items = list(inputs)
+    except TypeError:  # not iterable: named below as what was found
+        items = [inputs]
     wrong = [item for item in items if not isinstance(item, (str, os.PathLike))]
     if wrong:
         raise UserError(f"inputs: expected a path or a list of paths (files, folders, stores), found "

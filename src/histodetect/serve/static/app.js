@@ -12,6 +12,7 @@ const state = {
   card: null,
   scoring: Promise.resolve(), // one batch of files at a time: a second pick waits for the first
   batch: 0, // the batch being scored; its rows carry it, for the status line's counts
+  generation: 0, // Clear starts a new one: files picked before it are no longer sent or shown
 };
 const $ = (selector) => document.querySelector(selector);
 
@@ -91,7 +92,7 @@ function addRow(item, result, error, answer = { threshold: state.threshold, tta:
 }
 
 // Sends the files; false when the server did not answer at all (stopped, or the network is down).
-async function postChunk(items, query) {
+async function postChunk(items, query, cleared) {
   const form = new FormData();
   for (const item of items) form.append("files", item.file, item.file.name);
   let response;
@@ -110,12 +111,14 @@ async function postChunk(items, query) {
     const before = $("#status").textContent;
     setStatus(`The server is busy; trying again in ${seconds} s…`);
     await new Promise((resolve) => setTimeout(resolve, 1000 * seconds));
+    if (cleared()) return true;
     setStatus(before);
-    return postChunk(items, query);
+    return postChunk(items, query, cleared);
   } else if (items.length > 1 && response.status < 500) {
     // One bad file refuses the whole request: score the files one by one to find it.
     for (const [i, item] of items.entries()) {
-      if (!(await postChunk([item], query))) {
+      if (cleared()) return true;
+      if (!(await postChunk([item], query, cleared))) {
         items.slice(i + 1).forEach((rest) => addRow(rest, null, "not sent: the server stopped answering"));
         return false;
       }
@@ -126,7 +129,7 @@ async function postChunk(items, query) {
   return true;
 }
 
-async function scoreFiles(items) {
+async function scoreFiles(items, generation) {
   if (!items.length) {
     setStatus("No patch images (.png, .jpg, .tif) found there.", true);
     return;
@@ -134,6 +137,7 @@ async function scoreFiles(items) {
   const query = new URLSearchParams({ tta: $("#tta").value, overlay: String($("#overlay").checked) });
   const chunks = chunksOf(items);
   const batch = ++state.batch;
+  const cleared = () => state.generation !== generation;
   let done = 0;
   let answered = true;
   for (const chunk of chunks) {
@@ -142,9 +146,16 @@ async function scoreFiles(items) {
       continue;
     }
     setStatus(`Scoring ${done + 1}-${done + chunk.length} of ${items.length} patches…`);
-    answered = await postChunk(chunk, query);
+    answered = await postChunk(chunk, query, cleared);
+    if (cleared()) break;
     done += chunk.length;
     render();
+  }
+  if (cleared()) { // Clear was pressed while this batch was scoring: drop what came back since, unshown
+    for (const row of state.rows) if (row.url) URL.revokeObjectURL(row.url);
+    state.rows = [];
+    setStatus("");
+    return;
   }
   render();
   const failed = state.rows.filter((row) => row.batch === batch && row.error).length;
@@ -155,7 +166,8 @@ async function scoreFiles(items) {
 }
 
 function enqueue(items) {
-  const run = () => scoreFiles(items);
+  const generation = state.generation;
+  const run = () => (state.generation === generation ? scoreFiles(items, generation) : undefined);
   state.scoring = state.scoring.then(run, run);
   return state.scoring;
 }
@@ -298,6 +310,7 @@ function downloadCsv() {
 }
 
 function clearRows() {
+  state.generation += 1;
   state.rows.forEach((row) => row.url && URL.revokeObjectURL(row.url));
   state.rows = [];
   render();

@@ -110,8 +110,9 @@ def _fit(cfg: TrainConfig | None, data: Path | None, out: Path, *, overwrite: bo
         if cfg.weights:  # a resume may start from another folder
             cfg = dataclasses.replace(cfg, weights=str(Path(cfg.weights).resolve()))
         saved_cfg = cfg
-    # Every setting is checked before anything is written.
-    check_config_types(cfg)
+    # Every setting is checked before anything is written. A resume checks the types of only what
+    # it changes: the rest were accepted when the run started (epochs=2.0 was, before this check).
+    check_config_types(cfg, names=set(resume_settings or ()) if resume else None)
     crop_stages = parse_progressive_crop(cfg.progressive_crop)
     augment_cfg = cfg.augment()
     if cfg.blur_sigma:  # the smallest training crop, before anything is written
