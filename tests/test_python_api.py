@@ -55,6 +55,9 @@ def test_the_readmes_python_example_runs_on_real_patches(pcam_jpeg, tmp_path, mo
     assert np.array_equal(mine, store.read_batch(np.asarray(rows)))
     assert np.abs(namespace["mine_probs"] - namespace["predict_patches"](run, store.read_batch(rows))).max() < 0.03
     assert "histo_tinynet" in repr(run) and "Conv2d" not in repr(run), "a short repr, not the whole network"
+    assert repr(store).endswith("patches=128, splits={'train': 96, 'valid': 32}, fingerprint="
+                                f"{store.fingerprint[:12]!r})"), "not <PatchStore object at 0x...>"
+    assert repr(namespace["result"]).endswith("history=[2 epochs])"), "not every epoch's metrics"
 
 
 @pytest.mark.parametrize(("given", "found", "fix"), [

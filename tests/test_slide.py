@@ -541,6 +541,20 @@ def test_an_interrupted_run_leaves_no_result_and_the_rerun_resumes(trained_run, 
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+def test_a_result_is_reused_only_by_the_same_engine_and_precision(trained_run, slide_path, analysed, tmp_path):
+    # Scores in float32, or through an export, differ a little from bf16's: a result made by one was reused by another.
+    from histodetect.export import export_run, load_exported_run
+
+    out = tmp_path / "node"
+    shutil.copytree(analysed.out_dir, out)
+    assert analyse_slide(trained_run, slide_path, out, SlideConfig(), progress=False).reused
+    fp32 = load_run(trained_run.run_dir, device="cpu", fp32=True)
+    export_run(trained_run.run_dir, out=tmp_path / "model.onnx")
+    for other in (fp32, load_exported_run(tmp_path / "model.onnx")):
+        with pytest.raises(UserError, match=r"node: already holds a slide result from other settings; pass --overwrite"):
+            analyse_slide(other, slide_path, out, SlideConfig(), progress=False)
+
+
 def test_a_slide_without_tissue_gives_an_empty_result_and_says_so(trained_run, tmp_path):
     rng = np.random.default_rng(0)
     glass = (GLASS + rng.integers(-4, 5, (768, 768, 3))).astype(np.uint8)

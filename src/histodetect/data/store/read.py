@@ -75,6 +75,10 @@ class PatchStore:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __repr__(self) -> str:
+        counts = {split: int((self.splits == split).sum()) for split in self.split_names}
+        return f"PatchStore({str(self.path)!r}, patches={len(self)}, splits={counts}, fingerprint={self.fingerprint[:12]!r})"
+
     @property
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]

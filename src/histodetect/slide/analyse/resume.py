@@ -27,9 +27,15 @@ def _settings_key(run: LoadedRun, slide_path: Path, config: SlideConfig, thresho
     slide_stat = slide_path.stat()
     weights = run.run_dir / "checkpoints" / "best.pt"
     weights_stat = weights.stat() if weights.exists() else None
+    # What computes the scores: an export (ONNX Runtime, TorchScript) or PyTorch in bf16 or float32
+    # score alike but not identically, so one's results are not another's.
+    exported = getattr(run.model, "exported", None)
+    engine = ([str(exported.path.resolve()), exported.path.stat().st_mtime_ns] if exported is not None
+              else ["torch", bool(run.bf16)])
     settings = {
         "slide": [str(slide_path.resolve()), slide_stat.st_size, slide_stat.st_mtime_ns],
         "run": [str(run.run_dir.resolve()), weights_stat and weights_stat.st_mtime_ns],
+        "engine": engine,
         "config": {k: v for k, v in asdict(config).items() if k not in ("workers", "batch_size")},
         "threshold": threshold, "temperature": run.temperature, "version": __version__,
     }

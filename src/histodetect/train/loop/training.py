@@ -49,7 +49,11 @@ class FitResult:
     best_auc: float
     epochs_run: int
     stopped_because: str
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # metrics.csv's rows, one per epoch
+
+    def __repr__(self) -> str:  # the dataclass's printed every epoch's metrics
+        return (f"FitResult(run_dir={str(self.run_dir)!r}, best_auc={self.best_auc:.4f}, epochs_run={self.epochs_run}, "
+                f"stopped_because={self.stopped_because!r}, history=[{len(self.history)} epochs])")
 
 
 def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, resume: bool = False,
