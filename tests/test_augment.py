@@ -181,8 +181,10 @@ def test_tta_views_are_the_dihedral_views_of_each_moved_crop_and_smaller_ttas_ar
 def test_moved_crop_views_need_a_run_trained_on_a_shifted_crop_and_crops_that_fit() -> None:
     check_tta(8, crop_px=0, shift_px=0, source="runs/whole")  # dihedral views need nothing
     check_tta(72, crop_px=88, shift_px=4, source="runs/default")
-    with pytest.raises(UserError, match=r"^--tta '8': expected one of 1, 4, 8, 40, 72, found str$"):
+    with pytest.raises(UserError, match=r"^--tta '8': expected an int, found str$"):
         check_tta("8", crop_px=88, shift_px=4, source="runs/default")  # read as "--tta 8: expected one of ..., 8"
+    with pytest.raises(UserError, match=r"^--tta True: expected an int, found bool$"):
+        check_tta(True, crop_px=88, shift_px=4, source="runs/default")  # was 1 view
     with pytest.raises(UserError, match=r"--tta 40: runs/whole was trained without a shifted crop "
                                         r"\(crop_px 0, shift_px 0\).*use --tta 8"):
         check_tta(40, crop_px=0, shift_px=0, source="runs/whole")

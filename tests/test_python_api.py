@@ -11,8 +11,22 @@ import torch
 from PIL import Image
 
 from conftest import copy_patches
+from histodetect.data.store import prepare
+from histodetect.data.synthetic import write_synthetic
 from histodetect.errors import UserError
-from histodetect.predict import check_patches
+from histodetect.evaluate import evaluate_run
+from histodetect.export import load_exported_run
+from histodetect.predict import (
+    LoadedRun,
+    check_patches,
+    load_run,
+    predict_logits,
+    predict_patches,
+    predict_samples,
+    predict_to_csv,
+)
+from histodetect.serve import ServeConfig
+from histodetect.slide import SlideConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -132,3 +146,61 @@ def test_a_cam_result_prints_its_shapes_not_its_numbers():
         (8, 288, 288, 3), np.uint8), layer="stages.3")
     assert repr(result) == ("CamResult(cams=float32 (8, 96, 96), probs=float64 (8,), "
                             "overlays=uint8 (8, 288, 288, 3), layer='stages.3')")
+
+
+def _identity_run() -> LoadedRun:
+    return LoadedRun(run_dir=Path("/runs/a"), model=torch.nn.Identity(), device=torch.device("cpu"), mean=(0, 0, 0),
+                     std=(1, 1, 1), crop_px=0, temperature=1.0, config={}, run={})
+
+
+_PATCHES = np.zeros((2, 96, 96, 3), np.uint8)
+
+
+# Each call got a TypeError or AttributeError from deep inside (or, for n_boot, one after the scoring);
+# True was a batch of 1 and 100.0 patches a numpy error. The run folders need not exist: the options come first.
+@pytest.mark.parametrize("case", [
+    (lambda run, tmp: load_run(tmp / "run", threads="2"), "--threads '2': expected an int, found str"),
+    (lambda run, tmp: predict_patches(run, _PATCHES, batch_size="64"), "--batch-size '64': expected an int, found str"),
+    (lambda run, tmp: predict_logits(run, _PATCHES, batch_size="64"), "--batch-size '64': expected an int, found str"),
+    (lambda run, tmp: predict_samples(run, _PATCHES, batch_size="64"), "--batch-size '64': expected an int, found str"),
+    (lambda run, tmp: predict_patches(run, _PATCHES, batch_size=True), "--batch-size True: expected an int, found bool"),
+    (lambda run, tmp: predict_to_csv(run, tmp, tmp / "p.csv", tta="8"), "--tta '8': expected an int, found str"),
+    (lambda run, tmp: predict_to_csv(run, tmp, tmp / "p.csv", review_above="0.5"),
+     "--review-above '0.5': expected a number, found str"),
+    (lambda run, tmp: predict_to_csv(run, tmp, tmp / "p.csv", mc_passes="20"), "--mc '20': expected an int, found str"),
+    (lambda run, tmp: predict_to_csv(run, tmp, tmp / "p.csv", review_by=["doubt"]),
+     "--review-by ['doubt']: expected one of doubt, entropy, tta_sd, mc_sd"),
+    (lambda run, tmp: predict_to_csv(run, tmp, tmp / "p.csv", seed="1"), "--seed '1': expected an int, found str"),
+    (lambda run, tmp: prepare(tmp, tmp / "store", workers="2"), "--workers '2': expected an int, found str"),
+    (lambda run, tmp: prepare(tmp, tmp / "store", valid_fraction="0.1"),
+     "--valid-fraction '0.1': expected a number, found str"),
+    (lambda run, tmp: write_synthetic(tmp / "synth", "100"), "--n '100': expected an int, found str"),
+    (lambda run, tmp: write_synthetic(tmp / "synth", 100.0), "--n 100.0: expected an int, found float"),
+    (lambda run, tmp: write_synthetic(tmp / "synth", 100, seed="1"), "--seed '1': expected an int, found str"),
+    (lambda run, tmp: write_synthetic(tmp / "synth", 100, splits=["train", "valid"]),
+     ("splits=['train', 'valid']: expected a mapping of split names to fractions, found list; pass e.g. "
+      "{'train': 0.8, 'valid': 0.2}.")),
+    (lambda run, tmp: evaluate_run(tmp / "run", n_boot="100"), "--bootstrap '100': expected an int, found str"),
+    (lambda run, tmp: evaluate_run(tmp / "run", tta="8"), "--tta '8': expected an int, found str"),
+    (lambda run, tmp: SlideConfig(stride_px="48"), "--stride '48': expected an int, found str"),
+    (lambda run, tmp: SlideConfig(tta=True), "--tta True: expected an int, found bool"),
+    (lambda run, tmp: ServeConfig(max_files="8"), "--max-files '8': expected an int, found str"),
+    (lambda run, tmp: load_exported_run(tmp / "run", threads="1"), "--threads '1': expected an int, found str"),
+], ids=lambda case: case[1].split(":")[0])
+def test_an_option_of_the_wrong_type_is_refused_in_one_line_naming_it(case, tmp_path):
+    call, message = case
+    with pytest.raises(UserError, match=rf"^{re.escape(message)}$"):
+        call(_identity_run(), tmp_path)
+
+
+def test_numpy_numbers_are_taken_as_pythons_where_they_are_stored_in_json(pcam_jpeg, tmp_path):
+    # A sweep's np.arange: a SlideConfig goes into summary.json, a ServeConfig into /api/info, a seed
+    # into a store's manifest; numpy's int64 could not (prepare failed after decoding every patch).
+    import json
+
+    config = SlideConfig(stride_px=np.int64(48), roi=[0, 0, np.int64(96), 96], threshold=np.float32(0.5))
+    assert (type(config.stride_px), config.roi, type(config.threshold)) == (int, (0, 0, 96, 96), float)
+    assert type(ServeConfig(max_files=np.int64(8)).max_files) is int
+    src = copy_patches(pcam_jpeg, tmp_path / "src", {"train": 8})
+    prepare(src, tmp_path / "store", seed=np.int64(3), workers=np.int64(1), progress=False)
+    assert json.loads((tmp_path / "store" / "manifest.json").read_text())["options"]["seed"] == 3

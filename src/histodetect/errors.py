@@ -1,4 +1,4 @@
-"""The one exception type for user mistakes.
+"""The one exception type for user mistakes, and the type checks of the options a function takes.
 
 A `UserError` carries one line that names the file (or flag) and says what was
 expected, what was found and how to fix it. The CLI prints it without a
@@ -6,6 +6,27 @@ traceback and exits with status 2; the web service answers 4xx with it.
 Everything else is a bug and is left to propagate.
 """
 
+from __future__ import annotations
+
+import numbers
+
 
 class UserError(Exception):
     """A mistake in the user's input: a bad file, flag, or combination of them."""
+
+
+# From Python, a str "8", a float or True where a count goes failed deep inside as a TypeError,
+# or ran (True as 1). numpy's numbers (a sweep's np.arange) are taken, as Python's: as they were,
+# numpy's ints could not go into a JSON file (a store's manifest, metrics.json, summary.json).
+def check_int(flag: str, value) -> int:
+    """`value` as an int, else a UserError naming `flag` (e.g. `--tta '8': expected an int, found str`)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise UserError(f"{flag} {value!r}: expected an int, found {type(value).__name__}")
+    return int(value)
+
+
+def check_number(flag: str, value) -> int | float:
+    """`value` as an int or float, else a UserError naming `flag` (a bool and a str are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UserError(f"{flag} {value!r}: expected a number, found {type(value).__name__}")
+    return int(value) if isinstance(value, numbers.Integral) else float(value)

@@ -35,6 +35,7 @@ from .errors import UserError
 from .outputs import check_output_file
 from .predict import (
     LoadedRun,
+    check_threads,
     iter_inputs,
     load_run,
     predict_patches,
@@ -198,7 +199,7 @@ def load_exported_run(path: Path, *, threads: int = 0) -> LoadedRun:
     `predict_patches`, `predict_to_csv` and the rest of predict work on it unchanged;
     they run on the CPU.
     """
-    exported = ExportedModel(exported_path(path), threads=threads)
+    exported = ExportedModel(exported_path(path), threads=check_threads(threads))
     meta = exported.metadata
     _check_export_is_current(exported.path, meta)
     return LoadedRun(

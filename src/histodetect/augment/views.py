@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import UserError
+from ..errors import UserError, check_int
 from .batch import preprocess_batch
 from .geometry import _dihedral
 
@@ -44,9 +44,9 @@ def tta_crop_offsets(n_views: int, shift_px: int) -> list[tuple[int, int]]:
     down, left and right; 72 add the four diagonal moves too: the corners and edge
     midpoints of the square a training crop's centre wanders over (`shift_px`).
     """
-    if n_views not in TTA_VIEW_COUNTS:  # repr: a str "8" read as --tta 8 in the message
-        raise UserError(f"--tta {n_views!r}: expected one of {', '.join(map(str, TTA_VIEW_COUNTS))}"
-                        + ("" if isinstance(n_views, int) else f", found {type(n_views).__name__}"))
+    # A str "8" read as --tta 8 in the message, and True was 1 view.
+    if check_int("--tta", n_views) not in TTA_VIEW_COUNTS:
+        raise UserError(f"--tta {n_views}: expected one of {', '.join(map(str, TTA_VIEW_COUNTS))}")
     s = shift_px
     offsets = [(0, 0)]
     if n_views >= 40:

@@ -6,17 +6,20 @@ import math
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, check_int
 
 
-def check_seed(seed: int) -> None:
+def check_seed(seed: int) -> int:
     """Refuse a --seed numpy or torch cannot take or tell apart (prepare's split, predict's MC masks).
 
     numpy's seeds stop at 2**32; torch's CPU generator keeps 32 bits of its seed (--seed
     4294967296 drew the masks of --seed 0) and raised a traceback from 2**64 on.
+    Returns it as an int (numpy's ints could not go into a store's manifest).
     """
+    seed = check_int("--seed", seed)
     if not 0 <= seed < 2**32:
         raise UserError(f"--seed {seed}: expected an integer in [0, 2**32), e.g. --seed 0")
+    return seed
 
 
 def make_validation_split(labels: np.ndarray, slides: list[str], fraction: float, seed: int) -> np.ndarray:

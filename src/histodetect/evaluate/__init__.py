@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data.splits import check_seed
-from ..errors import UserError
+from ..errors import UserError, check_int
 from ..outputs import check_output_folder, naming_write_errors, replace_folder
 from .metrics import (
     accuracy_coverage,
@@ -117,7 +117,12 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
         uncertainty_measures,
     )
 
-    check_seed(seed)
+    # Before loading and scoring (minutes): n_boot was first read by the bootstrap after them. As
+    # Python's ints, as metrics.json holds tta and mc_passes (numpy's failed there, after the scoring).
+    tta, mc_passes, n_boot = check_int("--tta", tta), check_int("--mc", mc_passes), check_int("--bootstrap", n_boot)
+    if n_boot < 1:
+        raise UserError(f"--bootstrap {n_boot}: expected at least 1 resample of the AUC interval, e.g. --bootstrap 1000")
+    seed = check_seed(seed)
     run = load_run(run_dir, device=device, fp32=fp32)
     store = open_store(data or Path(run.run["data"]["path"]))
     if split is None:

@@ -31,7 +31,14 @@ from .inference import (
     sample_probabilities,
 )
 from .inputs import InputChunk, input_paths, iter_inputs, open_inputs
-from .run import LoadedRun, check_run, load_run, run_folder, run_thresholds
+from .run import (
+    LoadedRun,
+    check_run,
+    check_threads,
+    load_run,
+    run_folder,
+    run_thresholds,
+)
 from .uncertainty import (
     DEFAULT_UNCERTAINTY,
     MAX_MC_PASSES,
@@ -44,8 +51,8 @@ from .uncertainty import (
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "DEFAULT_UNCERTAINTY", "MAX_MC_PASSES", "UNCERTAINTY_COLUMNS", "InputChunk", "LoadedRun",
-    "check_batch_size", "check_patches", "check_run", "entropy_bits", "has_dropout", "input_paths", "iter_inputs",
-    "load_run", "mc_dropout", "mean_over_samples", "open_inputs",
+    "check_batch_size", "check_patches", "check_run", "check_threads", "entropy_bits", "has_dropout", "input_paths",
+    "iter_inputs", "load_run", "mc_dropout", "mean_over_samples", "open_inputs",
     "predict_logits", "predict_patches", "predict_samples", "predict_to_csv", "probabilities", "run_folder", "run_thresholds",
     "sample_probabilities", "uncertainty_measures", "write_csv_atomic",
 ]

@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data.splits import check_seed
-from ..errors import UserError
+from ..errors import UserError, check_number
 from ..outputs import check_output_file, write_file_atomic
 from ..train import RUN_FILE
 from .inference import (
@@ -64,9 +64,12 @@ def _check_unique_ids(rows: list[tuple], inputs: list[Path], kaggle_submission: 
                   "name in two inputs; predict them into separate CSVs to tell them apart", stacklevel=3)
 
 
-def _check_review(review_above: float | None, review_by: str, tta: int, mc_passes: int) -> None:
+def _check_review(review_above: float | None, review_by: str, tta: int, mc_passes: int) -> float | None:
+    """`review_above` as a number (or None), or a UserError naming --review-above or --review-by."""
+    if review_above is not None:
+        review_above = check_number("--review-above", review_above)
     needs = {"doubt": None, "entropy": None, "tta_sd": ("--tta 4 or more", tta > 1), "mc_sd": ("--mc N", mc_passes > 0)}
-    if review_by not in needs:
+    if not isinstance(review_by, str) or review_by not in needs:  # a list was a TypeError (unhashable)
         raise UserError(f"--review-by {review_by!r}: expected one of {', '.join(needs)}")
     if review_above is None and review_by != "doubt":  # it only chooses what --review-above compares: alone it did nothing
         raise UserError(f"--review-by {review_by}: it picks the uncertainty --review-above compares; add "
@@ -77,6 +80,7 @@ def _check_review(review_above: float | None, review_by: str, tta: int, mc_passe
     if review_above is not None and not 0 <= review_above <= 1:
         raise UserError(f"--review-above {review_above}: expected an uncertainty in [0, 1] "
                         f"(doubt, entropy in bits, or a probability spread), e.g. --review-above 0.5")
+    return review_above
 
 
 def _is_predict_csv(path: Path) -> bool:
@@ -114,10 +118,11 @@ def predict_to_csv(run: LoadedRun, inputs: Path | str | list[Path | str], out: P
               for f in (*folder.glob("*labels*.csv"), *folder.glob("*_meta.csv"))]
     check_output_file(out, is_ours=_is_predict_csv, protect=[
         run.run_dir / RUN_FILE, run.run_dir / "checkpoints", *(i for i in inputs if i.is_file()), *beside])
-    check_batch_size(batch_size)
-    _check_mc_passes(run, mc_passes)
-    check_seed(seed)
-    _check_review(review_above, review_by, tta, mc_passes)
+    batch_size = check_batch_size(batch_size)
+    run.check_tta(tta)
+    mc_passes = _check_mc_passes(run, mc_passes)
+    seed = check_seed(seed)
+    review_above = _check_review(review_above, review_by, tta, mc_passes)
     with_uncertainty = uncertainty or mc_passes > 0 or review_above is not None
     if kaggle_submission and (uncertainty or review_above is not None):
         raise UserError("--kaggle-submission writes exactly id,label; drop --uncertainty and --review-above "

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..data.decode import PATCH_SHAPE, PATCH_SIZE_PX
-from ..errors import UserError
+from ..errors import UserError, check_int
 from ..train import model_logits
 from .run import LoadedRun, check_run
 
@@ -53,9 +53,12 @@ def check_patches(patches_uint8) -> np.ndarray:
     raise UserError(f"patches_uint8: expected uint8 RGB patches (N, 96, 96, 3), found {found}; {fix}")
 
 
-def check_batch_size(batch_size: int) -> None:
+def check_batch_size(batch_size: int) -> int:
+    """`batch_size` as an int, or a UserError naming --batch-size."""
+    batch_size = check_int("--batch-size", batch_size)
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: expected a number of patches, 1 or more")
+    return batch_size
 
 
 def predict_logits(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1,
@@ -67,7 +70,7 @@ def predict_logits(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1,
     """
     run = check_run(run)
     run.check_tta(tta)
-    check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     patches_uint8 = check_patches(patches_uint8)
     return model_logits(run.model, patches_uint8, run.mean, run.std, run.crop_px, run.device, batch_size, tta=tta,
                         shift_px=run.shift_px, bf16=run.bf16, on_batch=on_batch)

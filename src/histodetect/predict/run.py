@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..augment import check_tta, tta_view_counts
-from ..errors import UserError
+from ..errors import UserError, check_int
 from ..models import create_model
 from ..presets import MAX_THREADS
 from ..train import RUN_FILE, Dist, load_checkpoint, read_run, resolve_device
@@ -113,6 +113,14 @@ def run_folder(run_dir: Path | str) -> Path:
     return Path(run_dir)
 
 
+def check_threads(threads: int) -> int:
+    """`threads` (torch's or ONNX Runtime's CPU threads; 0: one per core) as an int, or a UserError naming --threads."""
+    threads = check_int("--threads", threads)
+    if not 0 <= threads <= MAX_THREADS:
+        raise UserError(f"--threads {threads}: expected a count in [0, {MAX_THREADS}] (0: one per core)")
+    return threads
+
+
 def load_run(run_dir: Path | str, *, checkpoint: str = "best", device: str = "auto", threads: int = 0,
              fp32: bool = False) -> LoadedRun:
     """Load a run folder's `best` (or `last`) weights for inference; `fp32` turns bf16 autocast off.
@@ -120,8 +128,7 @@ def load_run(run_dir: Path | str, *, checkpoint: str = "best", device: str = "au
     The LoadedRun's `run_dir` is absolute, so that it still names the run after an `os.chdir`.
     """
     run_dir = run_folder(run_dir).absolute()
-    if not 0 <= threads <= MAX_THREADS:
-        raise UserError(f"--threads {threads}: expected a count in [0, {MAX_THREADS}] (0: one per core)")
+    threads = check_threads(threads)
     run = read_run(run_dir)
     state = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
     config = state["config"]

@@ -10,9 +10,15 @@ import numpy as np
 import torch
 
 from ..augment import tta_view_groups
-from ..errors import UserError
+from ..data.splits import check_seed
+from ..errors import UserError, check_int
 from ..train import bf16_is_fast
-from .inference import DEFAULT_BATCH_SIZE, check_patches, predict_logits
+from .inference import (
+    DEFAULT_BATCH_SIZE,
+    check_batch_size,
+    check_patches,
+    predict_logits,
+)
 from .run import LoadedRun, check_run
 
 # The uncertainty `--review-above` compares with and `evaluate` triages by: how
@@ -66,7 +72,9 @@ def mc_dropout(model: torch.nn.Module):
             module.training = training
 
 
-def _check_mc_passes(run: LoadedRun, mc_passes: int) -> None:
+def _check_mc_passes(run: LoadedRun, mc_passes: int) -> int:
+    """`mc_passes` as an int that `run` can make, or a UserError naming --mc."""
+    mc_passes = check_int("--mc", mc_passes)
     if mc_passes < 0 or mc_passes == 1:
         raise UserError(f"--mc {mc_passes}: expected 0 (off) or at least 2 MC-dropout passes, e.g. --mc 20")
     if mc_passes > MAX_MC_PASSES:
@@ -77,6 +85,7 @@ def _check_mc_passes(run: LoadedRun, mc_passes: int) -> None:
             f"drop_rate {run.config.get('drop_rate', 0)}) "
             "has no dropout to sample; drop --mc, or train with --drop-rate 0.2 or more"
         )
+    return mc_passes
 
 
 def _backbone_is_random(model: torch.nn.Module, views: torch.Tensor) -> bool:
@@ -127,7 +136,8 @@ def predict_samples(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1, 
     """
     run = check_run(run)
     run.check_tta(tta)
-    _check_mc_passes(run, mc_passes)
+    mc_passes = _check_mc_passes(run, mc_passes)
+    batch_size, seed = check_batch_size(batch_size), check_seed(seed)
     if not mc_passes:
         return predict_logits(run, patches_uint8, tta=tta, batch_size=batch_size, on_batch=on_batch)[:, None, :]
     patches_uint8 = check_patches(patches_uint8)

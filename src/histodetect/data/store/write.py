@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ... import __version__
-from ...errors import UserError
+from ...errors import UserError, check_int, check_number
 from ...outputs import WRITE_ERRNOS
 from ..decode import PATCH_SHAPE
 from ..formats import open_source
@@ -84,9 +84,12 @@ def prepare(
     """
     started = time.perf_counter()
     src, out = Path(src), Path(out)
+    # Python's numbers: the manifest stores valid_fraction and seed, and numpy's ints could not go into it.
+    valid_fraction = check_number("--valid-fraction", valid_fraction)
     if not 0 < valid_fraction < 1:
         raise UserError(f"--valid-fraction {valid_fraction}: expected a fraction between 0 and 1")
-    check_seed(seed)
+    seed = check_seed(seed)
+    workers = None if workers is None else check_int("--workers", workers)
     if workers is not None and not 0 <= workers <= MAX_WORKERS:
         raise UserError(f"--workers {workers}: expected 0 (one per core) to {MAX_WORKERS} decoding processes")
     # Resolved, so that '.' or 'stores/x/..' name the folder itself and its real parent.

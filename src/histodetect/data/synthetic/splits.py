@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import numpy as np
 
-from ...errors import UserError
+from ...errors import UserError, check_number
 from ..pcam_h5 import SPLITS as PCAM_SPLITS
 
 DEFAULT_SPLITS = {
@@ -18,6 +19,9 @@ _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 def _check_splits(splits: dict[str, float], n: int, format: str) -> None:
     """Raise a UserError unless `splits` are usable names with fractions that give every split patches."""
+    if not isinstance(splits, Mapping):  # a list of names failed as an AttributeError
+        raise UserError(f"splits={splits!r}: expected a mapping of split names to fractions, found "
+                        f"{type(splits).__name__}; pass e.g. {DEFAULT_SPLITS[format]}.")
     names = PCAM_SPLITS if format == "pcam_h5" else None
     for name in splits:
         if names is not None and name not in names:
@@ -25,12 +29,12 @@ def _check_splits(splits: dict[str, float], n: int, format: str) -> None:
                 f"splits: {name!r} is not a PCam split; the pcam_h5 layout names its files "
                 f"after {', '.join(names)}; use those names."
             )
-        if not _SPLIT_NAME.match(name):
+        if not isinstance(name, str) or not _SPLIT_NAME.match(name):
             raise UserError(
                 f"splits: split name {name!r} is not a plain folder name; use letters, "
                 "digits, '_' or '-' (e.g. 'train')."
             )
-    fractions = np.array(list(splits.values()), dtype=np.float64)
+    fractions = np.array([check_number(f"splits[{name!r}]", splits[name]) for name in splits], dtype=np.float64)
     if not splits or np.any(fractions <= 0) or abs(fractions.sum() - 1.0) > 1e-6:
         raise UserError(
             f"splits={splits}: expected positive fractions that sum to 1 (found sum "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import UserError
+from ...errors import UserError, check_int
 from ...outputs import naming_write_errors
 from ..decode import PATCH_SIZE_PX
 from ..formats import FORMATS
@@ -60,6 +60,8 @@ def write_synthetic(
     out = Path(out)
     if format not in FORMATS:
         raise UserError(f"--format {format!r}: unknown layout; expected one of {', '.join(FORMATS)}.")
+    # Its range is make_synthetic_patches' (a seed >= 0), checked before anything is written.
+    n, unlabelled, seed = check_int("--n", n), check_int("--unlabelled", unlabelled), check_int("--seed", seed)
     if n < 1:
         raise UserError(f"--n {n}: expected at least 1 patch; pass e.g. --n 1000.")
     if unlabelled < 0:

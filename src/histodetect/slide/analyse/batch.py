@@ -12,7 +12,7 @@ from ...errors import UserError
 from ...outputs import check_folder_location, unique_name
 from ...predict import LoadedRun, check_run, write_csv_atomic
 from ..reader import has_slide_suffix, slide_stem
-from .config import SlideConfig, SlidesReport
+from .config import SlideConfig, SlidesReport, check_config
 from .pipeline import analyse_slide
 
 SLIDES_TABLE = "slides.csv"
@@ -51,6 +51,7 @@ def analyse_slides(run: LoadedRun, inputs: str | Path | list[str | Path], out: P
     if isinstance(inputs, (str, os.PathLike)):  # one slide, not a list of its characters
         inputs = [inputs]
     config = config or SlideConfig()
+    check_config(config)  # once, not as every slide's failure
     check_folder_location(out)
     slides = find_slides(inputs)
     if len(inputs) == 1 and Path(inputs[0]).is_file():

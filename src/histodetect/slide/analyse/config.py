@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...augment import TTA_VIEW_COUNTS
-from ...errors import UserError
+from ...errors import UserError, check_int, check_number
 from ...predict import DEFAULT_BATCH_SIZE
 from ..tiling import PCAM_MPP
 
@@ -36,6 +36,11 @@ class SlideConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     workers: int = DEFAULT_WORKERS  # reading processes; 0 = read in the main process
 
+    def __post_init__(self) -> None:
+        # Where the options come in: a str "48" for stride_px failed in each slide's tiling,
+        # which analyse_slides recorded as every slide's failure.
+        check_config(self)
+
 
 @dataclass
 class SlideResult:
@@ -64,11 +69,41 @@ def parse_roi(text: str) -> tuple[int, int, int, int]:
     return values
 
 
-def check_config(config: SlideConfig, threshold: float) -> None:
-    """The options' ranges, checked before any work, as UserErrors naming the flag."""
+# The flag that sets each number, for the messages (target_mpp has none).
+_INT_OPTIONS = {"stride_px": "--stride", "tta": "--tta", "batch_size": "--batch-size", "workers": "--workers"}
+_NUMBER_OPTIONS = {"min_tissue_fraction": "--min-tissue", "target_mpp": "target_mpp", "mpp": "--mpp",
+                   "threshold": "--threshold"}
+
+
+def _check_types(config: SlideConfig) -> None:
+    """Refuse an option of another type (stride_px="48", True) in one line naming its flag.
+
+    numpy's numbers are replaced by Python's: summary.json and the settings key store the config.
+    """
+    for name, flag in _INT_OPTIONS.items():
+        setattr(config, name, check_int(flag, getattr(config, name)))
+    for name, flag in _NUMBER_OPTIONS.items():
+        if getattr(config, name) is not None or name not in ("mpp", "threshold"):
+            setattr(config, name, check_number(flag, getattr(config, name)))
+    if config.roi is not None:
+        if isinstance(config.roi, (str, bytes)) or not hasattr(config.roi, "__len__") or len(config.roi) != 4:
+            raise UserError(f"--roi {config.roi!r}: expected x, y, width, height in level-0 pixels, "
+                            f"e.g. roi=(20000, 15000, 4096, 4096)")
+        config.roi = tuple(check_int("--roi", v) for v in config.roi)
+
+
+def check_config(config: SlideConfig, threshold: float | None = None) -> None:
+    """The options' types and ranges, checked before any work, as UserErrors naming the flag.
+
+    `threshold` is checked in place of config.threshold when given.
+    """
+    if not isinstance(config, SlideConfig):
+        raise UserError(f"config: expected a SlideConfig (e.g. SlideConfig(stride_px=48)), found {type(config).__name__}")
+    _check_types(config)
+    threshold = config.threshold if threshold is None else check_number("--threshold", threshold)
     checks = [
         (config.tta in TTA_VIEW_COUNTS, f"--tta {config.tta}: expected one of {', '.join(map(str, TTA_VIEW_COUNTS))}"),
-        (0 <= threshold <= 1, f"--threshold {threshold}: expected a probability between 0 and 1"),
+        (threshold is None or 0 <= threshold <= 1, f"--threshold {threshold}: expected a probability between 0 and 1"),
         (0 <= config.min_tissue_fraction <= 1,
          f"--min-tissue {config.min_tissue_fraction}: expected a share of the tile between 0 and 1"),
         (config.batch_size >= 1, f"--batch-size {config.batch_size}: expected at least 1"),

@@ -40,11 +40,9 @@ def analyse_slide(run: LoadedRun, slide_path: Path, out_dir: Path, config: Slide
     """
     run = check_run(run)
     config = config or SlideConfig()
-    if not isinstance(config, SlideConfig):
-        raise UserError(f"config: expected a SlideConfig (e.g. SlideConfig(stride_px=48)), found {type(config).__name__}")
+    check_config(config)  # again: a field may have changed since the SlideConfig was made
     started = time.perf_counter()
     slide_path, out_dir = Path(slide_path), Path(out_dir)
-    check_config(config, 0.5 if config.threshold is None else config.threshold)
     run.check_tta(config.tta)
     threshold = run.threshold_for(config.tta) if config.threshold is None else config.threshold
     geometry = open_slide(slide_path, mpp=config.mpp)
