@@ -185,6 +185,8 @@ _PATCHES = np.zeros((2, 96, 96, 3), np.uint8)
     (lambda run, tmp: SlideConfig(stride_px="48"), "--stride '48': expected an int, found str"),
     (lambda run, tmp: SlideConfig(tta=True), "--tta True: expected an int, found bool"),
     (lambda run, tmp: ServeConfig(max_files="8"), "--max-files '8': expected an int, found str"),
+    (lambda run, tmp: ServeConfig(resize="no"), "--resize 'no': expected True or False, found str"),
+    (lambda run, tmp: prepare(tmp, tmp / "store", skip_bad="no"), "--skip-bad 'no': expected True or False, found str"),
     (lambda run, tmp: load_exported_run(tmp / "run", threads="1"), "--threads '1': expected an int, found str"),
 ], ids=lambda case: case[1].split(":")[0])
 def test_an_option_of_the_wrong_type_is_refused_in_one_line_naming_it(case, tmp_path):
@@ -194,13 +196,15 @@ def test_an_option_of_the_wrong_type_is_refused_in_one_line_naming_it(case, tmp_
 
 
 def test_numpy_numbers_are_taken_as_pythons_where_they_are_stored_in_json(pcam_jpeg, tmp_path):
-    # A sweep's np.arange: a SlideConfig goes into summary.json, a ServeConfig into /api/info, a seed
+    # A sweep's np.arange: a SlideConfig goes into summary.json, a ServeConfig into /v1/model, a seed
     # into a store's manifest; numpy's int64 could not (prepare failed after decoding every patch).
     import json
 
     config = SlideConfig(stride_px=np.int64(48), roi=[0, 0, np.int64(96), 96], threshold=np.float32(0.5))
     assert (type(config.stride_px), config.roi, type(config.threshold)) == (int, (0, 0, 96, 96), float)
     assert type(ServeConfig(max_files=np.int64(8)).max_files) is int
+    assert type(ServeConfig(resize=np.bool_(True)).resize) is bool  # a numpy bool failed /v1/model's JSON
     src = copy_patches(pcam_jpeg, tmp_path / "src", {"train": 8})
-    prepare(src, tmp_path / "store", seed=np.int64(3), workers=np.int64(1), progress=False)
-    assert json.loads((tmp_path / "store" / "manifest.json").read_text())["options"]["seed"] == 3
+    prepare(src, tmp_path / "store", seed=np.int64(3), workers=np.int64(1), dedupe=np.bool_(True), progress=False)
+    options = json.loads((tmp_path / "store" / "manifest.json").read_text())["options"]
+    assert (options["seed"], options["dedupe"]) == (3, True)

@@ -480,6 +480,17 @@ def test_many_slides_each_get_a_folder_and_one_table_and_a_bad_one_does_not_stop
     assert [r.reused for r in again.results] == [True, True] and not again.failed
 
 
+def test_any_iterable_of_slides_is_a_list_of_them(trained_run, slide_path, tmp_path):
+    # As for predict_to_csv: Path.glob's generator and a set were a TypeError (no len(), not subscriptable).
+    config = SlideConfig(roi=(0, 0, 1536, 1536))
+    for name, inputs in (("glob", slide_path.parent.glob("*.tif")), ("set", {str(slide_path)})):
+        report = analyse_slides(trained_run, inputs, tmp_path / name, config, progress=False)
+        assert [r.slide for r in report.results] == [slide_path] and (tmp_path / name / "summary.json").is_file()
+    with pytest.raises(UserError, match=r"^inputs: expected a path or a list of paths \(slide files, folders, "
+                                        r"patterns\), found int 3$"):
+        analyse_slides(trained_run, 3, tmp_path / "three", config, progress=False)
+
+
 def test_a_full_disk_writing_the_outputs_is_one_line_and_the_rerun_resumes(trained_run, slide_path, tmp_path,
                                                                          monkeypatch):
     # Pillow raises "[Errno 28] No space left on device" without a file name; the line names the output
@@ -553,6 +564,20 @@ def test_a_result_is_reused_only_by_the_same_engine_and_precision(trained_run, s
     for other in (fp32, load_exported_run(tmp_path / "model.onnx")):
         with pytest.raises(UserError, match=r"node: already holds a slide result from other settings; pass --overwrite"):
             analyse_slide(other, slide_path, out, SlideConfig(), progress=False)
+
+
+def test_where_bf16_is_not_used_a_float32_run_reuses_the_result(trained_run, slide_path, tmp_path, monkeypatch):
+    # On a CPU without AMX, model_logits scores in float32 whatever run.bf16 says: --fp32 was refused
+    # its own scores there (and a CUDA bf16 result, copied there, was reused).
+    from histodetect.slide.analyse import resume
+    from histodetect.train import step
+
+    for module in (step, resume):
+        monkeypatch.setattr(module, "bf16_is_fast", lambda device: False)
+    first = analyse_slide(trained_run, slide_path, tmp_path / "node", SlideConfig(), progress=False)
+    fp32 = load_run(trained_run.run_dir, device="cpu", fp32=True)
+    again = analyse_slide(fp32, slide_path, tmp_path / "node", SlideConfig(), progress=False)
+    assert again.reused and again.summary == first.summary
 
 
 def test_a_slide_without_tissue_gives_an_empty_result_and_says_so(trained_run, tmp_path):

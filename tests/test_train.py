@@ -408,6 +408,17 @@ def test_predict_checks_out_and_batch_size_before_scoring(trained_run, pcam_jpeg
     assert not (tmp_path / "p.csv").exists()
 
 
+def test_the_largest_seed_scores_every_input_not_only_the_first(trained_run, pcam_jpeg, tmp_path, capsys):
+    # Input k's MC-dropout masks come from seed + k: with --seed 2**32 - 1, the second input's
+    # 2**32 was refused after the first was scored, in a message naming a seed nobody gave.
+    inputs = [pcam_jpeg / "valid" / label for label in ("0", "1")]
+    code, _, err = run_cli(capsys, "predict", trained_run, *inputs, "--out", tmp_path / "p.csv", "--quiet",
+                           "--seed", 2**32 - 1)
+    assert code == 0 and err == "", err
+    n_patches = sum(len(list(folder.glob("*.jpg"))) for folder in inputs)
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 1 + n_patches
+
+
 def test_predict_given_evaluates_store_colon_split_names_the_split_flag(trained_run, small_store, tmp_path, capsys):
     code, _, err = run_cli(capsys, "predict", trained_run, f"{small_store}:valid", "--out", tmp_path / "p.csv", "--quiet")
     assert code == 2 and err.count("\n") == 1

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
 
 class UserError(Exception):
     """A mistake in the user's input: a bad file, flag, or combination of them."""
@@ -30,3 +32,14 @@ def check_number(flag: str, value) -> int | float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise UserError(f"{flag} {value!r}: expected a number, found {type(value).__name__}")
     return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def check_bool(flag: str, value) -> bool:
+    """`value` as a bool (numpy's too), else a UserError naming `flag` (e.g. `--resize 'no': expected True or False`).
+
+    A str "no" was true, and numpy's bool_ could not go into a JSON file (a store's manifest, after
+    decoding every patch; /v1/model).
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise UserError(f"{flag} {value!r}: expected True or False, found {type(value).__name__}")
+    return bool(value)

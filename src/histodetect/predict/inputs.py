@@ -26,10 +26,11 @@ class InputChunk:
     labels: np.ndarray  # (N,) int8, UNLABELLED where unknown
 
 
-def input_paths(inputs: Path | str | Iterable[Path | str]) -> list[Path]:
+def input_paths(inputs: Path | str | Iterable[Path | str], kinds: str = "files, folders, stores") -> list[Path]:
     """The inputs as a list of paths: one path (str or Path) is a list of one, not of its characters.
 
     Any iterable of paths is a list of them: Path.glob's generator, a numpy array of str, a set.
+    `kinds` says in the message what the paths may name.
     """
     if isinstance(inputs, (str, os.PathLike)):
         return [Path(inputs)]
@@ -39,7 +40,7 @@ def input_paths(inputs: Path | str | Iterable[Path | str]) -> list[Path]:
         items = [inputs]
     wrong = [item for item in items if not isinstance(item, (str, os.PathLike))]
     if wrong:
-        raise UserError(f"inputs: expected a path or a list of paths (files, folders, stores), found "
+        raise UserError(f"inputs: expected a path or a list of paths ({kinds}), found "
                         f"{type(wrong[0]).__name__} {wrong[0]!r:.60}")
     return [Path(item) for item in items]
 

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from ..augment import tta_view_groups
-from ..data.splits import check_seed
 from ..errors import UserError, check_int
 from ..train import bf16_is_fast
 from .inference import (
@@ -137,7 +136,9 @@ def predict_samples(run: LoadedRun, patches_uint8: np.ndarray, *, tta: int = 1, 
     run = check_run(run)
     run.check_tta(tta)
     mc_passes = _check_mc_passes(run, mc_passes)
-    batch_size, seed = check_batch_size(batch_size), check_seed(seed)
+    # Only the type: predict_to_csv and evaluate_run check the user's seed, then give chunk k seed + k,
+    # which passes 2**32 for a valid --seed near the top (torch takes it; refused, it failed after chunk 0).
+    batch_size, seed = check_batch_size(batch_size), check_int("--seed", seed)
     if not mc_passes:
         return predict_logits(run, patches_uint8, tta=tta, batch_size=batch_size, on_batch=on_batch)[:, None, :]
     patches_uint8 = check_patches(patches_uint8)

@@ -25,7 +25,7 @@ from starlette.requests import Request
 
 from ..augment import TTA_VIEW_COUNTS
 from ..data.decode import PATCH_SIZE_PX, decode_patch_file, tiff_size
-from ..errors import UserError, check_int, check_number
+from ..errors import UserError, check_bool, check_int, check_number
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,12 @@ class ServeConfig:
     max_queued_patches: int = 4096
 
     def __post_init__(self) -> None:
-        # From Python, max_files="8" was a TypeError. numpy's numbers become Python's, for /api/info's JSON
+        # From Python, max_files="8" was a TypeError. numpy's numbers become Python's, for /v1/model's JSON
         # (object.__setattr__: the config is frozen).
         for name in ("max_upload_bytes", "max_files", "max_image_pixels", "tta", "max_batch_patches", "max_queued_patches"):
             object.__setattr__(self, name, check_int(f"--{name.replace('_', '-')}", getattr(self, name)))
         object.__setattr__(self, "max_wait_ms", check_number("--max-wait-ms", self.max_wait_ms))
+        object.__setattr__(self, "resize", check_bool("--resize", self.resize))
         if self.tta not in TTA_VIEW_COUNTS:
             raise UserError(f"--tta {self.tta}: expected one of {', '.join(map(str, TTA_VIEW_COUNTS))}")
         for name in ("max_upload_bytes", "max_files", "max_image_pixels", "max_batch_patches", "max_queued_patches"):

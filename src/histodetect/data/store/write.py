@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ... import __version__
-from ...errors import UserError, check_int, check_number
+from ...errors import UserError, check_bool, check_int, check_number
 from ...outputs import WRITE_ERRNOS
 from ..decode import PATCH_SHAPE
 from ..formats import open_source
@@ -84,7 +84,9 @@ def prepare(
     """
     started = time.perf_counter()
     src, out = Path(src), Path(out)
-    # Python's numbers: the manifest stores valid_fraction and seed, and numpy's ints could not go into it.
+    # Python's numbers and bools: the manifest stores them, and numpy's could not go into it.
+    dedupe, resize, skip_bad = (check_bool(flag, value) for flag, value in
+                                (("--dedupe", dedupe), ("--resize", resize), ("--skip-bad", skip_bad)))
     valid_fraction = check_number("--valid-fraction", valid_fraction)
     if not 0 < valid_fraction < 1:
         raise UserError(f"--valid-fraction {valid_fraction}: expected a fraction between 0 and 1")

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import glob
-import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ...errors import UserError
 from ...outputs import check_folder_location, unique_name
-from ...predict import LoadedRun, check_run, write_csv_atomic
+from ...predict import LoadedRun, check_run, input_paths, write_csv_atomic
 from ..reader import has_slide_suffix, slide_stem
 from .config import SlideConfig, SlidesReport, check_config
 from .pipeline import analyse_slide
@@ -39,17 +39,17 @@ def find_slides(inputs: list[str | Path]) -> list[Path]:
     return found
 
 
-def analyse_slides(run: LoadedRun, inputs: str | Path | list[str | Path], out: Path | str, config: SlideConfig | None = None, *,
+def analyse_slides(run: LoadedRun, inputs: str | Path | Iterable[str | Path], out: Path | str, config: SlideConfig | None = None, *,
                    overwrite: bool = False, progress: bool = True) -> SlidesReport:
     """Analyse one slide into `out`, or several (folders, patterns) into `out/NAME/` plus `out/slides.csv`.
 
     With several slides, one that fails is recorded (in the report and the table)
     and the others go on; slides already done with the same settings are reused.
-    `inputs` is one slide, folder or pattern, or a list of them.
+    `inputs` is one slide, folder or pattern, or any iterable of them.
     """
     run = check_run(run)
-    if isinstance(inputs, (str, os.PathLike)):  # one slide, not a list of its characters
-        inputs = [inputs]
+    # One slide is a list of one, not of its characters; Path.glob's generator or a set was a TypeError.
+    inputs = input_paths(inputs, kinds="slide files, folders, patterns")
     config = config or SlideConfig()
     check_config(config)  # once, not as every slide's failure
     check_folder_location(out)

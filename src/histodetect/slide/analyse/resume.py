@@ -16,6 +16,7 @@ from ... import __version__
 from ...errors import UserError
 from ...outputs import write_file_atomic
 from ...predict import LoadedRun
+from ...train import bf16_is_fast
 from .config import SlideConfig
 
 SUMMARY_FILE = "summary.json"
@@ -28,10 +29,12 @@ def _settings_key(run: LoadedRun, slide_path: Path, config: SlideConfig, thresho
     weights = run.run_dir / "checkpoints" / "best.pt"
     weights_stat = weights.stat() if weights.exists() else None
     # What computes the scores: an export (ONNX Runtime, TorchScript) or PyTorch in bf16 or float32
-    # score alike but not identically, so one's results are not another's.
+    # score alike but not identically, so one's results are not another's. The precision is the one
+    # used, as model_logits decides it: run.bf16 alone said bf16 for a CPU without AMX, which scores
+    # in float32 (a CUDA bf16 result was reused there, and --fp32 there refused its own scores).
     exported = getattr(run.model, "exported", None)
     engine = ([str(exported.path.resolve()), exported.path.stat().st_mtime_ns] if exported is not None
-              else ["torch", bool(run.bf16)])
+              else ["torch", run.device.type, bool(run.bf16 and bf16_is_fast(run.device))])
     settings = {
         "slide": [str(slide_path.resolve()), slide_stat.st_size, slide_stat.st_mtime_ns],
         "run": [str(run.run_dir.resolve()), weights_stat and weights_stat.st_mtime_ns],
