@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import numbers
 
-import numpy as np
-
 
 class UserError(Exception):
     """A mistake in the user's input: a bad file, flag, or combination of them."""
@@ -40,6 +38,8 @@ def check_bool(flag: str, value) -> bool:
     A str "no" was true, and numpy's bool_ could not go into a JSON file (a store's manifest, after
     decoding every patch; /v1/model).
     """
-    if not isinstance(value, (bool, np.bool_)):
+    # numpy's bool by name: importing numpy here would slow every command's start (the CLI imports this first)
+    is_numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if not (isinstance(value, bool) or is_numpy_bool):
         raise UserError(f"{flag} {value!r}: expected True or False, found {type(value).__name__}")
     return bool(value)
