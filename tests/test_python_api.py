@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from histodetect.predict import (
 )
 from histodetect.serve import ServeConfig
 from histodetect.slide import SlideConfig
+from histodetect.train import preset_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -204,6 +206,10 @@ def test_numpy_numbers_are_taken_as_pythons_where_they_are_stored_in_json(pcam_j
     assert (type(config.stride_px), config.roi, type(config.threshold)) == (int, (0, 0, 96, 96), float)
     assert type(ServeConfig(max_files=np.int64(8)).max_files) is int
     assert type(ServeConfig(resize=np.bool_(True)).resize) is bool  # a numpy bool failed /v1/model's JSON
+    # A training config goes into run.json: numpy's numbers were refused there, as no other option's were.
+    train = preset_config("cpu", epochs=np.int64(3), lr=np.float32(0.002), dihedral=np.bool_(False))
+    assert (type(train.epochs), type(train.lr), type(train.dihedral)) == (int, float, bool)
+    json.dumps(dataclasses.asdict(train))
     src = copy_patches(pcam_jpeg, tmp_path / "src", {"train": 8})
     prepare(src, tmp_path / "store", seed=np.int64(3), workers=np.int64(1), dedupe=np.bool_(True), progress=False)
     options = json.loads((tmp_path / "store" / "manifest.json").read_text())["options"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from .data.decode import PATCH_SIZE_PX
-from .errors import UserError
+from .errors import UserError, check_bool, check_int, check_number
 
 if TYPE_CHECKING:
     from .augment import AugmentConfig
@@ -168,35 +168,30 @@ def preset_config(name: str, **overrides) -> TrainConfig:
     unknown = set(overrides) - known
     if unknown:
         raise UserError(f"unknown training option(s) {', '.join(sorted(unknown))}")
-    config = dataclasses.replace(PRESETS[name], **overrides)
-    check_config_types(config)
-    return config
+    return check_config_types(dataclasses.replace(PRESETS[name], **overrides))
 
 
-# What each TrainConfig annotation takes, never a bool for a number. A str where a number goes
-# failed deep in fit as a TypeError; numpy's int64 (a sweep's np.arange) could not go into run.json.
-_FIELD_TYPES = {
-    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
-    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-    "bool": (lambda v: isinstance(v, bool), "True or False"),
-    "str": (lambda v: isinstance(v, str), "a str"),
-    "str | None": (lambda v: v is None or isinstance(v, str), "a str or None"),
-}
+def _check_str(flag: str, value, optional: bool = False) -> str | None:
+    if not (isinstance(value, str) or (optional and value is None)):
+        raise UserError(f"{flag} {value!r}: expected a str{' or None' if optional else ''}, found {type(value).__name__}")
+    return value
 
 
-def check_config_types(cfg: TrainConfig, names: Collection[str] | None = None) -> None:
-    """Refuse a value of another type than its TrainConfig field's (e.g. epochs="2") in one line naming it.
+# The errors module's checks, one per TrainConfig annotation: a str where a number goes failed
+# deep in fit as a TypeError, and numpy's numbers (a sweep's np.arange) could not go into run.json.
+_FIELD_CHECKS = {"int": check_int, "float": check_number, "bool": check_bool, "str": _check_str,
+                 "str | None": lambda flag, value: _check_str(flag, value, optional=True)}
+
+
+def check_config_types(cfg: TrainConfig, names: Collection[str] | None = None) -> TrainConfig:
+    """`cfg` with each field of its annotation's type, as Python's (numpy's numbers and bools
+    converted); another type (e.g. epochs="2") is a UserError naming it in one line.
 
     `names` limits the check to those fields (None: all of them).
     """
-    for f in fields(TrainConfig):
-        if names is not None and f.name not in names:
-            continue
-        value = getattr(cfg, f.name)
-        allowed, expected = _FIELD_TYPES[f.type]
-        if not allowed(value):
-            raise UserError(f"--{f.name.replace('_', '-')} {value!r}: expected {expected}, found "
-                            f"{type(value).__name__}")
+    checked = {f.name: _FIELD_CHECKS[f.type]("--" + f.name.replace("_", "-"), getattr(cfg, f.name))
+               for f in fields(TrainConfig) if names is None or f.name in names}
+    return dataclasses.replace(cfg, **checked)
 
 
 SCHEDULES = ("cosine", "onecycle", "constant")

@@ -88,10 +88,6 @@ class _Job:
     future: Future = field(default_factory=Future)
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 'es' if noun.endswith('ch') else 's'}"
-
-
 def _live_patches(job: _Job) -> int:
     """Patches a job adds to a batch: none once cancelled (its client has gone)."""
     return 0 if job.future.cancelled() else len(job.patches)
@@ -177,7 +173,8 @@ class PredictionBatcher:
                 wait_s = retry_after_s(self._queued_views, _throughput(self._recent_calls))
                 limits = f"{self.max_queued_views:,}" + (f" views, {self.max_queued_patches:,} patches"
                                                          if self.max_queued_patches is not None else "")
-                raise ServerBusy(f"server busy: {_count(self._queued_patches, 'patch')} queued, "
+                patches = f"{self._queued_patches:,} patch{'' if self._queued_patches == 1 else 'es'}"
+                raise ServerBusy(f"server busy: {patches} queued, "
                                  f"{self._queued_views:,} test-time views of work (limit {limits}; this request "
                                  f"{share.views:,}); retry in {wait_s} s", wait_s)
             self._queued_patches += share.patches

@@ -99,7 +99,10 @@ def _fit(cfg: TrainConfig | None, data: Path | None, out: Path, *, overwrite: bo
         if unknown:
             raise UserError(f"--resume: {', '.join(unknown)} would change what the run trains; a resume "
                             f"may only change {', '.join(RESUME_SETTINGS)}")
-        cfg = dataclasses.replace(saved_cfg, **(resume_settings or {}))
+        # Only the types of what the resume changes: the rest were accepted when the run started
+        # (epochs=2.0 was, before the types were checked).
+        cfg = check_config_types(dataclasses.replace(saved_cfg, **(resume_settings or {})),
+                                 names=set(resume_settings or ()))
         preset = run.get("preset")
         if data is None:
             data = Path(run["data"]["path"])
@@ -110,13 +113,12 @@ def _fit(cfg: TrainConfig | None, data: Path | None, out: Path, *, overwrite: bo
     else:
         if not isinstance(cfg, TrainConfig):
             raise UserError(f"cfg: expected a TrainConfig (e.g. preset_config('cpu', epochs=2)), found {type(cfg).__name__}")
+        cfg = check_config_types(cfg)  # as Python's types: run.json and the checkpoints hold the config
         _check_run_folder(out, overwrite, {"--data": data, "--weights": cfg.weights or None})
         if cfg.weights:  # a resume may start from another folder
             cfg = dataclasses.replace(cfg, weights=str(Path(cfg.weights).resolve()))
         saved_cfg = cfg
-    # Every setting is checked before anything is written. A resume checks the types of only what
-    # it changes: the rest were accepted when the run started (epochs=2.0 was, before this check).
-    check_config_types(cfg, names=set(resume_settings or ()) if resume else None)
+    # Every setting is checked before anything is written.
     crop_stages = parse_progressive_crop(cfg.progressive_crop)
     augment_cfg = cfg.augment()
     if cfg.blur_sigma:  # the smallest training crop, before anything is written
