@@ -92,15 +92,12 @@ def _check_types(config: SlideConfig) -> None:
         config.roi = tuple(check_int("--roi", v) for v in config.roi)
 
 
-def check_config(config: SlideConfig, threshold: float | None = None) -> None:
-    """The options' types and ranges, checked before any work, as UserErrors naming the flag.
-
-    `threshold` is checked in place of config.threshold when given.
-    """
+def check_config(config: SlideConfig) -> None:
+    """The options' types and ranges, checked before any work, as UserErrors naming the flag."""
     if not isinstance(config, SlideConfig):
         raise UserError(f"config: expected a SlideConfig (e.g. SlideConfig(stride_px=48)), found {type(config).__name__}")
     _check_types(config)
-    threshold = config.threshold if threshold is None else check_number("--threshold", threshold)
+    threshold = config.threshold
     checks = [
         (config.tta in TTA_VIEW_COUNTS, f"--tta {config.tta}: expected one of {', '.join(map(str, TTA_VIEW_COUNTS))}"),
         (threshold is None or 0 <= threshold <= 1, f"--threshold {threshold}: expected a probability between 0 and 1"),
