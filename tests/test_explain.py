@@ -438,6 +438,19 @@ def test_calibration_does_not_raise_validation_nll_and_keeps_decisions(copied_ru
     assert not list(copied_run.glob("*.tmp-*")), "run.json is replaced, not half-written"
 
 
+
+def test_calibrating_a_loaded_run_gives_it_the_new_temperature_and_thresholds(copied_run, real_store):
+    run = load_run(copied_run, device="cpu")
+    with pytest.raises(UserError, match=r"^calibrate_run: device and fp32 are set when a run is loaded; pass "
+                                        r"load_run\('.*', device=\.\.\., fp32=\.\.\.\) or the folder's path$"):
+        calibrate_run(run, real_store, split="valid", device="cpu")
+    record = calibrate_run(run, real_store, split="valid", progress=False)  # it kept temperature 1 before
+    reloaded = load_run(copied_run, device="cpu")
+    assert run.temperature == reloaded.temperature == record["temperature"] != 1.0
+    assert run.thresholds == reloaded.thresholds and run.run == reloaded.run
+    np.testing.assert_array_equal(predict_patches(run, valid_patches(real_store)),
+                                  predict_patches(reloaded, valid_patches(real_store)))
+
 def test_runs_from_before_per_tta_thresholds_use_their_one_threshold_for_every_view_count():
     assert run_thresholds({"threshold": 0.3}) == {1: 0.3}
     assert run_thresholds({}) == {1: 0.5}

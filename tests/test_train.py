@@ -7,8 +7,10 @@ import csv
 import dataclasses
 import json
 import os
+import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -975,6 +977,99 @@ def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_again(small_
     assert code == 2 and "stopped before its first checkpoint" in err and "--overwrite" in err, err
 
 
+
+def tiny_train_flags() -> list[str]:
+    """TINY as the train command's flags."""
+    return [a for key, value in TINY.items() for a in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def weights_equal(run_a: Path, run_b: Path) -> bool:
+    a = load_checkpoint(run_a / "checkpoints" / "last.pt")
+    b = load_checkpoint(run_b / "checkpoints" / "last.pt")
+    return all(torch.equal(t, b[part][k]) for part in ("model", "ema") for k, t in a[part].items())
+
+
+@pytest.fixture(scope="module")
+def straight_tiny_run(small_store, tmp_path_factory) -> Path:
+    """TINY trained without a stop, to compare stopped-and-resumed runs with."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    fit(preset_config("cpu", **TINY), small_store, out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_saves_the_step_and_the_resume_ends_as_an_uninterrupted_run(
+        small_store, straight_tiny_run, tmp_path, capsys, monkeypatch, signal_name):
+    import histodetect.train.loop.training as train_module
+
+    number = getattr(signal, signal_name)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    real_augment, steps = train_module.augment_batch, []
+
+    def augment_then_signal(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 8:  # step 2 of epoch 2 (6 steps an epoch); lost before, back to epoch 1's last.pt
+            os.kill(os.getpid(), number)
+        return real_augment(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "augment_batch", augment_then_signal)
+    run = tmp_path / "stopped"
+    code, _, err = run_cli(capsys, "train", "--data", small_store, "--preset", "cpu", "--out", run, *tiny_train_flags())
+    monkeypatch.undo()
+    assert code == 128 + number, err
+    assert f"saving {run} at the end of this step" in err, err
+    assert err.strip().endswith(f"interrupted: {run}: saved after step 2 of epoch 2; continue with: "
+                                f"histodetect train --resume {run}"), err
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers, "handlers put back"
+    state = load_checkpoint(run / "checkpoints" / "last.pt")["state"]
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 2)
+    code, _, err = run_cli(capsys, "train", "--resume", run)
+    assert code == 0, err
+    assert weights_equal(straight_tiny_run, run)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_run_resumes_from_its_last_save(small_store, tmp_path, capsys,
+                                                                             monkeypatch):
+    import histodetect.train.loop.training as train_module
+
+    real_augment, steps = train_module.augment_batch, []
+
+    def augment_then_two_signals(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 8:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_augment(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "augment_batch", augment_then_two_signals)
+    run = tmp_path / "stopped"
+    code, _, err = run_cli(capsys, "train", "--data", small_store, "--preset", "cpu", "--out", run, *tiny_train_flags())
+    monkeypatch.undo()
+    assert code == 130 and err.strip().endswith(
+        f"interrupted: {run}: stopped at once; continue from its last save with: histodetect train --resume {run}"), err
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step_in_epoch"] == 0, "epoch 1's save"
+    assert run_cli(capsys, "train", "--resume", run)[0] == 0
+
+
+def test_ctrl_c_while_choosing_thresholds_stops_at_once_and_the_resume_chooses_them(small_store, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import histodetect.train.loop.training as train_module
+
+    def signal_instead(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the signal lands first
+        raise AssertionError("the first Ctrl-C did not stop the choice of thresholds")
+
+    monkeypatch.setattr(train_module, "_validation_thresholds", signal_instead)
+    run = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt, match="stopped at once; continue from its last save"):
+        fit(preset_config("cpu", **TINY), small_store, run, progress=False)
+    monkeypatch.undo()
+    assert "thresholds" not in json.loads((run / "run.json").read_text())
+    fit(None, None, run, resume=True, progress=False)
+    assert set(json.loads((run / "run.json").read_text())["thresholds"]) >= {"1", "8"}
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 
@@ -1382,7 +1477,7 @@ def test_device_batches_never_wait_for_the_gpu_within_an_epoch(small_store, resi
     assert len(got) == batches.steps_per_epoch - 1
 
 
-def test_fit_restores_torchs_thread_count_and_refuses_options_of_the_wrong_type(small_store, tmp_path):
+def test_fit_restores_torchs_threads_and_random_states_and_refuses_options_of_the_wrong_type(small_store, tmp_path):
     """A notebook trains with threads=1 and goes on with its own thread count; epochs="2" is one line."""
     with pytest.raises(UserError, match=r"^--epochs '2': expected an int, found str$"):
         preset_config("cpu", epochs="2")
@@ -1392,10 +1487,18 @@ def test_fit_restores_torchs_thread_count_and_refuses_options_of_the_wrong_type(
         fit("cpu", small_store, tmp_path / "str", progress=False)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
+
+    def draws() -> tuple:
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
     try:
+        random.seed(5), np.random.seed(5), torch.manual_seed(5)
+        untouched = draws()
+        random.seed(5), np.random.seed(5), torch.manual_seed(5)
         fit(preset_config("cpu", **{**TINY, "epochs": 1, "threads": 1}), str(small_store), str(tmp_path / "run"),
             progress=False)
         assert torch.get_num_threads() == 2
+        assert draws() == untouched, "the notebook's random streams go on as if fit had not run"
     finally:
         torch.set_num_threads(before)
 

@@ -15,6 +15,18 @@ class UserError(Exception):
     """A mistake in the user's input: a bad file, flag, or combination of them."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, after the work so far was saved: the one line says how to go on.
+
+    A KeyboardInterrupt, so that a notebook's "interrupt the kernel" ends as it always does;
+    the CLI prints the line and exits with 128 + the signal's number.
+    """
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
+
+
 # From Python, a str "8", a float or True where a count goes failed deep inside as a TypeError,
 # or ran (True as 1). numpy's numbers (a sweep's np.arange) are taken, as Python's: as they were,
 # numpy's ints could not go into a JSON file (a store's manifest, metrics.json, summary.json).

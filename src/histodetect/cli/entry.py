@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"histodetect: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("histodetect: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # an Interrupted says what was saved and how to go on
+        print(f"histodetect: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     except BrokenPipeError:  # `histodetect info X | head`: the reader left; not an error
         sys.stdout = open(os.devnull, "w")
         return 0

@@ -22,6 +22,7 @@ from ..data.store import open_store
 from ..errors import UserError
 from ..evaluate.metrics import NLL_CLIP_EPS, binary_metrics
 from ..predict import (
+    LoadedRun,
     load_run,
     predict_logits,
     run_folder,
@@ -85,17 +86,27 @@ def calibrated_threshold(threshold: float, temperature: float) -> float:
     return float(1 / (1 + math.exp(-math.log(p / (1 - p)) / temperature))) - TIE_MARGIN
 
 
-def calibrate_run(run_dir: Path | str, data: Path | str | None = None, *, split: str | None = None, tta: int = 1,
-                  device: str = "auto", fp32: bool = False, progress: bool = True) -> dict:
+def calibrate_run(run_dir: Path | str | LoadedRun, data: Path | str | None = None, *, split: str | None = None,
+                  tta: int = 1, device: str = "auto", fp32: bool = False, progress: bool = True) -> dict:
     """Fit temperature scaling on a labelled split and store it under "calibration" in the run's run.json.
 
     `data` defaults to the store the run trained on, `split` to its validation
     split; the training split is refused (it would hide over-confidence). The
     record holds the temperature, NLL and ECE before and after, the split and
     the store's fingerprint, and where the decision threshold moves to.
+    Given a LoadedRun (loaded with its own `device` and `fp32`), that run is scored and
+    takes the new temperature and thresholds too; a LoadedRun of the same folder loaded
+    before keeps the ones it was loaded with (load_run again).
     """
-    run_dir = run_folder(run_dir)
-    run = load_run(run_dir, device=device, fp32=fp32)
+    if isinstance(run_dir, LoadedRun):
+        run = run_dir
+        if device != "auto" or fp32:
+            raise UserError("calibrate_run: device and fp32 are set when a run is loaded; pass "
+                            f"load_run({str(run.run_dir)!r}, device=..., fp32=...) or the folder's path")
+        run_dir = run.run_dir
+    else:
+        run_dir = run_folder(run_dir)
+        run = load_run(run_dir, device=device, fp32=fp32)
     store = open_store(data or Path(run.run["data"]["path"]))
     split = split or run.config["val_split"]
     if split == run.config["train_split"] and store.fingerprint == run.run["data"]["fingerprint"]:
@@ -133,4 +144,6 @@ def calibrate_run(run_dir: Path | str, data: Path | str | None = None, *, split:
     run_json = read_run(run_dir)
     run_json["calibration"] = record
     write_text_atomic(run_dir / RUN_FILE, json.dumps(run_json, indent=2) + "\n")
+    run.run, run.temperature = run_json, temperature
+    run.thresholds = run_thresholds(run_json, where=str(run_dir / RUN_FILE))
     return record

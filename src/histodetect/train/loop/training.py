@@ -40,6 +40,7 @@ from ..device import bf16_is_fast, init_distributed, resolve_device
 from ..step import build_optimizer, lr_factor, sam_second_pass, training_loss, validate
 from .checks import RESUME_SETTINGS, _check_model_takes_crops, _class_rows
 from .run_folder import METRICS_FILE, _check_run_folder, write_metrics_csv
+from .stopping import StopRequests
 from .thresholds import _validation_thresholds
 
 
@@ -68,21 +69,36 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
     With `overwrite`, an earlier run at `out` is replaced once the new one has started.
     `stop_after_epochs` ends the process early as a kill would (tests use it).
     `resume_settings` changes RESUME_SETTINGS for a resumed run (e.g. a smaller
-    val_batch_size after validation ran out of GPU memory). `cfg.threads` holds while
-    fit runs: torch's thread count is restored when it returns or raises, so that what
-    a notebook runs next keeps its own.
+    val_batch_size after validation ran out of GPU memory). `cfg.threads` and `cfg.seed`
+    hold while fit runs: torch's thread count and the random states of Python, numpy
+    and torch (CPU and CUDA) are restored when it returns or raises, so that what a
+    notebook runs next goes on as if fit had not run.
+
+    Ctrl-C or SIGTERM while training (one process) saves last.pt at the end of the step
+    and raises `errors.Interrupted`, a KeyboardInterrupt naming the command that goes
+    on; a second one stops at once (train/loop/stopping.py).
     """
     threads = torch.get_num_threads()
+    random_states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    stop_requests = StopRequests(Path(out))
     try:
         return _fit(cfg, data, out, overwrite=overwrite, resume=resume, preset=preset, progress=progress,
-                    stop_after_epochs=stop_after_epochs, resume_settings=resume_settings)
+                    stop_after_epochs=stop_after_epochs, resume_settings=resume_settings, stop_requests=stop_requests)
     finally:
+        stop_requests.restore()
         torch.set_num_threads(threads)
+        random.setstate(random_states[0])
+        np.random.set_state(random_states[1])
+        torch.set_rng_state(random_states[2])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
 
 
 def _fit(cfg: TrainConfig | None, data: Path | None, out: Path, *, overwrite: bool, resume: bool,
-         preset: str | None, progress: bool, stop_after_epochs: int | None, resume_settings: dict | None) -> FitResult:
-    """fit() without restoring torch's thread count."""
+         preset: str | None, progress: bool, stop_after_epochs: int | None, resume_settings: dict | None,
+         stop_requests: StopRequests) -> FitResult:
+    """fit() without restoring torch's thread count and the signal handlers."""
     out = Path(out)
     checkpoint = None
     if resume:
@@ -340,6 +356,8 @@ def _fit(cfg: TrainConfig | None, data: Path | None, out: Path, *, overwrite: bo
               "nothing more to train")
     epochs_this_process = 0
     last_checkpoint_time = time.perf_counter()
+    if dist.world_size == 1:  # under DDP, torchrun's handling (module docstring of stopping.py)
+        stop_requests.install()
     try:
         while state["epoch"] < cfg.epochs and not state.get("stopped_because"):
             epoch = state["epoch"]
@@ -402,6 +420,11 @@ def _fit(cfg: TrainConfig | None, data: Path | None, out: Path, *, overwrite: bo
                     bar.update(cfg.batch_size * dist.world_size)
                     if state["train_seconds"] >= max_seconds:
                         break
+                    if stop_requests.signal_number is not None:
+                        check_losses()
+                        state["epoch_loss_sum"], state["epoch_steps"] = float(loss_sum), n_steps
+                        save_last()
+                        raise stop_requests.saved(f"after step {state['step_in_epoch']} of epoch {epoch + 1}")
                     # Mid-epoch saves need every process to agree on when: only without DDP.
                     if dist.world_size == 1 and now - last_checkpoint_time > cfg.checkpoint_minutes * 60:
                         check_losses()
@@ -472,6 +495,8 @@ def _fit(cfg: TrainConfig | None, data: Path | None, out: Path, *, overwrite: bo
             if dist.is_main:
                 write_metrics_csv(out / METRICS_FILE, state["history"])
             epochs_this_process += 1
+            if stop_requests.signal_number is not None:  # it came while validating
+                raise stop_requests.saved(f"after epoch {state['epoch']}")
             if state.get("stopped_because"):
                 stopped_because = state["stopped_because"]
                 break
@@ -487,6 +512,7 @@ def _fit(cfg: TrainConfig | None, data: Path | None, out: Path, *, overwrite: bo
                             f"{cfg.model}; resume it on a GPU with more memory, or start it again with "
                             f"--overwrite {smaller}") from None
         raise UserError(f"out of GPU memory with --batch-size {cfg.batch_size} for {cfg.model}; try {smaller}") from None
+    stop_requests.at_once = True  # the thresholds have nothing to save: the resume chooses them
     if dist.is_main:
         run = read_run(out)
         if progress:
