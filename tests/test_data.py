@@ -356,8 +356,11 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
-def test_ctrl_c_during_a_parallel_prepare_prints_one_line_and_leaves_no_store(pcam_jpeg, tmp_path):
-    """Ctrl-C reaches every process of the group: the decoding workers must leave it to the parent."""
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_during_a_parallel_prepare_prints_one_line_and_leaves_no_store(pcam_jpeg, tmp_path,
+                                                                                        signal_name):
+    """Ctrl-C reaches every process of the group: the decoding workers must leave it to the parent.
+    SIGTERM (a scheduler's, to every process) left the hidden partial store behind."""
     out = tmp_path / "s"
     proc = subprocess.Popen([sys.executable, "-c", CTRL_C_DURING_PREPARE, "prepare", str(pcam_jpeg), "--out", str(out),
                              "--workers", "2", "--quiet"], start_new_session=True,
@@ -367,9 +370,9 @@ def test_ctrl_c_during_a_parallel_prepare_prints_one_line_and_leaves_no_store(pc
         time.sleep(0.05)
     time.sleep(1.0)  # the pool is decoding
     assert proc.poll() is None, proc.communicate()[0]
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, getattr(signal, signal_name))
     output = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 130, output
+    assert proc.returncode == 128 + getattr(signal, signal_name), output
     assert output.strip() == "histodetect: interrupted"
     assert not out.exists() and list(tmp_path.glob(".s.*")) == []
 

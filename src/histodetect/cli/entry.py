@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import warnings
 
 from tqdm import tqdm
 
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from .parser import build_parser
 
 
@@ -18,9 +20,21 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
     tqdm.write(f"histodetect: warning: {message}", file=sys.stderr)
 
 
+def _terminated(number: int, frame) -> None:
+    raise Interrupted("", number)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _print_warning
+    # SIGTERM (a scheduler's limit, `kill`) cleans up as Ctrl-C does: partial outputs are removed,
+    # not left behind as hidden folders. Not under torchrun, which sends it to stop the other
+    # processes: one waiting in a collective would take its handler only when that returns.
+    term_handler = signal.getsignal(signal.SIGTERM)
+    catch_term = (term_handler is signal.SIG_DFL and "TORCHELASTIC_RUN_ID" not in os.environ
+                  and threading.current_thread() is threading.main_thread())
+    if catch_term:
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         args.func(args)
     except UserError as exc:
@@ -35,4 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the disk or the system said no (full, read-only, permissions): one line
         print(f"histodetect: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if catch_term:
+            signal.signal(signal.SIGTERM, term_handler)
     return 0

@@ -86,8 +86,11 @@ def _decode_into(job: tuple[ReadTask, Path]) -> ChunkResult:
 def ignore_interrupts() -> None:
     """Worker initializer: Ctrl-C reaches the whole process group, but only the parent
     should answer it (it stops the pool and removes the partial store); a worker that
-    raised KeyboardInterrupt would print its own traceback."""
+    raised KeyboardInterrupt would print its own traceback. SIGTERM, which the parent's
+    handler (cli.entry) turns into one, kills a worker as it always did: the pool's
+    terminate() sends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _decode_all(source: PatchSource, patches_path: Path, *, resize: bool, skip_bad: bool,
