@@ -555,3 +555,32 @@ def test_evaluate_bootstraps_whole_slides_when_every_patch_names_its_slide(tmp_p
     assert metrics["bootstrap"] == "slide-grouped"
     report = (tmp_path / "eval" / "report.html").read_text(encoding="utf-8")
     assert "ROC AUC interval: 95% slide-grouped bootstrap, 50 resamples." in report
+
+
+def test_metrics_json_records_what_made_its_numbers(tmp_path, monkeypatch):
+    # Months later a number must lead back to its inputs: the store as an absolute path (as typed,
+    # "store" named whatever the working folder held), the weights, the precision (bf16 moves
+    # probabilities by up to ~1e-2), the bootstrap's resamples, the MC seed and the package version.
+    import hashlib
+    import json
+
+    from histodetect import __version__
+    from histodetect.data.store import prepare
+    from histodetect.data.synthetic import write_synthetic
+    from histodetect.train import fit, preset_config
+
+    monkeypatch.chdir(tmp_path)
+    prepare(write_synthetic(Path("src"), 120, format="folder", seed=0), Path("store"), progress=False)
+    config = preset_config("cpu", model="histo_tinynet", epochs=1, batch_size=32, max_minutes=0.0, crop_px=0,
+                           shift_px=0, device="cpu")
+    fit(config, "store", "run", preset="cpu", progress=False)
+    evaluate_run("run", Path("store"), split="valid", out="eval", device="cpu", n_boot=100, seed=3, fp32=True,
+                 progress=False)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    weights = tmp_path / "run" / "checkpoints" / "best.pt"
+    assert metrics["store"] == str(tmp_path / "store") and metrics["run"] == str(tmp_path / "run")
+    assert metrics["weights"] == str(weights)
+    assert metrics["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert metrics["run_started"] == json.loads((tmp_path / "run" / "run.json").read_text())["started"]
+    assert (metrics["histodetect"], metrics["device"], metrics["bf16_autocast"]) == (__version__, "cpu", False)
+    assert (metrics["bootstrap_resamples"], metrics["seed"]) == (100, 3)

@@ -672,3 +672,27 @@ def test_cams_of_an_exported_model_are_refused_saying_to_load_the_run():
     with pytest.raises(UserError, match=r"no PyTorch weights to take gradients of; class activation maps need the "
                                         r"run loaded with load_run\(RUN_DIR\), not an export$"):
         feature_map_layers(torch.nn.Identity(), 88)  # ExportedLogits, like Identity, has no parameters
+
+
+def test_explain_json_and_the_calibration_record_say_what_made_them(copied_run, real_store, pcam_jpeg, tmp_path,
+                                                                   monkeypatch):
+    # The inputs as absolute paths (as typed they named whatever the working folder held), the
+    # weights by their SHA-256, the precision used and the package version.
+    import hashlib
+
+    from histodetect import __version__
+
+    weights_sha256 = hashlib.sha256((copied_run / "checkpoints" / "best.pt").read_bytes()).hexdigest()
+    record = calibrate_run(copied_run, real_store, split="valid", device="cpu", fp32=True)
+    assert (record["histodetect"], record["weights_sha256"], record["bf16_autocast"]) == (__version__, weights_sha256,
+                                                                                          False)
+    folder = tmp_path / "patches"
+    folder.mkdir()
+    for path in sorted((pcam_jpeg / "valid" / "1").glob("*.jpg"))[:2]:
+        shutil.copy(path, folder / path.name)
+    monkeypatch.chdir(tmp_path)
+    write_explanations(load_run(copied_run, device="cpu", fp32=True), "patches", "cams", progress=False)
+    written = json.loads((tmp_path / "cams" / "explain.json").read_text())
+    assert written["inputs"] == [str(folder)] and written["run"] == str(copied_run)
+    assert (written["histodetect"], written["weights_sha256"], written["bf16_autocast"]) == (__version__,
+                                                                                           weights_sha256, False)

@@ -257,3 +257,26 @@ def test_an_export_older_than_its_runs_calibration_is_refused(trained_run, tmp_p
     moved = tmp_path / "alone.onnx"  # away from its run folder, an export is all there is
     shutil.copy(run / "model.onnx", moved)
     assert load_exported_run(moved).temperature == 1.5
+
+
+def test_the_metadata_says_which_checkpoint_and_histodetect_made_the_export(trained_run, tmp_path):
+    # An export of last.pt had the same metadata as one of best.pt: nothing told them apart.
+    import hashlib
+
+    from histodetect import __version__
+
+    for checkpoint in ("best", "last"):
+        report = export_run(trained_run, format="onnx", out=tmp_path / f"{checkpoint}.onnx", checkpoint=checkpoint)
+        meta = ExportedModel(report.path).metadata
+        weights = trained_run / "checkpoints" / f"{checkpoint}.pt"
+        assert (meta.checkpoint, meta.histodetect) == (checkpoint, __version__)
+        assert meta.weights_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def test_an_export_written_before_the_checkpoint_was_recorded_is_still_read(onnx_export, tmp_path):
+    model = onnx.load(str(onnx_export.path))
+    kept = [prop for prop in model.metadata_props if prop.key not in ("checkpoint", "weights_sha256", "histodetect")]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    assert ExportedModel(tmp_path / "old.onnx").metadata.checkpoint is None

@@ -407,6 +407,23 @@ def test_a_region_of_interest_limits_the_work_and_the_grid_starts_there(trained_
     assert np.load(tmp_path / "roi" / "heatmap.npy").shape == (3, 4)
 
 
+def test_the_summary_names_the_slide_and_the_weights_that_scored_it(trained_run, slide_path, tmp_path, monkeypatch):
+    # As typed, a relative slide path named whatever the working folder held months later.
+    import hashlib
+
+    from histodetect import __version__
+
+    monkeypatch.chdir(slide_path.parent)
+    roi = (2 * PATCH * 8, 2 * PATCH * 5, 2 * PATCH * 2, 2 * PATCH * 2)
+    summary = analyse_slide(trained_run, Path(slide_path.name), tmp_path / "named", SlideConfig(roi=roi),
+                            progress=False).summary
+    weights = trained_run.run_dir / "checkpoints" / "best.pt"
+    assert summary["slide"] == str(slide_path.resolve()) and summary["run"] == str(trained_run.run_dir)
+    assert summary["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert summary["histodetect"] == __version__ and summary["device"] == "cpu"
+    assert json.loads((tmp_path / "named" / "summary.json").read_text())["bf16_autocast"] == summary["bf16_autocast"]
+
+
 def test_tiles_can_be_scored_with_moved_crop_views_and_a_run_without_a_shift_refuses_them(trained_run, slide_path,
                                                                                          tmp_path):
     import dataclasses

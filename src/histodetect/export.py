@@ -21,7 +21,7 @@ import json
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +77,11 @@ class ExportMetadata:
     preset: str | None
     data_fingerprint: str | None
     run: dict  # the run folder's run.json
+    # Which weights and which histodetect made the file (best and last exports had the same
+    # metadata); None in exports written before they were recorded, which are still read.
+    checkpoint: str | None = None  # "best" or "last"
+    weights_sha256: str | None = None  # of checkpoints/{checkpoint}.pt
+    histodetect: str | None = None
 
     def to_strings(self) -> dict[str, str]:
         """Each field as a JSON string, as ONNX metadata_props holds them."""
@@ -84,13 +89,14 @@ class ExportMetadata:
 
     @classmethod
     def from_strings(cls, props: dict[str, str], path: Path) -> ExportMetadata:
-        missing = [name for name in cls.__dataclass_fields__ if name not in props]
+        missing = [name for name, spec in cls.__dataclass_fields__.items()
+                   if name not in props and spec.default is MISSING]
         if missing or json.loads(props.get("format", "null")) != EXPORT_FORMAT_VERSION:
             raise UserError(
                 f"{path}: not a histodetect export (metadata lacks {', '.join(missing) or 'the format tag'}); "
                 "export it with 'histodetect export RUN'"
             )
-        return cls(**{name: json.loads(props[name]) for name in cls.__dataclass_fields__})
+        return cls(**{name: json.loads(props[name]) for name in cls.__dataclass_fields__ if name in props})
 
 
 @dataclass
@@ -235,6 +241,7 @@ def _check_export_is_current(path: Path, meta: ExportMetadata) -> None:
 
 
 def _metadata(run: LoadedRun) -> ExportMetadata:
+    computed_by = run.computed_by()
     return ExportMetadata(
         format=EXPORT_FORMAT_VERSION, mean=list(run.mean), std=list(run.std), crop_px=run.crop_px,
         patch_size_px=PATCH_SIZE_PX,
@@ -242,6 +249,7 @@ def _metadata(run: LoadedRun) -> ExportMetadata:
               "-> (N, 3, H, W) float32",
         threshold=run.threshold, temperature=run.temperature, model=run.config["model"],
         preset=run.run.get("preset"), data_fingerprint=run.run.get("data", {}).get("fingerprint"), run=run.run,
+        checkpoint=run.checkpoint, weights_sha256=computed_by["weights_sha256"], histodetect=computed_by["histodetect"],
     )
 
 

@@ -174,10 +174,13 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, split: str | None =
     metrics["roc_auc_ci"] = list(bootstrap_ci(labels, probs, roc_auc_score, n_boot=n_boot, groups=groups))
     metrics["accuracy_at_0.5"] = binary_metrics(labels, probs, threshold=0.5)["accuracy"]
     calibration = run.run.get("calibration") or {}
+    # What made these numbers, to trace them back months later: the store as an absolute path (as
+    # typed, 'store' named whatever the working folder held), the weights, precision and seeds.
     metrics.update(nll_uncalibrated=uncalibrated["nll"], ece_uncalibrated=uncalibrated["ece"],
-                   run=str(run.run_dir), store=str(store.path), split=split, tta=tta, mc_passes=mc_passes,
-                   store_fingerprint=store.fingerprint, trained_on=run.run["data"]["fingerprint"],
-                   temperature=run.temperature, bootstrap="slide-grouped" if groups is not None else "patch")
+                   **run.computed_by(), store=str(store.path.resolve()), split=split, tta=tta, mc_passes=mc_passes,
+                   seed=seed, store_fingerprint=store.fingerprint, trained_on=run.run["data"]["fingerprint"],
+                   temperature=run.temperature, bootstrap="slide-grouped" if groups is not None else "patch",
+                   bootstrap_resamples=n_boot)
     preds = (probs >= threshold).astype(np.int64)
     measures = uncertainty_measures(sample_probs, threshold)
     triage = _triage_tables(labels, preds, measures)

@@ -167,10 +167,11 @@ def write_explanations(run: LoadedRun, inputs: Path | str | list[Path | str], ou
                 writer = csv.writer(handle)
                 writer.writerow(("id", "prob", "pred", "cam_centre_fraction", "overlay"))
                 writer.writerows(rows)
+            # The inputs as absolute paths: as typed ('few') they named whatever the working folder held.
             (partial / EXPLAIN_JSON).write_text(json.dumps({
-                "run": str(run.run_dir), "method": method, "layer": layer_name, "n": len(rows),
+                **run.computed_by(), "method": method, "layer": layer_name, "n": len(rows),
                 "temperature": run.temperature, "threshold": run.threshold, "overlay_scale": OVERLAY_SCALE,
-                "inputs": [str(path) for path in inputs], "split": split,
+                "inputs": [str(path.resolve()) for path in inputs], "split": split,
             }, indent=2) + "\n")
             if out.exists():
                 shutil.rmtree(out)

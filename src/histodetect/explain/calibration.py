@@ -139,6 +139,8 @@ def calibrate_run(run_dir: Path | str | LoadedRun, data: Path | str | None = Non
         "thresholds": {views: calibrated_threshold(t, temperature) for views, t in uncalibrated.items()},
         "uncalibrated_thresholds": uncalibrated,
         "fitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # With what it was fitted: the logits, and so the temperature, move with the precision used.
+        **{key: value for key, value in run.computed_by().items() if key not in ("run", "run_started")},
     }
     # Read again just before writing: the run may have changed while the logits were computed.
     run_json = read_run(run_dir)

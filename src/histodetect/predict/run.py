@@ -3,6 +3,7 @@ thresholds and calibration temperature its run.json holds, each checked as it is
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -10,11 +11,19 @@ from pathlib import Path
 
 import torch
 
+from .. import __version__
 from ..augment import check_tta, tta_view_counts
 from ..errors import UserError, check_int
 from ..models import create_model
 from ..presets import MAX_THREADS
-from ..train import RUN_FILE, Dist, load_checkpoint, read_run, resolve_device
+from ..train import (
+    RUN_FILE,
+    Dist,
+    bf16_is_fast,
+    load_checkpoint,
+    read_run,
+    resolve_device,
+)
 
 
 @dataclass
@@ -36,6 +45,7 @@ class LoadedRun:
     # Decision thresholds chosen on validation, by TTA view count (`run_thresholds`);
     # always holds 1. Runs trained before 4 and 8 had their own use the 1-view one.
     thresholds: dict[int, float] = field(default_factory=lambda: {1: 0.5})
+    checkpoint: str = "best"  # the run's checkpoints/{checkpoint}.pt holds the weights
 
     def __repr__(self) -> str:  # the dataclass's would print the whole network and run.json
         name = self.config.get("model", type(self.model).__name__)
@@ -43,6 +53,22 @@ class LoadedRun:
         return (f"LoadedRun({str(self.run_dir)!r}, model={name!r}, device={str(self.device)!r}, "
                 f"crop_px={self.crop_px}, shift_px={self.shift_px}, bf16={self.bf16}, "
                 f"temperature={self.temperature:.4g}, thresholds={thresholds})")
+
+    def computed_by(self) -> dict:
+        """What computes this run's scores, for an output to record so that a number can be traced
+        months later: the package, the run, the SHA-256 of the weights file (the run folder may have
+        been trained again since), the device, and the precision used, which moves probabilities by
+        up to ~1e-2 (bf16 only where `bf16_is_fast`; an export is always float32)."""
+        exported = getattr(self.model, "exported", None)
+        weights = exported.path if exported is not None else self.run_dir / "checkpoints" / f"{self.checkpoint}.pt"
+        digest = hashlib.sha256()  # hashlib.file_digest is Python 3.11's
+        with weights.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return {"histodetect": __version__, "run": str(self.run_dir), "run_started": self.run.get("started"),
+                "weights": str(weights.resolve()), "weights_sha256": digest.hexdigest(), "device": self.device.type,
+                "threads": torch.get_num_threads() if exported is None else None,  # torch's CPU threads
+                "bf16_autocast": bool(self.bf16 and bf16_is_fast(self.device))}
 
     @property
     def threshold(self) -> float:
@@ -159,6 +185,7 @@ def load_run(run_dir: Path | str, *, checkpoint: str = "best", device: str = "au
         run_dir=run_dir, model=model, device=torch_device, mean=tuple(pre["mean"]), std=tuple(pre["std"]),
         crop_px=int(pre["crop_px"]), thresholds=thresholds,
         temperature=_temperature(calibration, run_dir), config=config, run=run, bf16=not fp32,
+        checkpoint=checkpoint,
     )
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ... import __version__
 from ...predict import LoadedRun
 from ..outputs import geojson_text, write_heatmap_png, write_overlay_png
 from ..reader import SlideGeometry
@@ -25,7 +24,7 @@ def _summary(slide_path: Path, geometry: SlideGeometry, grid: TileGrid, config: 
     tumour_area = sum(f["properties"]["measurements"]["area_mm2"] for f in features)
     message = "" if scored else "no tissue found: nothing was scored (is the slide blank, or the --roi off the tissue?)"
     return {
-        "slide": str(slide_path), "run": str(run.run_dir), "message": message,
+        "slide": str(slide_path.resolve()), **run.computed_by(), "message": message,
         "max_prob": float(probs.max()) if scored else None,
         "mean_prob": float(probs.mean()) if scored else None,
         "tumour_area_mm2": round(tumour_area, 6), "n_regions": len(features), "threshold": threshold,
@@ -42,7 +41,7 @@ def _summary(slide_path: Path, geometry: SlideGeometry, grid: TileGrid, config: 
                  "cell": "heatmap cell (r, c) is the stride-wide square centred on tile (r, c)"},
         "config": json.loads(json.dumps(asdict(config))),  # as read back from the file: roi a list
         "tta": config.tta, "temperature": run.temperature,
-        "settings_key": key, "histodetect": __version__,
+        "settings_key": key,
     }
 
 
