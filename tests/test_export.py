@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
+from torch import nn
 
 from histodetect import export as export_module
 from histodetect.data.decode import decode_patch_file
@@ -102,6 +104,53 @@ def test_a_calibration_temperature_is_applied_inside_the_export(trained_run, tmp
                                atol=MAX_PROB_DIFF)
 
 
+class _FirstPixelLogit(nn.Module):
+    """A stand-in network whose logit is the image's first value, to put any logit through the export's head."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image[:, 0, 0, 0:1]  # (N, 1)
+
+
+def test_the_onnx_probability_keeps_float32_precision_for_extreme_logits(trained_run, tmp_path):
+    # ONNX Runtime's own Sigmoid gives 0 below a logit of -18 and is not monotonic near
+    # -17, which flipped the decisions of a seed-mobilenetv2 run whose threshold was 2e-9.
+    meta = export_module._metadata(load_run(trained_run, device="cpu"))
+    model = export_module.CalibratedModel(_FirstPixelLogit(), temperature=1.5).eval()
+    path = tmp_path / "head.onnx"
+    export_module._write_onnx(model, torch.zeros(2, 3, 4, 4), meta, path)
+    images = np.zeros((601, 3, 4, 4), np.float32)
+    images[:, 0, 0, 0] = np.linspace(-120, 60, 601)  # logits down to a probability of 3e-35
+    logit, prob = ExportedModel(path)(images)
+    expected = 1 / (1 + np.exp(-logit.astype(np.float64) / 1.5))
+    np.testing.assert_allclose(prob, expected, rtol=1e-5, atol=0)
+    assert np.all(np.diff(prob[:, 0]) >= 0), "a larger logit never gets a smaller probability"
+
+
+def test_the_export_carries_the_calibrated_threshold_of_each_view_count(trained_run, tmp_path):
+    # run.json's top-level thresholds are the uncalibrated ones; a service that reads the
+    # export alone must not have to know that calibration.thresholds replaces them.
+    run = calibrated_copy(trained_run, tmp_path / "calibrated", temperature=2.0)
+    run_json = json.loads((run / "run.json").read_text())
+    run_json["calibration"]["thresholds"] = {"1": 0.3, "4": 0.35, "8": 0.4}
+    (run / "run.json").write_text(json.dumps(run_json))
+    for format in ("onnx", "torchscript"):
+        exported = ExportedModel(export_run(run, format=format).path)
+        assert exported.metadata.thresholds == {"1": 0.3, "4": 0.35, "8": 0.4}
+        assert exported.metadata.threshold == 0.3
+    graph = onnx.load(str(run / "model.onnx"))
+    assert json.loads({p.key: p.value for p in graph.metadata_props}["thresholds"])["8"] == 0.4
+    alone = tmp_path / "alone.onnx"
+    shutil.copy(run / "model.onnx", alone)
+    assert load_exported_run(alone).threshold_for(8) == 0.4
+    # An export written before the field existed still loads, with its run record's thresholds.
+    old = [p for p in graph.metadata_props if p.key != "thresholds"]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(old)
+    onnx.save(graph, str(alone))
+    assert ExportedModel(alone).metadata.thresholds is None
+    assert load_exported_run(alone).threshold_for(8) == 0.4
+
+
 def test_torchscript_export_keeps_the_metadata_beside_the_graph_and_matches_pytorch(trained_run, valid_patches):
     report = export_run(trained_run, format="torchscript")
     assert report.path == trained_run / "model.pt" and report.max_abs_prob_diff < MAX_PROB_DIFF
@@ -111,6 +160,22 @@ def test_torchscript_export_keeps_the_metadata_beside_the_graph_and_matches_pyto
     run = load_run(trained_run, device="cpu", fp32=True)
     np.testing.assert_allclose(exported.probabilities(valid_patches[:9]), predict_patches(run, valid_patches[:9]),
                                atol=MAX_PROB_DIFF)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load is deprecated upstream
+def test_the_torchscript_file_refuses_an_input_of_another_layout_size_or_dtype(trained_run, tmp_path):
+    # A CNN scores any size: an uncropped patch gave probabilities 0.11 away, silently.
+    module = torch.jit.load(str(export_run(trained_run, format="torchscript", out=tmp_path / "m.pt").path))
+    assert module(torch.zeros(1, 3, 48, 48))[1].shape == (1, 1)
+    assert module(torch.zeros(256, 3, 48, 48))[1].shape == (256, 1)
+    for image, message in (
+        (torch.zeros(2, 3, 96, 96), r"expected \(N, 3, 48, 48\), channels first.*found \[2, 3, 96, 96\]"),  # uncropped
+        (torch.zeros(2, 48, 48, 3), r"found \[2, 48, 48, 3\]"),  # channels last
+        (torch.zeros(2, 3, 48, 48, dtype=torch.uint8), r"expected float32 values, \(x / 255 - mean\) / std"),
+    ):
+        with pytest.raises(Exception, match=message) as error:
+            module(image)
+        assert "histodetect.json" in str(error.value)
 
 
 @pytest.mark.parametrize("tta", [8, 72])  # 72: crops moved by the training shift, which the export's metadata keeps
@@ -224,6 +289,11 @@ def test_the_export_command_checks_and_says_so_and_predict_runs_through_onnx(tra
     out = capsys.readouterr().out
     assert f"wrote onnx model to {tmp_path / 'm.onnx'}" in out
     assert "checked: its probabilities equal PyTorch's on 64 real patches" in out and "< 1e-04" in out
+    # What a service running the file without histodetect needs, said where the user looks.
+    threshold = load_run(trained_run, device="cpu").threshold
+    assert "input 'image': float32 (N, 3, 48, 48), any N: uint8 RGB 96x96 patches, the centre 48x48 px" in out
+    assert "mean [0.485, 0.456, 0.406]" in out and "sigmoid(logit / 1)" in out
+    assert f"tumour where prob_tumour >= {threshold:.6g} (one view" in out and "metadata_props" in out
     files = [str(f) for f in sorted((pcam_jpeg / "valid" / "1").glob("*.jpg"))[:3]]
     assert main(["predict", str(tmp_path / "m.onnx"), *files, "--out", str(tmp_path / "p.csv"),
                  "--engine", "onnx", "--quiet"]) == 0

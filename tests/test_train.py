@@ -1066,6 +1066,12 @@ def test_ctrl_c_while_choosing_thresholds_stops_at_once_and_the_resume_chooses_t
         fit(preset_config("cpu", **TINY), small_store, run, progress=False)
     monkeypatch.undo()
     assert "thresholds" not in json.loads((run / "run.json").read_text())
+    # Scoring with it meanwhile decides at 0.5, and says so (it said nothing).
+    code, _, err = run_cli(capsys, "predict", run, small_store, "--split", "valid", "--out", tmp_path / "p.csv")
+    assert code == 0 and err.count("warning") == 1 and (
+        f"histodetect: warning: {run.absolute()}: its training has not finished (the decision thresholds are chosen "
+        f"at its end), so it decides at 0.5; once it is not training, 'histodetect train --resume {run.absolute()}' "
+        "finishes it") in err, err
     fit(None, None, run, resume=True, progress=False)
     assert set(json.loads((run / "run.json").read_text())["thresholds"]) >= {"1", "8"}
 

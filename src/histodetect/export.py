@@ -2,11 +2,12 @@
 
 The exported graph takes what the PyTorch model takes, normalised float32 images
 (N, 3, crop, crop) with a dynamic batch size N, and returns two outputs:
-`logit` (N, 1) and `prob_tumour` (N, 1) = sigmoid(logit / temperature). The
-preprocessing that turns uint8 patches into those images (mean, std, crop_px),
-the decision threshold and the calibration temperature travel with the model: in
-the ONNX file's metadata_props, or as the extra file `histodetect.json` inside the
-TorchScript archive. Each value is JSON (see `ExportMetadata`).
+`logit` (N, 1), before calibration, and `prob_tumour` (N, 1) = sigmoid(logit /
+temperature). The preprocessing that turns uint8 patches into those images (mean,
+std, crop_px), the decision thresholds (one view's, and each TTA view count's) and
+the calibration temperature travel with the model: in the ONNX file's
+metadata_props, or as the extra file `histodetect.json` inside the TorchScript
+archive (a JSON object of the same strings). Each value is JSON (see `ExportMetadata`).
 
 Every export is checked before it is put in place: the exported model's
 probabilities on a few dozen real patches must equal PyTorch's to within 1e-4.
@@ -71,7 +72,7 @@ class ExportMetadata:
     crop_px: int  # centre crop fed to the model; 0 = the whole patch
     patch_size_px: int
     input: str  # how to build the input from uint8 patches, in words
-    threshold: float  # label 1 when prob_tumour >= threshold (chosen on validation)
+    threshold: float  # label 1 when prob_tumour >= threshold (chosen on validation, for this one view)
     temperature: float  # prob_tumour = sigmoid(logit / temperature)
     model: str
     preset: str | None
@@ -82,6 +83,10 @@ class ExportMetadata:
     checkpoint: str | None = None  # "best" or "last"
     weights_sha256: str | None = None  # of checkpoints/{checkpoint}.pt
     histodetect: str | None = None
+    # For the mean prob_tumour of 1, 4, 8, 40 or 72 views (README, test-time augmentation),
+    # calibrated as prob_tumour is: run.json's own "thresholds" are not, once calibrated.
+    # None in exports made before it was written; read as run_thresholds(run).
+    thresholds: dict[str, float] | None = None
 
     def to_strings(self) -> dict[str, str]:
         """Each field as a JSON string, as ONNX metadata_props holds them."""
@@ -107,6 +112,7 @@ class ExportReport:
     checked_on: str  # where they came from
     max_abs_prob_diff: float  # against PyTorch, fp32
     seconds: float
+    metadata: ExportMetadata  # what travels with the graph
 
 
 class CalibratedModel(nn.Module):
@@ -119,7 +125,34 @@ class CalibratedModel(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logit = self.model(image)  # (N, 1)
-        return logit, torch.sigmoid(logit / self.temperature)
+        # 1 / (1 + exp(-z)), not torch.sigmoid: ONNX Runtime 1.32's CPU Sigmoid approximates
+        # (0 for z <= -18, twice the true value at z = -17, not monotonic there), which
+        # flipped 5 of 200 decisions of a 1-epoch seed-mobilenetv2 run whose threshold was
+        # 2e-9; this form is within 1.5e-7 of the true value (relative) in ONNX Runtime too.
+        return logit, torch.reciprocal(1 + torch.exp(-logit / self.temperature))
+
+
+class CheckedInput(nn.Module):
+    """The TorchScript archive's entry point: refuses an input the model was not made for.
+
+    A CNN scores any size, so an uncropped 96 px patch gave probabilities 0.11 away from
+    the cropped one's without a word; ONNX Runtime refuses it by the graph's input shape.
+    """
+
+    def __init__(self, model: nn.Module, side_px: int):
+        super().__init__()
+        self.model = model
+        self.side_px = side_px
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        side = self.side_px
+        if image.dim() != 4 or image.shape[1:] != [3, side, side]:
+            raise ValueError("image: expected (N, 3, {}, {}), channels first, the side histodetect.json's crop_px "
+                             "gives; found {}".format(side, side, list(image.shape)))
+        if image.dtype != torch.float32:  # TorchScript prints a dtype as a number: not worth showing
+            raise ValueError("image: expected float32 values, (x / 255 - mean) / std (see histodetect.json); "
+                             "found another dtype")
+        return self.model(image)
 
 
 class ExportedModel:
@@ -211,7 +244,7 @@ def load_exported_run(path: Path, *, threads: int = 0) -> LoadedRun:
     return LoadedRun(
         run_dir=exported.path.parent.absolute(), model=ExportedLogits(exported), device=torch.device("cpu"),
         mean=tuple(meta.mean), std=tuple(meta.std), crop_px=meta.crop_px,
-        thresholds={**run_thresholds(meta.run), 1: meta.threshold},  # the run's for TTA; the export's own for 1 view
+        thresholds={**_view_thresholds(meta), 1: meta.threshold},
         temperature=meta.temperature, config=meta.run.get("config", {}), run=meta.run, bf16=False,
     )
 
@@ -240,6 +273,13 @@ def _check_export_is_current(path: Path, meta: ExportMetadata) -> None:
                         f"export it again with 'histodetect export {path.parent}'")
 
 
+def _view_thresholds(meta: ExportMetadata) -> dict[int, float]:
+    """The export's decision threshold by TTA view count (older exports: its run record's)."""
+    if meta.thresholds is None:
+        return run_thresholds(meta.run)
+    return {int(views): float(t) for views, t in meta.thresholds.items()}
+
+
 def _metadata(run: LoadedRun) -> ExportMetadata:
     computed_by = run.computed_by()
     return ExportMetadata(
@@ -250,6 +290,7 @@ def _metadata(run: LoadedRun) -> ExportMetadata:
         threshold=run.threshold, temperature=run.temperature, model=run.config["model"],
         preset=run.run.get("preset"), data_fingerprint=run.run.get("data", {}).get("fingerprint"), run=run.run,
         checkpoint=run.checkpoint, weights_sha256=computed_by["weights_sha256"], histodetect=computed_by["histodetect"],
+        thresholds={str(views): t for views, t in sorted(run.thresholds.items())},
     )
 
 
@@ -294,7 +335,8 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, meta: ExportMetadata, p
     graph = onnx.load(str(path))
     for key, value in meta.to_strings().items():
         graph.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
-    graph.doc_string = f"histodetect {meta.model}: {meta.input}; outputs logit and prob_tumour, (N, 1) each"
+    graph.doc_string = (f"histodetect {meta.model}: {meta.input}; outputs logit and prob_tumour = "
+                        f"sigmoid(logit / temperature), (N, 1) each; label 1 where prob_tumour >= threshold")
     onnx.checker.check_model(graph)
     onnx.save(graph, str(path))
 
@@ -306,7 +348,9 @@ def _write_torchscript(model: nn.Module, example: torch.Tensor, meta: ExportMeta
         warnings.simplefilter("ignore", FutureWarning)
         # check_trace=False: export_run checks the saved file on real patches instead.
         traced = torch.jit.trace(model, example, check_trace=False)
-        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_EXTRA_FILE: json.dumps(meta.to_strings())})
+        # Scripted, not traced: a trace would keep the input check's branch as a constant.
+        checked = torch.jit.script(CheckedInput(traced, example.shape[-1]))
+        torch.jit.save(checked, str(path), _extra_files={TORCHSCRIPT_EXTRA_FILE: json.dumps(meta.to_strings())})
 
 
 def export_run(run_dir: Path | str, *, format: str = "onnx", out: Path | None = None, check_data: Path | None = None,
@@ -350,4 +394,4 @@ def export_run(run_dir: Path | str, *, format: str = "onnx", out: Path | None = 
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return ExportReport(out, format, len(patches), checked_on, diff, time.perf_counter() - start)
+    return ExportReport(out, format, len(patches), checked_on, diff, time.perf_counter() - start, meta)

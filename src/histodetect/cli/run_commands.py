@@ -103,7 +103,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from ..export import MAX_PROB_DIFF, export_run
+    from ..export import INPUT_NAME, MAX_PROB_DIFF, OUTPUT_NAMES, TORCHSCRIPT_EXTRA_FILE, export_run
 
     report = export_run(args.run, format=args.format, out=args.out, check_data=args.check_data,
                         checkpoint=args.checkpoint)
@@ -111,6 +111,17 @@ def _cmd_export(args: argparse.Namespace) -> None:
           f"{report.seconds:.1f} s)")
     print(f"  checked: its probabilities equal PyTorch's on {report.n_checked} real patches from "
           f"{report.checked_on} (max |difference| {report.max_abs_prob_diff:.1e} < {MAX_PROB_DIFF:.0e})")
+    # What a service that runs the file without histodetect must do, so nobody reads our source for it.
+    meta = report.metadata
+    side_px = meta.crop_px or meta.patch_size_px
+    crop = f"the centre {side_px}x{side_px} px" if meta.crop_px else "the whole patch"
+    print(f"  input '{INPUT_NAME}': float32 (N, 3, {side_px}, {side_px}), any N: uint8 RGB {meta.patch_size_px}x"
+          f"{meta.patch_size_px} patches, {crop}, (x / 255 - mean) / std with mean {meta.mean}, std {meta.std}")
+    print(f"  outputs '{OUTPUT_NAMES[0]}' and '{OUTPUT_NAMES[1]}' = sigmoid(logit / {meta.temperature:.6g}), (N, 1); "
+          f"tumour where {OUTPUT_NAMES[1]} >= {meta.threshold:.6g} (one view; the mean of k TTA views: 'thresholds')")
+    where = ("its metadata_props" if report.format == "onnx"
+             else f"its extra file {TORCHSCRIPT_EXTRA_FILE} (torch.jit.load's _extra_files)")
+    print(f"  all of it is in {where}, each value JSON")
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:

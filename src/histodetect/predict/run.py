@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +181,10 @@ def load_run(run_dir: Path | str, *, checkpoint: str = "best", device: str = "au
     if not isinstance(calibration, dict):
         raise UserError(f"{run_dir / RUN_FILE}: 'calibration' is not a record; run 'histodetect calibrate' again")
     thresholds = run_thresholds(run, where=str(run_dir / RUN_FILE))  # moved by the temperature when calibrated
+    if "threshold" not in run and "thresholds" not in run:  # still training, or stopped before its last step
+        warnings.warn(f"{run_dir}: its training has not finished (the decision thresholds are chosen at its end), so "
+                      f"it decides at 0.5; once it is not training, 'histodetect train --resume {run_dir}' finishes it",
+                      stacklevel=2)
     run_thresholds(run, calibrated=False, where=str(run_dir / RUN_FILE))  # checked here: evaluate and calibrate read them
     return LoadedRun(
         run_dir=run_dir, model=model, device=torch_device, mean=tuple(pre["mean"]), std=tuple(pre["std"]),
