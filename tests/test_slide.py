@@ -558,7 +558,18 @@ def test_an_interrupted_run_leaves_no_result_and_the_rerun_resumes(trained_run, 
     # Same settings again: reused. Other settings: refused without --overwrite, then replaced.
     assert analyse_slide(trained_run, slide_path, tmp_path / "node", config, progress=False).reused
     other = SlideConfig(batch_size=32, roi=(0, 0, 1536, 1536))
-    with pytest.raises(UserError, match=r"node: already holds a slide result from other settings; pass --overwrite"):
+    with pytest.raises(UserError, match=r"node: already holds a slide result from other settings \(changed: --roi\); "
+                                        r"pass --overwrite"):
+        analyse_slide(trained_run, slide_path, tmp_path / "node", other, progress=False)
+    other_tta = SlideConfig(batch_size=32, tta=8, threshold=0.3)
+    with pytest.raises(UserError, match=r"other settings \(changed: --tta, --threshold\); pass --overwrite"):
+        analyse_slide(trained_run, slide_path, tmp_path / "node", other_tta, progress=False)
+    summary_path = tmp_path / "node" / "summary.json"
+    older = json.loads(summary_path.read_text())
+    del older["settings"]  # as results made before the settings were kept
+    summary_path.write_text(json.dumps(older))
+    with pytest.raises(UserError, match=r"other settings \(changed: an earlier histodetect's, which did not record "
+                                        r"them\); pass --overwrite"):
         analyse_slide(trained_run, slide_path, tmp_path / "node", other, progress=False)
     replaced = analyse_slide(trained_run, slide_path, tmp_path / "node", other, overwrite=True, progress=False)
     assert replaced.summary["config"]["roi"] == [0, 0, 1536, 1536]
@@ -578,8 +589,10 @@ def test_a_result_is_reused_only_by_the_same_engine_and_precision(trained_run, s
     assert analyse_slide(trained_run, slide_path, out, SlideConfig(), progress=False).reused
     fp32 = load_run(trained_run.run_dir, device="cpu", fp32=True)
     export_run(trained_run.run_dir, out=tmp_path / "model.onnx")
-    for other in (fp32, load_exported_run(tmp_path / "model.onnx")):
-        with pytest.raises(UserError, match=r"node: already holds a slide result from other settings; pass --overwrite"):
+    for other, changed in ((fp32, "the engine or precision"),
+                           (load_exported_run(tmp_path / "model.onnx"), "the run or its weights, the engine or precision")):
+        with pytest.raises(UserError, match=rf"node: already holds a slide result from other settings \(changed: "
+                                            rf"{changed}\); pass --overwrite"):
             analyse_slide(other, slide_path, out, SlideConfig(), progress=False)
 
 

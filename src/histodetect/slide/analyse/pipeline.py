@@ -23,6 +23,7 @@ from .resume import (
     _install,
     _keep_scores,
     _load_progress,
+    _settings,
     _settings_key,
 )
 from .scoring import _block_cells, _score_tiles
@@ -47,8 +48,9 @@ def analyse_slide(run: LoadedRun, slide_path: Path, out_dir: Path, config: Slide
     threshold = run.threshold_for(config.tta) if config.threshold is None else config.threshold
     geometry = open_slide(slide_path, mpp=config.mpp)
     grid = plan_grid(geometry, stride_px=config.stride_px, target_mpp=config.target_mpp, roi=config.roi)
-    key = _settings_key(run, slide_path, config, threshold)
-    existing = _existing_result(out_dir, key, overwrite)
+    settings = _settings(run, slide_path, config, threshold)
+    key = _settings_key(settings)
+    existing = _existing_result(out_dir, settings, overwrite)
     if existing is not None:
         return SlideResult(slide_path, out_dir, existing, reused=True)
 
@@ -87,6 +89,7 @@ def analyse_slide(run: LoadedRun, slide_path: Path, out_dir: Path, config: Slide
     features = region_features(heatmap, grid, threshold, geometry.mpp)
     summary = _summary(slide_path, geometry, grid, config, threshold, probs, features, mask, seconds,
                        n_resumed, key, time.perf_counter() - started, run)
+    summary["settings"] = settings  # a rerun with other settings names what changed
     with naming_write_errors(out_dir):
         try:
             _write_outputs(partial, heatmap, grid, order, probs, features, overview, region, summary)

@@ -23,8 +23,8 @@ SUMMARY_FILE = "summary.json"
 PROGRESS_FILE = "progress.npy"
 
 
-def _settings_key(run: LoadedRun, slide_path: Path, config: SlideConfig, threshold: float) -> str:
-    """Fingerprint of everything the results depend on (not workers / batch size)."""
+def _settings(run: LoadedRun, slide_path: Path, config: SlideConfig, threshold: float) -> dict:
+    """Everything the results depend on (not workers / batch size); summary.json keeps it."""
     slide_stat = slide_path.stat()
     weights = run.run_dir / "checkpoints" / "best.pt"
     weights_stat = weights.stat() if weights.exists() else None
@@ -42,11 +42,33 @@ def _settings_key(run: LoadedRun, slide_path: Path, config: SlideConfig, thresho
         "config": {k: v for k, v in asdict(config).items() if k not in ("workers", "batch_size")},
         "threshold": threshold, "temperature": run.temperature, "version": __version__,
     }
+    return json.loads(json.dumps(settings))  # as read back from summary.json: tuples as lists
+
+
+def _settings_key(settings: dict) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def _existing_result(out_dir: Path, key: str, overwrite: bool) -> dict | None:
+# What a user changed, in their words, for each part of the settings.
+_SETTING_WORDS = {"slide": "the slide file", "run": "the run or its weights", "engine": "the engine or precision",
+                  "threshold": "the threshold", "temperature": "the temperature (calibrate)",
+                  "version": "the histodetect version"}
+
+
+def _changed(old: dict | None, new: dict) -> str:
+    """What differs between the settings of an earlier result and these, as words ('--tta, the threshold')."""
+    if not isinstance(old, dict):
+        return "an earlier histodetect's, which did not record them"
+    words = [f"--{name.replace('_', '-')}" for name in new["config"]
+             if (old.get("config") or {}).get(name) != new["config"][name]]
+    words += [_SETTING_WORDS.get(part, part) for part in new if part != "config" and old.get(part) != new[part]
+              and not (part == "threshold" and {"--threshold", "--tta"} & set(words))]  # it follows them
+    return ", ".join(words) or "none that this histodetect names"
+
+
+def _existing_result(out_dir: Path, settings: dict, overwrite: bool) -> dict | None:
     """The summary of a complete result with these settings; a UserError if out_dir holds anything else."""
+    key = _settings_key(settings)
     if not out_dir.exists():
         return None
     if not out_dir.is_dir():
@@ -59,8 +81,8 @@ def _existing_result(out_dir: Path, key: str, overwrite: bool) -> dict | None:
         return None
     if summary is None:  # never replaced, --overwrite or not: they are someone's files
         raise UserError(f"{out_dir}: already holds files that are not a slide result; choose another --out")
-    raise UserError(f"{out_dir}: already holds a slide result from other settings; pass --overwrite to replace it, "
-                    "or choose another --out")
+    raise UserError(f"{out_dir}: already holds a slide result from other settings (changed: "
+                    f"{_changed(summary.get('settings'), settings)}); pass --overwrite to replace it, or choose another --out")
 
 
 def _load_progress(path: Path, key: str) -> np.ndarray | None:
