@@ -227,6 +227,18 @@ def test_overlay_returns_a_grad_cam_png_per_patch(client, patch_files):
         assert overlay.format == "PNG" and overlay.mode == "RGB" and overlay.size[0] == overlay.size[1] >= 96
 
 
+
+def test_preview_returns_each_patch_as_scored_so_a_tiff_can_be_shown(client, kaggle_sample):
+    # Browsers do not display TIFF, and Kaggle's patches are all TIFF: the page showed "no preview" for each.
+    tiffs = sorted((kaggle_sample / "test").glob("*.tif"))[:2]
+    response = client.post("/v1/predict?preview=true", files=multipart(tiffs))
+    assert response.status_code == 200, response.text
+    for path, result in zip(tiffs, response.json()["results"]):
+        shown = Image.open(io.BytesIO(base64.b64decode(result["patch_png_base64"])))
+        assert shown.format == "PNG"
+        np.testing.assert_array_equal(np.asarray(shown), decode_patch_file(path).patch)
+    assert client.post("/v1/predict", files=multipart(tiffs)).json()["results"][0]["patch_png_base64"] is None
+
 def test_an_overlay_prints_the_probability_of_the_requests_views(client, patch_files, monkeypatch):
     import histodetect.serve.app as app_module
 
@@ -452,8 +464,8 @@ def test_unknown_paths_and_methods_answer_json_errors(client):
 def test_unknown_or_repeated_query_parameters_are_refused_not_ignored(client, patch_files):
     files = multipart(patch_files[:1])
     for query, message in [
-        ({"threshold": "0.3"}, "query parameter 'threshold': unknown; /v1/predict takes tta and overlay (see /docs)"),
-        ({"overlays": "true"}, "query parameter 'overlays': unknown; /v1/predict takes tta and overlay (see /docs)"),
+        ({"threshold": "0.3"}, "query parameter 'threshold': unknown; /v1/predict takes tta, overlay and preview (see /docs)"),
+        ({"overlays": "true"}, "query parameter 'overlays': unknown; /v1/predict takes tta, overlay and preview (see /docs)"),
         ([("tta", "4"), ("tta", "8")], "query parameter 'tta': given 2 times (4, 8); give it once"),
     ]:
         response = client.post("/v1/predict", files=files, params=query)
@@ -992,6 +1004,19 @@ def test_the_page_scores_an_uploaded_patch_and_shows_probability_and_overlay(bro
     assert [r["file"] for r in rows] == [r["id"] for r in shown[:2]]
     np.testing.assert_allclose([float(r["prob_tumour"]) for r in rows], [r["prob_tumour"] for r in shown[:2]], atol=1e-9)
 
+
+
+def test_the_page_shows_a_tiff_patch_the_server_sent_back_as_png(browser, live_server, kaggle_sample):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    tiff = sorted((kaggle_sample / "test").glob("*.tif"))[0]
+    browser.get(live_server + "/")
+    WebDriverWait(browser, 30).until(lambda d: "histo_tinynet" in d.find_element(By.ID, "model-card").text)
+    browser.find_element(By.ID, "file-input").send_keys(str(tiff))
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, f'tr.result[data-name="{tiff.name}"]'))
+    image = browser.find_element(By.CSS_SELECTOR, f'tr.result[data-name="{tiff.name}"] img.patch')
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script("return arguments[0].naturalWidth", image) == 96)
 
 def test_the_page_marks_a_bad_file_and_still_scores_the_good_ones(browser, live_server, patch_files, tmp_path):
     from selenium.webdriver.common.by import By

@@ -66,6 +66,8 @@ class PatchResult(BaseModel):
     converted_from: str | None = Field(None, description="original colour mode when not RGB")
     overlay_png_base64: str | None = Field(None, description="Grad-CAM heat map over the patch, PNG, base64 "
                                                              "(only with overlay=true)")
+    patch_png_base64: str | None = Field(None, description="the patch as scored (decoded, RGB, 96x96), PNG, base64 "
+                                                           "(only with preview=true): browsers do not display TIFF")
 
 
 class PredictResponse(BaseModel):
@@ -209,7 +211,7 @@ def _png_base64(image_uint8: np.ndarray) -> str:
 
 
 def _results(run: LoadedRun, decoded: DecodedUploads, logits: np.ndarray, cams: np.ndarray | None,
-             tta: int) -> PredictResponse:
+             tta: int, preview: bool = False) -> PredictResponse:
     """The same arithmetic as predict_to_csv: mean of the calibrated views' probabilities.
 
     Overlays print that same probability (of the request's `tta` views), not the
@@ -229,6 +231,7 @@ def _results(run: LoadedRun, decoded: DecodedUploads, logits: np.ndarray, cams: 
             prob_sd_tta=float(measures["tta_sd"][i]) if "tta_sd" in measures else None,
             resized_from=list(resized) if resized else None, converted_from=decoded.converted_from[i],
             overlay_png_base64=_png_base64(overlays[i]) if overlays is not None else None,
+            patch_png_base64=_png_base64(decoded.patches[i]) if preview else None,
         ))
     return PredictResponse(model=str(run.config.get("model")), threshold=threshold,
                            temperature=run.temperature, tta=tta, results=results)
@@ -310,14 +313,15 @@ def create_app(run: LoadedRun, config: ServeConfig | None = None) -> FastAPI:
         tta: int | None = Query(None, description="test-time views averaged per patch: 1, 4 or 8 dihedral "
                                                   "views, 40 or 72 with moved crops (default: the server's --tta)"),
         overlay: bool = Query(False, description="also return a Grad-CAM overlay PNG per patch"),
+        preview: bool = Query(False, description="also return each patch as scored, PNG (a TIFF's preview)"),
     ) -> PredictResponse:
-        check_query(request.query_params, request.url.path, ("tta", "overlay"))
+        check_query(request.query_params, request.url.path, ("tta", "overlay", "preview"))
         tta = check_tta(tta, config, run.tta_choices)
         uploads = await read_uploads(request, config)
         decoded = await run_in_threadpool(decode_uploads, uploads, config)
         scored = await scored_unless_client_gone(request, batcher.submit(decoded.patches, tta, overlay))
         if scored is None:  # nobody reads this answer; 499 is nginx's "client closed request"
             return _error(499, "client closed the request before it was scored")
-        return await run_in_threadpool(_results, run, decoded, scored.logits, scored.overlays, tta)
+        return await run_in_threadpool(_results, run, decoded, scored.logits, scored.overlays, tta, preview)
 
     return app

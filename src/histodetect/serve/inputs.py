@@ -106,7 +106,8 @@ def check_query(query: QueryParams, path: str, known: Sequence[str]) -> None:
     """Refuse a query parameter `path` does not take, or one given twice: either would be ignored silently."""
     for name in query:
         if name not in known:
-            raise RequestError(f"query parameter '{name}': unknown; {path} takes {' and '.join(known)} (see /docs)", 422)
+            takes = " and ".join(known) if len(known) < 3 else f"{', '.join(known[:-1])} and {known[-1]}"
+            raise RequestError(f"query parameter '{name}': unknown; {path} takes {takes} (see /docs)", 422)
         values = query.getlist(name)
         if len(values) > 1:
             raise RequestError(f"query parameter '{name}': given {len(values)} times ({', '.join(values)}); "

@@ -78,7 +78,8 @@ function chunksOf(files) {
 
 // answer: the response's threshold and tta (the threshold depends on the number of views).
 function addRow(item, result, error, answer = { threshold: state.threshold, tta: null }) {
-  const url = BROWSER_CAN_SHOW.test(item.file.name) ? URL.createObjectURL(item.file) : null;
+  let url = BROWSER_CAN_SHOW.test(item.file.name) ? URL.createObjectURL(item.file) : null;
+  if (!url && result && result.patch_png_base64) url = `data:image/png;base64,${result.patch_png_base64}`; // a TIFF, as scored
   const row = { name: item.name, url, batch: state.batch, error: error || null };
   if (result) {
     Object.assign(row, {
@@ -135,6 +136,8 @@ async function scoreFiles(items, generation) {
     return;
   }
   const query = new URLSearchParams({ tta: $("#tta").value, overlay: String($("#overlay").checked) });
+  // Browsers do not display TIFF (Kaggle's patches are TIFF): the server sends those back as PNG.
+  if (items.some((item) => !BROWSER_CAN_SHOW.test(item.file.name))) query.set("preview", "true");
   const chunks = chunksOf(items);
   const batch = ++state.batch;
   const cleared = () => state.generation !== generation;
