@@ -1018,6 +1018,37 @@ def test_the_page_shows_a_tiff_patch_the_server_sent_back_as_png(browser, live_s
     image = browser.find_element(By.CSS_SELECTOR, f'tr.result[data-name="{tiff.name}"] img.patch')
     WebDriverWait(browser, 10).until(lambda d: d.execute_script("return arguments[0].naturalWidth", image) == 96)
 
+
+@pytest.fixture(scope="module")
+def vit_run(run):
+    """`run` with a vision transformer in place of its CNN: it trains and scores, but has no feature map."""
+    import dataclasses
+
+    from histodetect.models import create_model
+
+    return dataclasses.replace(run, model=create_model("test_vit", input_size_px=run.crop_px or 96).eval())
+
+
+def test_a_model_without_a_feature_map_is_served_without_overlays_and_says_why(client, vit_run, patch_files):
+    assert client.get("/v1/model").json()["serving"]["overlay"] == "gradcam"
+    with TestClient(create_app(vit_run)) as vit_client:
+        serving = vit_client.get("/v1/model").json()["serving"]
+        assert serving["overlay"] is None
+        assert serving["no_overlay_because"] == "test_vit: no layer outputs a feature map (N, C, H, W); CAMs need a CNN"
+        assert vit_client.post("/v1/predict", files=multipart(patch_files[:2])).status_code == 200
+
+
+def test_the_page_offers_no_overlay_for_a_model_without_a_feature_map(browser, vit_run):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with serving(create_app(vit_run)) as (_, port):
+        browser.get(f"http://127.0.0.1:{port}/")
+        WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model-card").text.startswith("Model:"))
+        box = browser.find_element(By.ID, "overlay")
+        WebDriverWait(browser, 10).until(lambda d: not box.is_enabled())
+        assert "CAMs need a CNN" in box.find_element(By.XPATH, "..").get_attribute("title")
+
 def test_the_page_marks_a_bad_file_and_still_scores_the_good_ones(browser, live_server, patch_files, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

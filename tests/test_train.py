@@ -1184,7 +1184,10 @@ def test_a_mid_epoch_checkpoint_never_saves_weights_an_update_made_non_finite(sm
     ("--threads", str(2**63), r"--threads 9223372036854775808: expected a value in \[0, 1024\]"),
     ("--crop-px", "-1", r"--crop-px -1: expected a value in \[0, inf\]"),
     ("--shift-px", "-1", r"--shift-px -1: expected a value in \[0, inf\]"),
-    ("--model", "vit_tiny_patch16_224", r"--model vit_tiny_patch16_224: cannot take 64 px crops .* choose a CNN"),
+    # A network built for one size (its attention biases) and one whose last stage needs more than 64 px
+    ("--model", "levit_128s", r"--model levit_128s: cannot take 88 px crops \(.*\); choose another --crop-px \(0: the whole"),
+    ("--model", "inception_v3", r"--model inception_v3: cannot take the 64 px crops of --progressive-crop 64@0.4,76@0.7 "
+                                r"\(.*\); pass --progressive-crop '' or choose another model"),
 ])
 def test_a_setting_out_of_range_is_one_line_and_writes_no_run(small_store, tmp_path, capsys, flag, value, problem):
     code, _, err = run_cli(capsys, "train", "--data", small_store, "--preset", "cpu", "--out", tmp_path / "run",

@@ -385,7 +385,17 @@ def export_run(run_dir: Path | str, *, format: str = "onnx", out: Path | None = 
             (_write_onnx if format == "onnx" else _write_torchscript)(model, example, meta, tmp)
         except OSError as exc:
             raise UserError(f"{out}: cannot write it ({exc.strerror or exc})") from None
-        exported = ExportedModel(tmp)
+        except torch.onnx.errors.OnnxExporterError as exc:  # its message goes on with the whole graph
+            raise UserError(f"{run_dir}: torch cannot export {meta.model} to ONNX ({str(exc).splitlines()[0]}); "
+                            "export it with --format torchscript") from None
+        try:
+            exported = ExportedModel(tmp)
+        except UserError:
+            if format != "onnx":
+                raise
+            # e.g. eva02's rotary attention: torch writes a graph whose shapes ONNX Runtime rejects
+            raise UserError(f"{run_dir}: ONNX Runtime cannot load the graph torch exports for {meta.model}; "
+                            "export it with --format torchscript") from None
         diff = float(np.abs(exported.probabilities(patches) - predict_patches(run, patches)).max())
         if not diff < MAX_PROB_DIFF:
             # Not a user mistake: the exporter changed the function.

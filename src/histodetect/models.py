@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import SelectAdaptivePool2d, to_2tuple
 from timm.models import register_model
 from torch import Tensor, nn
 
@@ -226,30 +226,97 @@ def known_model_names() -> list[str]:
     return sorted(set(timm.list_models()) | set(MODEL_ALIASES))
 
 
+def forward_failure(model: nn.Module, side_px: int) -> str | None:
+    """Why `model` cannot score one blank side_px x side_px image, in one line; None when it can."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, side_px, side_px))
+    except Exception as exc:  # noqa: BLE001 (any model's own complaint)
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    finally:
+        model.train(was_training)
+    return None
+
+
+# timm's arguments that build a model for another input size, most capable first: dynamic_img_size
+# resamples the position embeddings to each input (progressive crops, 96 px TTA), dynamic_img_pad
+# pads a side that is not a multiple of the patch (88 px into 16 px patches) rather than dropping its edge.
+_INPUT_SIZE_KWARGS = ("img_size", "dynamic_img_size", "dynamic_img_pad")
+
+
+def input_size_kwargs(timm_name: str, side_px: int) -> dict:
+    """What `timm_name` needs to take side_px crops: {} when it takes them as timm builds it.
+
+    timm builds vision transformers and their kin for the ImageNet size (224 px) and marks
+    them `fixed_input_size`; built with `img_size`, they take PCam's crops. Decided on a
+    random-init build at side_px alone, so that training and prediction, which pass the same
+    largest crop, build the same network; the global random state is left as it was.
+    """
+    if timm_name.startswith("histo_") or not timm.models.get_pretrained_cfg_value(timm_name, "fixed_input_size"):
+        return {}
+    with torch.random.fork_rng(devices=[]):
+        as_timm_builds_it = _build(timm_name, timm_name, False, {"num_classes": 1, "global_pool": "avg"})
+        if forward_failure(as_timm_builds_it, side_px) is None:
+            return {}
+        # Padded crops fill whole patches: a grid of the position embeddings' own size, which
+        # needs no resampling (its antialiased bicubic has no ONNX operator).
+        patch_px = max(to_2tuple(getattr(getattr(as_timm_builds_it, "patch_embed", None), "patch_size", 1)))
+        kwargs = {"img_size": -(-side_px // patch_px) * patch_px, "dynamic_img_size": True, "dynamic_img_pad": True}
+        while True:
+            try:
+                timm.create_model(timm_name, num_classes=1, global_pool="avg", **kwargs)
+                return kwargs
+            except AssertionError:  # it takes the size but cannot be built for it (nest's blocks); the check says so
+                return {}
+            except TypeError as error:  # "... got an unexpected keyword argument 'dynamic_img_pad'"
+                refused = next((key for key in _INPUT_SIZE_KWARGS if f"'{key}'" in str(error)), None)
+                if refused is None:
+                    raise
+                if refused == "img_size":
+                    return {}  # it cannot be built for another size; the caller's check names the model
+                del kwargs[refused]
+                kwargs["img_size"] = side_px  # unpadded, the model must be built for the crop itself
+
+
+def _build(name: str, timm_name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    """timm.create_model, a model timm cannot give a GAP head (distilled, token-pooled) refused in one line."""
+    try:
+        return create_pretrained(name, timm_name, **kwargs) if pretrained else timm.create_model(timm_name, **kwargs)
+    except AssertionError as error:  # timm's own check of its arguments, e.g. deit's distilled head
+        raise UserError(f"model '{name}': timm cannot build it with global average pooling and one logit ({error}); "
+                        "choose another model, e.g. its non-distilled twin") from None
+
+
 def create_model(
     name: str,
     *,
     pretrained: bool = False,
     weights: Path | None = None,
     drop_rate: float = 0.0,
+    input_size_px: int = PATCH_SIZE_PX,
 ) -> nn.Module:
     """Build `name` (a timm name or alias) with GAP, dropout and one logit; random init by default.
 
     pretrained=True takes timm's hub weights (from the local cache, else the network);
     weights=FILE loads a local .safetensors or torch state dict, skipping a classifier
-    of another shape.
+    of another shape. input_size_px is the largest side the model will be fed (a run's
+    crop, else the whole 96 px patch): a model timm builds for one size (a vision
+    transformer) is built for it (`input_size_kwargs`).
     """
     timm_name = MODEL_ALIASES.get(name, name)
     if not timm.is_model(timm_name):
         close = difflib.get_close_matches(name, known_model_names(), n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
         raise UserError(f"model '{name}': not a timm model or histodetect alias; {hint}")
-    kwargs = {"num_classes": 1, "drop_rate": drop_rate, "global_pool": "avg"}
-    model = create_pretrained(name, timm_name, **kwargs) if pretrained else timm.create_model(timm_name, **kwargs)
+    kwargs = {"num_classes": 1, "drop_rate": drop_rate, "global_pool": "avg",
+              **input_size_kwargs(timm_name, input_size_px)}
+    model = _build(name, timm_name, pretrained, kwargs)
     if not timm_name.startswith("histo_"):
-        # timm's cfg names the ImageNet weights' input size (224, 299); here every
-        # model is fed whole PCam patches.
-        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, PATCH_SIZE_PX, PATCH_SIZE_PX)}
+        # timm's cfg names the ImageNet weights' input size (224, 299); here the
+        # model is fed PCam patches or their centre crops.
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, input_size_px, input_size_px)}
     if weights is not None:
         load_weights(model, weights)
     return model

@@ -14,6 +14,7 @@ import torch
 
 from .. import __version__
 from ..augment import check_tta, tta_view_counts
+from ..data.decode import PATCH_SIZE_PX
 from ..errors import UserError, check_int
 from ..models import create_model
 from ..presets import MAX_THREADS
@@ -159,7 +160,9 @@ def load_run(run_dir: Path | str, *, checkpoint: str = "best", device: str = "au
     run = read_run(run_dir)
     state = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
     config = state["config"]
-    model = create_model(config["model"], drop_rate=config["drop_rate"])
+    pre = state["preprocessing"]
+    model = create_model(config["model"], drop_rate=config["drop_rate"],
+                         input_size_px=int(pre["crop_px"]) or PATCH_SIZE_PX)
     key = "model" if checkpoint == "best" or state.get("ema") is None else "ema"
     weights = state[key]
     if key == "ema":  # timm's EMA wraps the model as `module`
@@ -176,7 +179,6 @@ def load_run(run_dir: Path | str, *, checkpoint: str = "best", device: str = "au
         torch.set_num_threads(threads)
     torch_device = resolve_device(device, Dist())
     model.to(torch_device).eval().to(memory_format=torch.channels_last)
-    pre = state["preprocessing"]
     calibration = run.get("calibration") or {}
     if not isinstance(calibration, dict):
         raise UserError(f"{run_dir / RUN_FILE}: 'calibration' is not a record; run 'histodetect calibrate' again")

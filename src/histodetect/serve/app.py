@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import UserError
-from ..explain import class_activation_maps, render_overlays
+from ..explain import class_activation_maps, render_overlays, resolve_cam_layer
 from ..predict import LoadedRun, check_run, mean_over_samples, predict_samples, sample_probabilities, uncertainty_measures
 from .batcher import PredictionBatcher, ScoredPatches, ServerBusy
 from .inputs import (
@@ -176,7 +176,16 @@ def best_epoch(run_dir: Path) -> dict | None:
     return {**best, "epoch": int(best["epoch"])}
 
 
-def model_card(run: LoadedRun, config: ServeConfig) -> dict:
+def overlay_refusal(run: LoadedRun) -> str | None:
+    """Why this model can have no Grad-CAM overlays (a vision transformer has no feature map), or None."""
+    try:
+        resolve_cam_layer(run.model, None, run.crop_px or 96)
+    except UserError as error:
+        return str(error)
+    return None
+
+
+def model_card(run: LoadedRun, config: ServeConfig, no_overlay_because: str | None = None) -> dict:
     """What `GET /v1/model` answers: where the model came from, how good it was, how it is served."""
     info = run.run
     data = info.get("data", {})
@@ -200,7 +209,7 @@ def model_card(run: LoadedRun, config: ServeConfig) -> dict:
         "serving": {"histodetect": __version__, "max_upload_bytes": config.max_upload_bytes,
                     "max_files": config.max_files, "max_image_pixels": config.max_image_pixels,
                     "resize": config.resize, "tta": config.tta, "tta_choices": list(run.tta_choices),
-                    "overlay": "gradcam"},
+                    "overlay": None if no_overlay_because else "gradcam", "no_overlay_because": no_overlay_because},
     }
 
 
@@ -242,6 +251,7 @@ def create_app(run: LoadedRun, config: ServeConfig | None = None) -> FastAPI:
     run = check_run(run)
     config = config or ServeConfig()
     run.check_tta(config.tta)
+    no_overlay_because = overlay_refusal(run)
     batcher = PredictionBatcher(
         lambda patches, tta: predict_samples(run, patches, tta=tta),
         lambda patches: class_activation_maps(run.model, patches, mean=run.mean, std=run.std, crop_px=run.crop_px,
@@ -304,7 +314,7 @@ def create_app(run: LoadedRun, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/v1/model", summary="Model card: architecture, preset, data fingerprint, validation metrics, threshold")
     async def model() -> dict:
-        return model_card(run, config)
+        return model_card(run, config, no_overlay_because)
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=_REQUEST_BODY,
               summary="Score patches: multipart image files, or JSON {patches: [{id, image_base64}]}")

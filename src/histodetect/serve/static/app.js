@@ -33,6 +33,11 @@ async function loadModelCard() {
     const choices = card.serving.tta_choices || [1, 4, 8];
     $("#tta").replaceChildren(...choices.map((n) => new Option(String(n), String(n))));
     $("#tta").value = String(card.serving.tta);
+    if (!card.serving.overlay) { // e.g. a vision transformer: no feature map for Grad-CAM
+      $("#overlay").checked = false;
+      $("#overlay").disabled = true;
+      $("#overlay").parentElement.title = card.serving.no_overlay_because || "this model has no Grad-CAM overlays";
+    }
     showModelCard();
   } catch (error) {
     $("#model-card").textContent = `Could not load the model card (${error}).`;

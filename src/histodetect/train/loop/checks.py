@@ -8,28 +8,27 @@ import torch
 
 from ...data.store import PatchStore
 from ...errors import UserError
+from ...models import forward_failure
 from ...presets import TrainConfig, training_crop_sizes
 
 
 def _check_model_takes_crops(model: torch.nn.Module, cfg: TrainConfig) -> None:
-    """One blank batch at every crop size training and prediction will use, before anything is written.
+    """One blank image at every crop size training and prediction will use, before anything is written.
 
-    timm builds vision transformers for one input size (224 px): they fail on 88 px
-    crops, and that must be one line now rather than a traceback after run.json.
+    create_model builds a vision transformer for the largest crop, but some networks still
+    take only some sizes (maxvit's windows, dla's and hrnet's upsampling need multiples of
+    32, inception's last stage more than 64 px): that must be one line now rather than a
+    traceback after run.json.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for px in sorted(training_crop_sizes(cfg)):
-                try:
-                    model(torch.zeros(2, 3, px, px))
-                except Exception as exc:  # noqa: BLE001 (any model's own complaint)
-                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    raise UserError(f"--model {cfg.model}: cannot take {px} px crops ({reason}); a model built for "
-                                    "one input size (a vision transformer) does not fit 96 px patches: choose a CNN") from None
-    finally:
-        model.train(was_training)
+    largest, *smaller = training_crop_sizes(cfg)
+    reason = forward_failure(model, largest)
+    if reason is not None:
+        raise UserError(f"--model {cfg.model}: cannot take {largest} px crops ({reason}); choose another --crop-px "
+                        "(0: the whole 96 px; some networks need a multiple of 32) or another model")
+    for px in smaller:
+        if (reason := forward_failure(model, px)) is not None:
+            raise UserError(f"--model {cfg.model}: cannot take the {px} px crops of --progressive-crop "
+                            f"{cfg.progressive_crop} ({reason}); pass --progressive-crop '' or choose another model")
 
 
 def _class_rows(store: PatchStore, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, str | None]:

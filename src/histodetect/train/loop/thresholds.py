@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ...data.store import PatchStore
 from ...models import create_model
-from ...presets import TrainConfig
+from ...presets import TrainConfig, training_crop_sizes
 from ..checkpoint import load_checkpoint
 from ..step import model_logits
 
@@ -34,7 +34,7 @@ def _validation_thresholds(out: Path, store: PatchStore, val_rows: np.ndarray, c
     from ...evaluate.metrics import choose_threshold
 
     best = load_checkpoint(out / "checkpoints" / "best.pt")
-    model = create_model(cfg.model, drop_rate=cfg.drop_rate)
+    model = create_model(cfg.model, drop_rate=cfg.drop_rate, input_size_px=max(training_crop_sizes(cfg)))
     model.load_state_dict(best["model"])
     model.to(device).eval().to(memory_format=torch.channels_last)
     moved = [n for n in tta_view_counts(cfg.crop_px, cfg.shift_px) if n not in DIHEDRAL_VIEW_COUNTS]

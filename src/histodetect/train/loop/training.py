@@ -163,7 +163,8 @@ def _fit(cfg: TrainConfig | None, data: Path | None, out: Path, *, overwrite: bo
     torch.manual_seed(cfg.seed)
     # On resume the checkpoint holds the weights: the starting ones are neither read nor downloaded again.
     model = create_model(cfg.model, pretrained=cfg.pretrained and not resume,
-                         weights=Path(cfg.weights) if cfg.weights and not resume else None, drop_rate=cfg.drop_rate)
+                         weights=Path(cfg.weights) if cfg.weights and not resume else None, drop_rate=cfg.drop_rate,
+                         input_size_px=max(training_crop_sizes(cfg)))
     _check_model_takes_crops(model, cfg)
     data_cfg = model.pretrained_cfg if hasattr(model, "pretrained_cfg") else {}
     mean = tuple(data_cfg.get("mean", (0.485, 0.456, 0.406)))
