@@ -1049,6 +1049,26 @@ def test_the_page_offers_no_overlay_for_a_model_without_a_feature_map(browser, v
         WebDriverWait(browser, 10).until(lambda d: not box.is_enabled())
         assert "CAMs need a CNN" in box.find_element(By.XPATH, "..").get_attribute("title")
 
+
+def test_the_page_shows_a_file_added_again_once_unless_its_settings_changed(browser, live_server, patch_files):
+    # Dropping a folder twice listed every patch twice, and the downloaded CSV held both.
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser.get(live_server + "/")
+    WebDriverWait(browser, 30).until(lambda d: "histo_tinynet" in d.find_element(By.ID, "model-card").text)
+    status = browser.find_element(By.ID, "status")
+    rows = lambda d: d.find_elements(By.CSS_SELECTOR, "tr.result")  # noqa: E731
+    for _ in range(2):
+        browser.find_element(By.ID, "file-input").send_keys("\n".join(str(p) for p in patch_files[:2]))
+        WebDriverWait(browser, 30).until(lambda d: status.text == "Scored 2 patches.")
+        browser.execute_script("arguments[0].textContent = ''", status)
+    assert len(rows(browser)) == 2
+    Select(browser.find_element(By.ID, "tta")).select_by_value("8")
+    browser.find_element(By.ID, "file-input").send_keys(str(patch_files[0]))
+    WebDriverWait(browser, 30).until(lambda d: status.text == "Scored 1 patch.")
+    assert len(rows(browser)) == 3, "another TTA is another result"
+
 def test_the_page_marks_a_bad_file_and_still_scores_the_good_ones(browser, live_server, patch_files, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

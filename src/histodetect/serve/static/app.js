@@ -6,7 +6,8 @@
 const IMAGE_NAME = /\.(png|jpe?g|tiff?)$/i;
 const BROWSER_CAN_SHOW = /\.(png|jpe?g)$/i; // browsers do not display TIFF
 const state = {
-  rows: [], // {name, url, batch, prob, label, threshold, tta, entropy, sd, overlay, resized, converted, error}
+  rows: [], // {name, key, url, batch, prob, label, threshold, tta, entropy, sd, overlay, resized, converted, error}
+  byKey: new Map(), // a file scored again with the same settings replaces its row: no duplicates
   limits: { max_files: 256, max_upload_bytes: 16 * 2 ** 20, tta: 1 },
   threshold: 0.5,
   card: null,
@@ -85,7 +86,7 @@ function chunksOf(files) {
 function addRow(item, result, error, answer = { threshold: state.threshold, tta: null }) {
   let url = BROWSER_CAN_SHOW.test(item.file.name) ? URL.createObjectURL(item.file) : null;
   if (!url && result && result.patch_png_base64) url = `data:image/png;base64,${result.patch_png_base64}`; // a TIFF, as scored
-  const row = { name: item.name, url, batch: state.batch, error: error || null };
+  const row = { name: item.name, key: item.key, url, batch: state.batch, error: error || null };
   if (result) {
     Object.assign(row, {
       prob: result.prob_tumour, label: result.label, threshold: answer.threshold, tta: answer.tta,
@@ -94,6 +95,12 @@ function addRow(item, result, error, answer = { threshold: state.threshold, tta:
       resized: result.resized_from || null, converted: result.converted_from || null,
     });
   }
+  const earlier = state.byKey.get(row.key);
+  if (earlier) {
+    if (earlier.url) URL.revokeObjectURL(earlier.url);
+    state.rows.splice(state.rows.indexOf(earlier), 1);
+  }
+  state.byKey.set(row.key, row);
   state.rows.push(row);
 }
 
@@ -143,6 +150,9 @@ async function scoreFiles(items, generation) {
   const query = new URLSearchParams({ tta: $("#tta").value, overlay: String($("#overlay").checked) });
   // Browsers do not display TIFF (Kaggle's patches are TIFF): the server sends those back as PNG.
   if (items.some((item) => !BROWSER_CAN_SHOW.test(item.file.name))) query.set("preview", "true");
+  // The same file (path, size, time) at the same settings is one row; at another TTA or with an overlay, another.
+  const settings = `${query.get("tta")}|${query.get("overlay")}`;
+  items.forEach((item) => { item.key = `${item.name}|${item.file.size}|${item.file.lastModified}|${settings}`; });
   const chunks = chunksOf(items);
   const batch = ++state.batch;
   const cleared = () => state.generation !== generation;
@@ -162,6 +172,7 @@ async function scoreFiles(items, generation) {
   if (cleared()) { // Clear was pressed while this batch was scoring: drop what came back since, unshown
     for (const row of state.rows) if (row.url) URL.revokeObjectURL(row.url);
     state.rows = [];
+    state.byKey.clear();
     setStatus("");
     return;
   }
@@ -321,6 +332,7 @@ function clearRows() {
   state.generation += 1;
   state.rows.forEach((row) => row.url && URL.revokeObjectURL(row.url));
   state.rows = [];
+  state.byKey.clear();
   render();
   setStatus("");
 }
