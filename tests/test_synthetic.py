@@ -88,6 +88,18 @@ def test_no_patches_is_an_empty_batch():
     assert patches.shape == (0, 96, 96, 3) and labels.shape == (0,)
 
 
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"n": "40"}, r"^n '40': expected an int, found str$"),
+    ({"n": 4, "seed": 1.5}, r"^--seed 1\.5: expected an int, found float$"),
+    ({"n": 4, "positive_fraction": "half"}, r"^positive_fraction 'half': expected a number, found str$"),
+    ({"n": -1}, r"^n=-1: expected a non-negative number of patches"),
+])
+def test_wrong_arguments_from_python_are_one_line(kwargs, message):
+    # n="40" was a TypeError from comparing a str with 0
+    with pytest.raises(UserError, match=message):
+        make_synthetic_patches(**kwargs)
+
 def test_a_seed_gives_the_same_patches_and_another_seed_different_ones():
     patches, labels = make_synthetic_patches(12, seed=3)
     again, labels_again = make_synthetic_patches(12, seed=3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...errors import UserError
+from ...errors import UserError, check_int, check_number
 from ..decode import PATCH_SIZE_PX
 from .stain import _stain
 from .tissue import _draw_normal_nuclei, _draw_stroma_eosin, _draw_tissue
@@ -24,6 +24,8 @@ def make_synthetic_patches(
     Exactly round(n * positive_fraction) patches are positive, in random order.
     The same seed gives the same patches.
     """
+    n, seed = check_int("n", n), check_int("--seed", seed)
+    positive_fraction = check_number("positive_fraction", positive_fraction)
     if n < 0:
         raise UserError(f"n={n}: expected a non-negative number of patches; pass n >= 0.")
     if seed < 0:
