@@ -149,6 +149,31 @@ def test_maps_equal_the_grad_cam_package_and_are_zero_outside_the_crop(real_run,
     np.testing.assert_allclose(logits, predict_samples(run, patches)[:, 0, 0], atol=1e-4)
 
 
+
+def test_a_channels_last_model_is_explained_over_its_height_and_width(real_store):
+    # swin, mambaout and sequencer keep maps (N, H, W, C): read as (N, C, H, W), the map was a
+    # (H, C) strip stretched over the patch. The grad-cam package needs a reshape for them.
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from histodetect.augment import preprocess_batch
+    from histodetect.explain.cams import channels_last_maps, feature_map_layers
+    from histodetect.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("test_mambaout").eval()
+    assert channels_last_maps(model) and not channels_last_maps(create_model("resnet18"))
+    patches = valid_patches(real_store)[:4]
+    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
+    cams, _, layer = class_activation_maps(model, patches, mean=mean, std=std, crop_px=0, device=torch.device("cpu"))
+    height, width, channels = feature_map_layers(model, 96)[layer][1:]
+    assert channels == model.num_features and height == width < channels
+    x = preprocess_batch(torch.from_numpy(patches), mean, std, crop_px=0)
+    with pytorch_grad_cam.GradCAM(model, [dict(model.named_modules())[layer]],
+                                  reshape_transform=lambda t: t.permute(0, 3, 1, 2)) as cam:
+        expected = cam(x, targets=[ClassifierOutputTarget(0)] * len(x))
+    np.testing.assert_allclose(cams, expected, atol=5e-4)  # OpenCV resizes theirs; 1.4e-4 apart here
+
 def test_a_layer_modified_in_place_afterwards_keeps_its_own_activations(real_run, real_store):
     import copy
 

@@ -167,6 +167,13 @@ def upsample_to_patch(cams: Tensor, crop_px: int, patch_px: int = PATCH_SIZE_PX)
     return out
 
 
+def channels_last_maps(model: torch.nn.Module) -> bool:
+    """Whether `model` keeps its feature maps (N, H, W, C): timm's swin, mambaout and sequencer
+    say so as output_fmt 'NHWC'. Read as (N, C, H, W), their CAM was a (H, C) strip, silently."""
+    output_fmt = getattr(model, "output_fmt", None)
+    return getattr(output_fmt, "value", output_fmt) == "NHWC"
+
+
 def _cam_batch(model: torch.nn.Module, layer: torch.nn.Module, layer_name: str, x: Tensor,
                method: str) -> tuple[Tensor, Tensor]:
     """(maps (B, h, w), logits (B,)) for normalised inputs x (B, 3, H, W): one forward, one backward to the layer."""
@@ -189,7 +196,10 @@ def _cam_batch(model: torch.nn.Module, layer: torch.nn.Module, layer_name: str, 
         raise UserError(f"--layer {layer_name}: runs {len(captured)} times per forward pass; "
                         "choose the block around it (see the layers listed for a wrong name)")
     (gradients,) = torch.autograd.grad(logits.sum(), captured[0])
-    return cam_from_activations(captured[0].detach().float(), gradients.float(), method), logits.detach()
+    activations = captured[0].detach()
+    if channels_last_maps(model):  # (N, H, W, C) -> (N, C, H, W)
+        activations, gradients = activations.permute(0, 3, 1, 2), gradients.permute(0, 3, 1, 2)
+    return cam_from_activations(activations.float(), gradients.float(), method), logits.detach()
 
 
 def class_activation_maps(model: torch.nn.Module, patches_uint8: np.ndarray, *, mean, std, crop_px: int,
