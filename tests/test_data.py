@@ -345,6 +345,26 @@ def test_reserving_the_store_allocates_its_blocks_without_writing_them(tmp_path)
     assert not np.load(path, mmap_mode="r").any()
 
 
+@pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(), reason="prepare forks where it can")
+def test_a_decoding_worker_sent_sigterm_while_idle_leaves_the_pool_able_to_stop():
+    # An idle pool worker waits for its next task holding the task queue's lock. Killed there by
+    # SIGTERM's default action (a scheduler signals the whole group), it never released it, and
+    # prepare's pool.terminate() waited for that lock forever: a hang instead of one line.
+    import multiprocessing
+    import threading
+
+    import histodetect.data.store.pack as pack
+
+    pool = multiprocessing.get_context("fork").Pool(2, initializer=pack.ignore_interrupts)
+    pool.apply(time.sleep, (0,))  # both workers are up, one of them waiting on the queue
+    for process in pool._pool:
+        os.kill(process.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    stopping = threading.Thread(target=lambda: (pool.terminate(), pool.join()), daemon=True)
+    stopping.start()
+    stopping.join(timeout=30)
+    assert not stopping.is_alive(), "pool.terminate() hung on a lock a killed worker held"
+
 CTRL_C_DURING_PREPARE = """
 import sys, time
 import histodetect.data.store.pack as store  # where the decoding looks read_chunk up

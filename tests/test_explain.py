@@ -476,6 +476,22 @@ def test_calibrating_a_loaded_run_gives_it_the_new_temperature_and_thresholds(co
     np.testing.assert_array_equal(predict_patches(run, valid_patches(real_store)),
                                   predict_patches(reloaded, valid_patches(real_store)))
 
+
+def test_calibrating_a_loaded_run_of_other_weights_than_best_is_refused(copied_run, real_store):
+    # run.json's temperature is applied to best.pt wherever the run is loaded: one fitted on
+    # last.pt's logits calibrated other weights, silently.
+    from histodetect.export import export_run, load_exported_run
+
+    last = load_run(copied_run, checkpoint="last", device="cpu")
+    with pytest.raises(UserError, match=r"^calibrate_run: this LoadedRun runs checkpoints/last.pt, but run.json's "
+                                        r"calibration applies to best.pt; pass load_run\('.*'\) or the folder's path$"):
+        calibrate_run(last, real_store, split="valid", progress=False)
+    exported = load_exported_run(export_run(copied_run, format="onnx").path)
+    with pytest.raises(UserError, match=r"^calibrate_run: this LoadedRun runs the export .*model.onnx; calibrate "
+                                        r"the run folder it was exported from, then export it again$"):
+        calibrate_run(exported, real_store, split="valid", progress=False)
+    assert "calibration" not in json.loads((copied_run / "run.json").read_text())
+
 def test_runs_from_before_per_tta_thresholds_use_their_one_threshold_for_every_view_count():
     assert run_thresholds({"threshold": 0.3}) == {1: 0.3}
     assert run_thresholds({}) == {1: 0.5}

@@ -350,3 +350,26 @@ def test_an_export_written_before_the_checkpoint_was_recorded_is_still_read(onnx
     model.metadata_props.extend(kept)
     onnx.save(model, str(tmp_path / "old.onnx"))
     assert ExportedModel(tmp_path / "old.onnx").metadata.checkpoint is None
+
+
+def test_the_recorded_sha256_is_of_the_weights_loaded_not_of_the_file_there_later(trained_run, tmp_path):
+    # Hashed when an output was written, a run trained again meanwhile (best.pt replaced) was
+    # recorded as the weights that had not computed the numbers.
+    import hashlib
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    best = run_dir / "checkpoints" / "best.pt"
+    loaded_sha256 = hashlib.sha256(best.read_bytes()).hexdigest()
+    run = load_run(run_dir, device="cpu")
+    shutil.copy(run_dir / "checkpoints" / "last.pt", best)
+    assert run.computed_by()["weights_sha256"] == loaded_sha256
+    assert export_module._metadata(run).weights_sha256 == loaded_sha256
+
+
+def test_the_torchscript_entry_point_takes_its_input_unscripted_too():
+    # shape[1:] != [3, side, side] compared a torch.Size with a list eagerly: never equal.
+    checked = export_module.CheckedInput(nn.Conv2d(3, 1, 1), 48)
+    assert checked(torch.zeros(2, 3, 48, 48)).shape == (2, 1, 48, 48)
+    with pytest.raises(ValueError, match=r"expected \(N, 3, 48, 48\).*found \[2, 3, 96, 96\]"):
+        checked(torch.zeros(2, 3, 96, 96))

@@ -15,6 +15,7 @@ from histodetect.models import (
     count_parameters,
     create_model,
     describe_model,
+    input_size_kwargs,
     load_weights,
     standardise_each_patch,
 )
@@ -356,6 +357,33 @@ def test_a_vision_transformer_is_built_alike_for_training_and_prediction_without
     assert torch.equal(torch.rand(1), after)  # the size probe's builds left the seed's stream alone
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), plain.state_dict().values()))
     create_model("test_vit", input_size_px=88).load_state_dict(trained.state_dict())  # load_run's build
+
+
+def test_weights_saved_from_the_same_vision_transformer_load_as_its_pretrained_ones_do(tmp_path):
+    # --weights FILE, the offline --pretrained, refused the model's own file: its position
+    # embeddings are for timm's size, and global average pooling moves its final norm.
+    file = tmp_path / "test_vit.safetensors"
+    save_file(timm.create_model("test_vit").state_dict(), str(file))
+    with pytest.warns(UserWarning, match="classifier tensors"):
+        from_file = create_model("test_vit", weights=file, input_size_px=88)
+    pretrained = timm.create_model("test_vit", pretrained=True, pretrained_cfg_overlay={"file": str(file)},
+                                   num_classes=1, global_pool="avg", **input_size_kwargs("test_vit", 88))
+    backbone = [key for key in pretrained.state_dict() if not key.startswith(("head.", "fc_norm."))]
+    assert all(torch.equal(from_file.state_dict()[key], pretrained.state_dict()[key]) for key in backbone)
+
+
+def test_pretrained_weights_timm_cannot_fit_to_the_crop_are_one_line(tmp_path, monkeypatch):
+    # convit's position embeddings are not resampled by timm: a RuntimeError traceback.
+    import histodetect.models as models_module
+
+    file = tmp_path / "convit.safetensors"
+    save_file(timm.create_model("convit_tiny").state_dict(), str(file))
+    monkeypatch.setattr(models_module, "create_pretrained", lambda name, timm_name, **kwargs: timm.create_model(
+        timm_name, pretrained=True, pretrained_cfg_overlay={"file": str(file)}, **kwargs))
+    with pytest.raises(UserError, match=r"^model 'convit_tiny': timm cannot fit its pretrained weights to the 88 px "
+                                        r"model built for the crop \(size mismatch for pos_embed.*\); train it "
+                                        r"without --pretrained, or choose another model$"):
+        create_model("convit_tiny", pretrained=True, input_size_px=88)
 
 
 def test_a_model_that_cannot_be_built_for_the_crop_is_built_as_timm_builds_it():

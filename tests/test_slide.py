@@ -580,6 +580,17 @@ def test_an_interrupted_run_leaves_no_result_and_the_rerun_resumes(trained_run, 
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+def test_a_refused_result_names_the_flags_that_changed_as_the_command_spells_them():
+    # It named --stride-px and --min-tissue-fraction, which slide does not take.
+    import dataclasses
+
+    from histodetect.slide.analyse.resume import _changed
+
+    old = {"config": dataclasses.asdict(SlideConfig())}
+    new = {"config": dataclasses.asdict(SlideConfig(stride_px=48, min_tissue_fraction=0.5, target_mpp=0.5))}
+    assert _changed(old, new) == "--stride, --min-tissue, target_mpp"
+
+
 def test_a_result_is_reused_only_by_the_same_engine_and_precision(trained_run, slide_path, analysed, tmp_path):
     # Scores in float32, or through an export, differ a little from bf16's: a result made by one was reused by another.
     from histodetect.export import export_run, load_exported_run

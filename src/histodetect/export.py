@@ -37,6 +37,7 @@ from .outputs import check_output_file
 from .predict import (
     LoadedRun,
     check_threads,
+    file_sha256,
     iter_inputs,
     load_run,
     predict_patches,
@@ -146,7 +147,9 @@ class CheckedInput(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         side = self.side_px
-        if image.dim() != 4 or image.shape[1:] != [3, side, side]:
+        # Side by side, not shape[1:] != [3, side, side]: eagerly that compares a torch.Size with a
+        # list, never equal, so that the module unscripted refused every input.
+        if image.dim() != 4 or image.shape[1] != 3 or image.shape[2] != side or image.shape[3] != side:
             raise ValueError("image: expected (N, 3, {}, {}), channels first, the side histodetect.json's crop_px "
                              "gives; found {}".format(side, side, list(image.shape)))
         if image.dtype != torch.float32:  # TorchScript prints a dtype as a number: not worth showing
@@ -246,6 +249,7 @@ def load_exported_run(path: Path, *, threads: int = 0) -> LoadedRun:
         mean=tuple(meta.mean), std=tuple(meta.std), crop_px=meta.crop_px,
         thresholds={**_view_thresholds(meta), 1: meta.threshold},
         temperature=meta.temperature, config=meta.run.get("config", {}), run=meta.run, bf16=False,
+        checkpoint=meta.checkpoint or "best", weights_sha256=file_sha256(exported.path),
     )
 
 
@@ -327,6 +331,9 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, meta: ExportMetadata, p
         # onnxscript package; the TorchScript-based one writes the same graph for
         # these plain CNNs and still ships with torch.
         warnings.simplefilter("ignore", DeprecationWarning)
+        # A vision transformer's size checks become constants of the trace: the input's size is
+        # fixed (the graph's input shape) and export_run checks the file on real patches.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             model, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
             dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
@@ -346,6 +353,7 @@ def _write_torchscript(model: nn.Module, example: torch.Tensor, meta: ExportMeta
         # torch.jit is deprecated upstream but is what `--format torchscript` means;
         # the archive loads in C++ (libtorch) and in any torch since 1.x.
         warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # as in _write_onnx; CheckedInput fixes the size
         # check_trace=False: export_run checks the saved file on real patches instead.
         traced = torch.jit.trace(model, example, check_trace=False)
         # Scripted, not traced: a trace would keep the input check's branch as a constant.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import pickle
+import sys
 import warnings
 from pathlib import Path
 
@@ -287,6 +288,13 @@ def _build(name: str, timm_name: str, pretrained: bool, kwargs: dict) -> nn.Modu
     except AssertionError as error:  # timm's own check of its arguments, e.g. deit's distilled head
         raise UserError(f"model '{name}': timm cannot build it with global average pooling and one logit ({error}); "
                         "choose another model, e.g. its non-distilled twin") from None
+    except RuntimeError as error:  # built for the crop, weights timm does not resize (cait's, convit's position embeddings)
+        if not (pretrained and str(error).startswith("Error(s) in loading state_dict")):
+            raise
+        mismatch = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")
+        raise UserError(f"model '{name}': timm cannot fit its pretrained weights to the {kwargs.get('img_size')} px "
+                        f"model built for the crop ({mismatch.rstrip('.')}); train it without --pretrained, "
+                        "or choose another model") from None
 
 
 def create_model(
@@ -363,37 +371,67 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{name}." for name, module in model.named_modules() if module is classifier)
 
 
+def _matched(model: nn.Module, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], int, list[str], list[str]]:
+    """What of `state` loads into `model`: (tensors to load, head tensors left fresh, backbone tensors
+    missing or of another shape, tensors the model has no place for)."""
+    classifier_prefixes = _classifier_prefixes(model)
+    # Built with global average pooling, a vision transformer normalises after pooling (fc_norm, left
+    # fresh as timm's --pretrained leaves it) and its `norm` before pooling is an Identity.
+    fresh_prefixes = (*classifier_prefixes, "fc_norm.")
+    identities = tuple(f"{name}." for name, module in model.named_modules() if name and isinstance(module, nn.Identity))
+    to_load, skipped_head, mismatched = {}, 0, []
+    for key, expected in model.state_dict().items():
+        found = state.get(key)
+        if found is not None and found.shape == expected.shape:
+            to_load[key] = found
+        elif key.startswith(fresh_prefixes):
+            skipped_head += 1
+        elif not key.endswith("num_batches_tracked"):  # absent from some exporters' files
+            mismatched.append(key)
+    # Tensors the model has no place for: a deeper relative (resnet34's file for resnet18)
+    # would otherwise load its first layers silently. Another head's names are fine.
+    head_names = (*classifier_prefixes, *_OTHER_HEAD_PREFIXES, *identities)
+    extra = [key for key in state if key not in to_load and not key.startswith(head_names)
+             and not key.endswith("num_batches_tracked")]
+    return to_load, skipped_head, mismatched, extra
+
+
+def _adapted_by_timm(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """`state` as timm adapts it when it loads --pretrained weights into `model` as built (a vision
+    transformer built for the crop: its position embeddings resampled to the crop's grid); None
+    where the model's family has no such step or it fails on this file."""
+    adapt = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if adapt is None:
+        return None
+    try:
+        return adapt(dict(state), model)
+    except Exception:  # noqa: BLE001 (a file for another architecture: load_weights says so in one line)
+        return None
+
+
 def load_weights(model: nn.Module, path: Path) -> int:
     """Load a local state dict into `model`; returns how many classifier tensors were skipped.
 
     The backbone must match exactly (else the file is for another architecture);
     classifier tensors of another shape (e.g. ImageNet's 1000 classes) keep their
-    fresh initialisation.
+    fresh initialisation. A file that does not match as it is gets the adaptation timm
+    gives the same weights with --pretrained (a vision transformer's 224 px position
+    embeddings resampled to the crop's grid).
     """
     path = Path(path)
     state = _read_state_dict(path)
-    classifier_prefixes = _classifier_prefixes(model)
-    to_load, skipped_classifier, mismatched = {}, 0, []
-    for key, expected in model.state_dict().items():
-        found = state.get(key)
-        if found is not None and found.shape == expected.shape:
-            to_load[key] = found
-        elif key.startswith(classifier_prefixes):
-            skipped_classifier += 1
-        elif not key.endswith("num_batches_tracked"):  # absent from some exporters' files
-            mismatched.append(key)
+    to_load, skipped_classifier, mismatched, extra = _matched(model, state)
+    if mismatched or extra:
+        adapted = _adapted_by_timm(model, state)
+        if adapted is not None and not any(_matched(model, adapted)[2:]):
+            to_load, skipped_classifier, mismatched, extra = _matched(model, adapted)
     if mismatched:
-        n_backbone = len(mismatched) + sum(not k.startswith(classifier_prefixes) for k in to_load)
+        n_backbone = len(mismatched) + sum(not k.startswith(_classifier_prefixes(model)) for k in to_load)
         raise UserError(
             f"{path}: {len(mismatched)} of {n_backbone} backbone tensors missing or of another shape "
             f"(first: '{mismatched[0]}'); these are weights for another architecture, "
             f"pass a file saved from {describe_model(model)['name']}"
         )
-    # Tensors the model has no place for: a deeper relative (resnet34's file for resnet18)
-    # would otherwise load its first layers silently. Another head's names are fine.
-    head_names = (*classifier_prefixes, *_OTHER_HEAD_PREFIXES)
-    extra = [key for key in state if key not in to_load and not key.startswith(head_names)
-             and not key.endswith("num_batches_tracked")]
     if extra:
         raise UserError(
             f"{path}: {len(extra)} tensors that {describe_model(model)['name']} does not have (first: '{extra[0]}'); "

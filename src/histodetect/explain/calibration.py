@@ -103,6 +103,15 @@ def calibrate_run(run_dir: Path | str | LoadedRun, data: Path | str | None = Non
         if device != "auto" or fp32:
             raise UserError("calibrate_run: device and fp32 are set when a run is loaded; pass "
                             f"load_run({str(run.run_dir)!r}, device=..., fp32=...) or the folder's path")
+        # run.json's temperature is applied to best.pt's logits wherever the run is loaded: one
+        # fitted on last.pt's, or on an export's away from its folder, calibrated the wrong weights.
+        exported = getattr(run.model, "exported", None)
+        if exported is not None:
+            raise UserError(f"calibrate_run: this LoadedRun runs the export {exported.path}; calibrate the run "
+                            "folder it was exported from, then export it again")
+        if run.checkpoint != "best":
+            raise UserError(f"calibrate_run: this LoadedRun runs checkpoints/{run.checkpoint}.pt, but run.json's "
+                            f"calibration applies to best.pt; pass load_run({str(run.run_dir)!r}) or the folder's path")
         run_dir = run.run_dir
     else:
         run_dir = run_folder(run_dir)

@@ -35,6 +35,7 @@ from .run import (
     LoadedRun,
     check_run,
     check_threads,
+    file_sha256,
     load_run,
     run_folder,
     run_thresholds,
@@ -51,8 +52,8 @@ from .uncertainty import (
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "DEFAULT_UNCERTAINTY", "MAX_MC_PASSES", "UNCERTAINTY_COLUMNS", "InputChunk", "LoadedRun",
-    "check_batch_size", "check_patches", "check_run", "check_threads", "entropy_bits", "has_dropout", "input_paths",
-    "iter_inputs", "load_run", "mc_dropout", "mean_over_samples", "open_inputs",
+    "check_batch_size", "check_patches", "check_run", "check_threads", "entropy_bits", "file_sha256", "has_dropout",
+    "input_paths", "iter_inputs", "load_run", "mc_dropout", "mean_over_samples", "open_inputs",
     "predict_logits", "predict_patches", "predict_samples", "predict_to_csv", "probabilities", "run_folder", "run_thresholds",
     "sample_probabilities", "uncertainty_measures", "write_csv_atomic",
 ]

@@ -48,6 +48,8 @@ class LoadedRun:
     # always holds 1. Runs trained before 4 and 8 had their own use the 1-view one.
     thresholds: dict[int, float] = field(default_factory=lambda: {1: 0.5})
     checkpoint: str = "best"  # the run's checkpoints/{checkpoint}.pt holds the weights
+    # Of the weights file as it was loaded (load_run, load_exported_run); None: hashed when asked.
+    weights_sha256: str | None = None
 
     def __repr__(self) -> str:  # the dataclass's would print the whole network and run.json
         name = self.config.get("model", type(self.model).__name__)
@@ -63,12 +65,9 @@ class LoadedRun:
         up to ~1e-2 (bf16 only where `bf16_is_fast`; an export is always float32)."""
         exported = getattr(self.model, "exported", None)
         weights = exported.path if exported is not None else self.run_dir / "checkpoints" / f"{self.checkpoint}.pt"
-        digest = hashlib.sha256()  # hashlib.file_digest is Python 3.11's
-        with weights.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
         return {"histodetect": __version__, "run": str(self.run_dir), "run_started": self.run.get("started"),
-                "weights": str(weights.resolve()), "weights_sha256": digest.hexdigest(), "device": self.device.type,
+                "weights": str(weights.resolve()), "weights_sha256": self.weights_sha256 or file_sha256(weights),
+                "device": self.device.type,
                 "threads": torch.get_num_threads() if exported is None else None,  # torch's CPU threads
                 "bf16_autocast": bool(self.bf16 and bf16_is_fast(self.device))}
 
@@ -149,6 +148,15 @@ def check_threads(threads: int) -> int:
     return threads
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in blocks (hashlib.file_digest is Python 3.11's)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_run(run_dir: Path | str, *, checkpoint: str = "best", device: str = "auto", threads: int = 0,
              fp32: bool = False) -> LoadedRun:
     """Load a run folder's `best` (or `last`) weights for inference; `fp32` turns bf16 autocast off.
@@ -158,7 +166,8 @@ def load_run(run_dir: Path | str, *, checkpoint: str = "best", device: str = "au
     run_dir = run_folder(run_dir).absolute()
     threads = check_threads(threads)
     run = read_run(run_dir)
-    state = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
+    digest = hashlib.sha256()
+    state = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt", digest=digest)
     config = state["config"]
     pre = state["preprocessing"]
     model = create_model(config["model"], drop_rate=config["drop_rate"],
@@ -192,7 +201,7 @@ def load_run(run_dir: Path | str, *, checkpoint: str = "best", device: str = "au
         run_dir=run_dir, model=model, device=torch_device, mean=tuple(pre["mean"]), std=tuple(pre["std"]),
         crop_px=int(pre["crop_px"]), thresholds=thresholds,
         temperature=_temperature(calibration, run_dir), config=config, run=run, bf16=not fp32,
-        checkpoint=checkpoint,
+        checkpoint=checkpoint, weights_sha256=digest.hexdigest(),
     )
 
 

@@ -55,12 +55,21 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_file_atomic(path, lambda handle: handle.write(text))
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A histodetect checkpoint, or a UserError in one line saying why it is not one."""
+def load_checkpoint(path: Path, *, digest=None) -> dict:
+    """A histodetect checkpoint, or a UserError in one line saying why it is not one.
+
+    `digest` (a hashlib object) is fed the very bytes loaded: hashing the path again later
+    names another file once the run is trained again (save_atomic replaces it).
+    """
     if not path.is_file():
         raise UserError(f"{path}: no checkpoint here; is this a histodetect run folder?")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        with path.open("rb") as handle:
+            if digest is not None:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+                handle.seek(0)
+            checkpoint = torch.load(handle, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many types for a damaged file
         raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}); it is damaged, start a new run") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:

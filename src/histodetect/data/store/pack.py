@@ -83,14 +83,22 @@ def _decode_into(job: tuple[ReadTask, Path]) -> ChunkResult:
     return dataclasses.replace(result, patches=result.patches[:0])
 
 
+def _exit_quietly(signal_number: int, frame) -> None:
+    raise SystemExit(128 + signal_number)
+
+
 def ignore_interrupts() -> None:
     """Worker initializer: Ctrl-C reaches the whole process group, but only the parent
     should answer it (it stops the pool and removes the partial store); a worker that
-    raised KeyboardInterrupt would print its own traceback. SIGTERM, which the parent's
-    handler (cli.entry) turns into one, kills a worker as it always did: the pool's
-    terminate() sends it."""
+    raised KeyboardInterrupt would print its own traceback.
+
+    SIGTERM (the pool's terminate() sends it; a scheduler sends it to the whole group)
+    ends a worker by SystemExit, which the pool's worker loop lets through silently: an
+    exception unwinds the `with` of the task queue's lock, where the default action, a
+    kill, could leave it held and the parent's terminate() waiting for it forever.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, _exit_quietly)
 
 
 def _decode_all(source: PatchSource, patches_path: Path, *, resize: bool, skip_bad: bool,

@@ -73,6 +73,7 @@ def parse_roi(text: str) -> tuple[int, int, int, int]:
 _INT_OPTIONS = {"stride_px": "--stride", "tta": "--tta", "batch_size": "--batch-size", "workers": "--workers"}
 _NUMBER_OPTIONS = {"min_tissue_fraction": "--min-tissue", "target_mpp": "target_mpp", "mpp": "--mpp",
                    "threshold": "--threshold"}
+OPTION_FLAGS = {**_INT_OPTIONS, **_NUMBER_OPTIONS, "roi": "--roi"}
 
 
 def _check_types(config: SlideConfig) -> None:

@@ -17,7 +17,7 @@ from ...errors import UserError
 from ...outputs import write_file_atomic
 from ...predict import LoadedRun
 from ...train import bf16_is_fast
-from .config import SlideConfig
+from .config import OPTION_FLAGS, SlideConfig
 
 SUMMARY_FILE = "summary.json"
 PROGRESS_FILE = "progress.npy"
@@ -59,7 +59,7 @@ def _changed(old: dict | None, new: dict) -> str:
     """What differs between the settings of an earlier result and these, as words ('--tta, the threshold')."""
     if not isinstance(old, dict):
         return "an earlier histodetect's, which did not record them"
-    words = [f"--{name.replace('_', '-')}" for name in new["config"]
+    words = [OPTION_FLAGS.get(name, name) for name in new["config"]  # --stride sets stride_px
              if (old.get("config") or {}).get(name) != new["config"][name]]
     words += [_SETTING_WORDS.get(part, part) for part in new if part != "config" and old.get(part) != new[part]
               and not (part == "threshold" and {"--threshold", "--tta"} & set(words))]  # it follows them

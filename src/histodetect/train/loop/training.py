@@ -71,8 +71,8 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
     `resume_settings` changes RESUME_SETTINGS for a resumed run (e.g. a smaller
     val_batch_size after validation ran out of GPU memory). `cfg.threads` and `cfg.seed`
     hold while fit runs: torch's thread count and the random states of Python, numpy
-    and torch (CPU and CUDA) are restored when it returns or raises, so that what a
-    notebook runs next goes on as if fit had not run.
+    and torch (and CUDA's, where CUDA was in use before fit) are restored when it
+    returns or raises, so that what a notebook runs next goes on as if fit had not run.
 
     Ctrl-C or SIGTERM while training (one process) saves last.pt at the end of the step
     and raises `errors.Interrupted`, a KeyboardInterrupt naming the command that goes
