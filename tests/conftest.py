@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PCAM_JPEG = SHARED_DATA / "pcam-jpeg"
@@ -30,6 +31,17 @@ def calibrated_copy(run_dir: Path, dest: Path, temperature: float) -> Path:
     run_json["calibration"] = {"temperature": temperature}
     (dest / "run.json").write_text(json.dumps(run_json))
     return dest
+
+
+class PooledColour(torch.nn.Module):
+    """A model with weights that scores patches but has no map of any kind to explain: the mean colour, weighed."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.fc(x.mean(dim=(2, 3)))
 
 
 def _require(path: Path) -> Path:

@@ -45,7 +45,7 @@ from histodetect.predict import (
 )
 from histodetect.train import fit, load_checkpoint, preset_config, save_atomic
 from histodetect.cli import main
-from conftest import copy_patches
+from conftest import PooledColour, copy_patches
 
 # Small and fast, as tests/test_train.py: the whole file must run in a few minutes on 2 cores.
 # Batches of 16 give 48 steps in 4 epochs of 192 patches: enough for the threshold-sure
@@ -688,15 +688,47 @@ def test_cli_bad_input_is_one_line_and_exit_status_2(real_run, pcam_jpeg, tmp_pa
     assert code == 2 and "Traceback" not in err
 
 
-def test_a_vision_transformer_has_no_feature_map_to_explain():
-    import timm
+def test_a_vision_transformer_is_explained_at_its_patch_tokens_and_a_model_without_a_map_is_one_line(real_store):
+    # It was refused ("CAMs need a CNN") although it trains; the 4-D tensors inside its attention
+    # are still no place to explain at.
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    from histodetect.augment import preprocess_batch
     from histodetect.explain import resolve_cam_layer
+    from histodetect.models import create_model
 
-    vit = timm.create_model("vit_tiny_patch16_224", num_classes=1, img_size=96).eval()
-    with pytest.raises(UserError, match="no layer outputs a feature map .* CAMs need a CNN"):
-        resolve_cam_layer(vit, None, 96)  # not the 4-D tensors inside its attention
-    assert resolve_cam_layer(timm.create_model("resnet18", num_classes=1).eval(), None, 96) == "layer4"
+    torch.manual_seed(0)
+    vit = create_model("test_vit", input_size_px=96).eval()
+    layer = resolve_cam_layer(vit, None, 96)
+    patches = valid_patches(real_store)[:4]
+    mean, std = vit.pretrained_cfg["mean"], vit.pretrained_cfg["std"]
+    cams, _, used = class_activation_maps(vit, patches, mean=mean, std=std, crop_px=0, device=torch.device("cpu"))
+    assert used == layer and cams.shape == (4, 96, 96) and cams.max() == pytest.approx(1.0, abs=1e-5)
+    x = preprocess_batch(torch.from_numpy(patches), mean, std, crop_px=0)
+    tokens_to_map = lambda t: t[:, vit.num_prefix_tokens :].unflatten(1, (6, 6)).permute(0, 3, 1, 2)  # noqa: E731
+    with pytorch_grad_cam.GradCAM(vit, [dict(vit.named_modules())[layer]], reshape_transform=tokens_to_map) as cam:
+        expected = cam(x, targets=[ClassifierOutputTarget(0)] * len(x))
+    np.testing.assert_allclose(cams, expected, atol=5e-4)  # 96 px: the 6 x 6 tokens cover it exactly
+    with pytest.raises(UserError, match=r"^PooledColour: no layer outputs a feature map \(N, C, H, W\) or a grid of "
+                                        r"patch tokens; CAMs need a CNN or a vision transformer$"):
+        resolve_cam_layer(PooledColour(), None, 96)
+
+
+def test_each_patch_tokens_evidence_lands_on_its_own_pixels():
+    # 88 px in 16 px patches is padded to 96 on the right and bottom: stretched over the 88 px,
+    # the last token's evidence sat up to 8 px inside the patch. Unpadded (80 px seen), the rest saw nothing.
+    from histodetect.explain.cams import token_map_pixels
+
+    corner = torch.zeros(1, 6, 6)
+    corner[0, 5, 5] = 1.0
+    padded = token_map_pixels(corner, 16, 88)[0]
+    assert padded.shape == (88, 88) and padded[:64, :].max() == 0 and padded[:, :64].max() == 0
+    # The hot token's centre is at 88 px, past the crop: its nearest pixel, 87, is the brightest
+    # (stretched, the centre sat at 80.7 px).
+    assert divmod(int(padded.argmax()), 88) == (87, 87) and padded[80, 80] < padded[87, 87]
+    cropped = token_map_pixels(torch.ones(1, 5, 5), 16, 88)[0]
+    assert cropped[:80, :80].min() == 1 and cropped[80:, :].max() == 0 and cropped[:, 80:].max() == 0
 
 
 def test_patch_ids_that_clash_as_file_names_get_numbered_files():

@@ -38,7 +38,7 @@ from histodetect.predict import load_run, predict_logits, predict_patches, predi
 from histodetect.serve import ServeConfig, create_app, serve_run
 from histodetect.serve.batcher import PredictionBatcher, ServerBusy
 from histodetect.train import fit, preset_config
-from conftest import calibrated_copy, copy_patches
+from conftest import PooledColour, calibrated_copy, copy_patches
 
 # Small and fast: one epoch of 4 steps gives weights whose probabilities differ per patch.
 TINY = dict(model="histo_tinynet", batch_size=32, epochs=1, max_minutes=0.0, crop_px=48, shift_px=2,
@@ -1020,29 +1020,28 @@ def test_the_page_shows_a_tiff_patch_the_server_sent_back_as_png(browser, live_s
 
 
 @pytest.fixture(scope="module")
-def vit_run(run):
-    """`run` with a vision transformer in place of its CNN: it trains and scores, but has no feature map."""
+def mapless_run(run):
+    """`run` with a model that has no feature map in place of its CNN."""
     import dataclasses
 
-    from histodetect.models import create_model
-
-    return dataclasses.replace(run, model=create_model("test_vit", input_size_px=run.crop_px or 96).eval())
+    return dataclasses.replace(run, model=PooledColour().eval())
 
 
-def test_a_model_without_a_feature_map_is_served_without_overlays_and_says_why(client, vit_run, patch_files):
+def test_a_model_without_a_feature_map_is_served_without_overlays_and_says_why(client, mapless_run, patch_files):
     assert client.get("/v1/model").json()["serving"]["overlay"] == "gradcam"
-    with TestClient(create_app(vit_run)) as vit_client:
-        serving = vit_client.get("/v1/model").json()["serving"]
+    with TestClient(create_app(mapless_run)) as mapless_client:
+        serving = mapless_client.get("/v1/model").json()["serving"]
         assert serving["overlay"] is None
-        assert serving["no_overlay_because"] == "test_vit: no layer outputs a feature map (N, C, H, W); CAMs need a CNN"
-        assert vit_client.post("/v1/predict", files=multipart(patch_files[:2])).status_code == 200
+        assert serving["no_overlay_because"] == ("PooledColour: no layer outputs a feature map (N, C, H, W) or a grid "
+                                                 "of patch tokens; CAMs need a CNN or a vision transformer")
+        assert mapless_client.post("/v1/predict", files=multipart(patch_files[:2])).status_code == 200
 
 
-def test_the_page_offers_no_overlay_for_a_model_without_a_feature_map(browser, vit_run):
+def test_the_page_offers_no_overlay_for_a_model_without_a_feature_map(browser, mapless_run):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    with serving(create_app(vit_run)) as (_, port):
+    with serving(create_app(mapless_run)) as (_, port):
         browser.get(f"http://127.0.0.1:{port}/")
         WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model-card").text.startswith("Model:"))
         box = browser.find_element(By.ID, "overlay")

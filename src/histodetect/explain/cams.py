@@ -23,6 +23,7 @@ the `grad-cam` package (whose maps they match; tests/test_explain.py checks it):
 from __future__ import annotations
 
 import difflib
+import math
 import threading
 
 import numpy as np
@@ -67,21 +68,34 @@ def _model_name(model: torch.nn.Module) -> str:
     return cfg.get("architecture", type(model).__name__)
 
 
+def token_grid_side(model: torch.nn.Module, shape: tuple[int, ...]) -> int | None:
+    """The side of the square grid of patch tokens in a (N, T, C) output of a vision transformer:
+    T is its prefix tokens (class, registers: `num_prefix_tokens`) plus side x side patches, C its
+    features. None for any other shape."""
+    if len(shape) != 3 or shape[2] != getattr(model, "num_features", None):
+        return None
+    patches = shape[1] - (getattr(model, "num_prefix_tokens", 0) or 0)
+    side = math.isqrt(patches) if patches > 0 else 0
+    return side if side * side == patches and side > 0 else None
+
+
 @torch.no_grad()
 def feature_map_layers(model: torch.nn.Module, input_px: int) -> dict[str, tuple[int, ...]]:
-    """Modules of `forward_features` that output a feature map (N, C, H, W), in the order they finish.
+    """Modules of `forward_features` that output a feature map, in the order they finish.
 
     Found by running one blank image of `input_px` through the model with a hook
-    on every module; returns {module name: output shape}. Empty when the features
-    themselves are not a map (a vision transformer's tokens): its 4-D tensors
-    inside the attention are no place to explain at.
+    on every module; returns {module name: output shape}. A map is (N, C, H, W), or
+    (N, H, W, C) for a channels-last model (`channels_last_maps`); for a vision
+    transformer, whose features are tokens, it is each module's (N, T, C) tokens
+    that hold a square grid of patches (`token_grid_side`), and never the 4-D
+    tensors inside its attention. Empty where there is neither.
     """
     shapes: dict[str, tuple[int, ...]] = {}
     owner = threading.get_ident()
 
     def record(name: str):
         def hook(module, inputs, output):
-            if threading.get_ident() == owner and isinstance(output, Tensor) and output.ndim == 4:
+            if threading.get_ident() == owner and isinstance(output, Tensor) and output.ndim in (3, 4):
                 shapes.pop(name, None)  # a module run twice counts where it last finished
                 shapes[name] = tuple(output.shape)
         return hook
@@ -99,9 +113,11 @@ def feature_map_layers(model: torch.nn.Module, input_px: int) -> dict[str, tuple
     finally:
         for handle in handles:
             handle.remove()
-    if hasattr(model, "forward_features") and isinstance(features, Tensor) and features.ndim != 4:
-        return {}
-    return shapes
+    if hasattr(model, "forward_features") and isinstance(features, Tensor) and features.ndim == 3:
+        if token_grid_side(model, tuple(features.shape)) is None:
+            return {}
+        return {name: shape for name, shape in shapes.items() if token_grid_side(model, shape) is not None}
+    return {name: shape for name, shape in shapes.items() if len(shape) == 4}
 
 
 def default_cam_layer(model: torch.nn.Module, layers: dict[str, tuple[int, ...]]) -> str:
@@ -110,7 +126,8 @@ def default_cam_layer(model: torch.nn.Module, layers: dict[str, tuple[int, ...]]
     if named in layers:
         return named
     if not layers:
-        raise UserError(f"{_model_name(model)}: no layer outputs a feature map (N, C, H, W); CAMs need a CNN")
+        raise UserError(f"{_model_name(model)}: no layer outputs a feature map (N, C, H, W) or a grid of patch "
+                        "tokens; CAMs need a CNN or a vision transformer")
     # The features' shape is the shape of the last module to finish inside forward_features.
     final_shape = list(layers.values())[-1]
     return [name for name, shape in layers.items() if shape == final_shape][-1]
@@ -197,9 +214,29 @@ def _cam_batch(model: torch.nn.Module, layer: torch.nn.Module, layer_name: str, 
                         "choose the block around it (see the layers listed for a wrong name)")
     (gradients,) = torch.autograd.grad(logits.sum(), captured[0])
     activations = captured[0].detach()
+    if activations.ndim == 3:  # a vision transformer's tokens (N, prefix + side^2, C) -> (N, C, side, side)
+        side = token_grid_side(model, tuple(activations.shape))
+        activations, gradients = (t[:, t.shape[1] - side * side :].unflatten(1, (side, side)).permute(0, 3, 1, 2)
+                                  for t in (activations, gradients))
+        cams = cam_from_activations(activations.float(), gradients.float(), method)
+        patch_px = max(getattr(getattr(model, "patch_embed", None), "patch_size", None) or (0,))
+        return (token_map_pixels(cams, patch_px, x.shape[-1]) if patch_px else cams), logits.detach()
     if channels_last_maps(model):  # (N, H, W, C) -> (N, C, H, W)
         activations, gradients = activations.permute(0, 3, 1, 2), gradients.permute(0, 3, 1, 2)
     return cam_from_activations(activations.float(), gradients.float(), method), logits.detach()
+
+
+def token_map_pixels(cams: Tensor, patch_px: int, input_px: int) -> Tensor:
+    """Maps of patch tokens (N, side, side) -> (N, input_px, input_px), each token over its own pixels.
+
+    The grid covers side * patch_px pixels from the top left: more than the input where the
+    patch embedding padded its right and bottom (88 px in 16 px patches: 96), fewer where it
+    dropped them (80); stretched over the input, the cells sat up to 8 px off their pixels.
+    """
+    covered = cams.shape[-1] * patch_px
+    maps = F.interpolate(cams[:, None], size=(covered, covered), mode="bilinear", align_corners=False)[:, 0]
+    short = max(0, input_px - covered)  # pixels no token saw: no evidence
+    return F.pad(maps, (0, short, 0, short))[:, :input_px, :input_px]
 
 
 def class_activation_maps(model: torch.nn.Module, patches_uint8: np.ndarray, *, mean, std, crop_px: int,

@@ -82,10 +82,16 @@ def fit(cfg: TrainConfig, data: Path, out: Path, *, overwrite: bool = False, res
     random_states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     stop_requests = StopRequests(Path(out))
+    group_before = torch.distributed.is_available() and torch.distributed.is_initialized()
     try:
         return _fit(cfg, data, out, overwrite=overwrite, resume=resume, preset=preset, progress=progress,
                     stop_after_epochs=stop_after_epochs, resume_settings=resume_settings, stop_requests=stop_requests)
     finally:
+        if not group_before and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # The DDP group fit joined (init_distributed): left standing, gloo's threads met the
+            # interpreter's exit, and one process of a finished run once died "terminate called
+            # without an active exception" (SIGABRT). PyTorch asks for this call before exit.
+            torch.distributed.destroy_process_group()
         stop_requests.restore()
         torch.set_num_threads(threads)
         random.setstate(random_states[0])
