@@ -11,9 +11,12 @@ import io
 import logging
 import queue
 import re
+import os
 import shutil
+import signal
 import socket
 import struct
+import sys
 import threading
 import time
 import warnings
@@ -305,6 +308,30 @@ def test_a_truncated_tiff_read_by_tifffile_is_told_to_be_sent_whole(patch_files)
                                            r"send the complete image file$") as caught:
         decode_upload(Upload("cut.tif", data[: len(data) // 2]), ServeConfig())
     assert caught.value.status == 422
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM and os.kill to self are POSIX")
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_stops_serve_with_the_exit_status_of_every_command(trained_run, monkeypatch, capsys,
+                                                                          signal_name):
+    """uvicorn shuts down on either signal, then raises it again; uvicorn.run caught the KeyboardInterrupt
+    that made, and `histodetect serve` stopped by Ctrl-C or a scheduler's SIGTERM exited 0."""
+    import uvicorn.server
+
+    from histodetect.cli import main
+
+    number = getattr(signal, signal_name)
+    real_startup = uvicorn.server.Server.startup
+
+    async def startup_then_signal(self, *args, **kwargs):
+        await real_startup(self, *args, **kwargs)
+        os.kill(os.getpid(), number)  # once serving, as Ctrl-C or a scheduler
+
+    monkeypatch.setattr(uvicorn.server.Server, "startup", startup_then_signal)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert main(["serve", str(trained_run), "--port", str(_free_port())]) == 128 + number
+    assert capsys.readouterr().err.splitlines()[-1] == "histodetect: interrupted"
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
 def test_serve_run_binds_loopback_unless_told_and_warns_beyond_it(trained_run, monkeypatch):

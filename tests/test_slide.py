@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tracemalloc
 import types
@@ -531,6 +532,36 @@ def test_a_full_disk_writing_the_outputs_is_one_line_and_the_rerun_resumes(train
     result = analyse_slide(trained_run, slide_path, out, config, progress=False)
     assert result.summary["tiles_resumed"] == result.summary["tiles_read"] == 144
     assert (out / "overlay.png").is_file() and not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM and os.kill to self are POSIX")
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("where", ["pipeline.region_features", "results.write_overlay_png"])
+def test_ctrl_c_or_sigterm_once_every_tile_is_scored_keeps_the_scores(trained_run, slide_path, tmp_path, monkeypatch,
+                                                                      capsys, signal_name, where):
+    """Interrupted after the scoring (the overview read, the outputs written), the partial folder kept half
+    the outputs and no scores (no checkpoint had come due): the rerun scored every tile again."""
+    from histodetect.slide.analyse import pipeline, results
+
+    module, name = {"pipeline": pipeline, "results": results}[where.split(".")[0]], where.split(".")[1]
+    real = getattr(module, name)
+    number = getattr(signal, signal_name)
+
+    def signal_then_go_on(*args, **kwargs):
+        os.kill(os.getpid(), number)  # as Ctrl-C or a scheduler, from outside
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, signal_then_go_on)
+    out = tmp_path / "node"
+    args = ["slide", str(trained_run.run_dir), str(slide_path), "--out", str(out), "--batch-size", "32", "--quiet"]
+    assert cli.main(args) == 128 + number
+    assert capsys.readouterr().err == "histodetect: interrupted\n"
+    assert not out.exists()
+    assert sorted(p.name for p in (tmp_path / ".node.partial").iterdir()) == ["progress.npy", "settings_key"]
+    monkeypatch.undo()
+    assert cli.main(args) == 0
+    assert json.loads((out / "summary.json").read_text())["tiles_resumed"] == 144
+    assert not list(tmp_path.glob(".*"))
 
 
 def test_an_interrupted_run_leaves_no_result_and_the_rerun_resumes(trained_run, slide_path, analysed, tmp_path,

@@ -9,13 +9,17 @@ in batcher.py, the page in static/.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
+import signal
 import socket
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from .app import create_app
 from .inputs import RequestError, ServeConfig
 
@@ -81,4 +85,26 @@ def serve_run(run_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, confi
         warnings.warn(f"--host {host}: serving beyond this machine, without authentication or TLS; "
                       "put it behind a proxy that adds them", stacklevel=2)
     print(f"histodetect: serving {run_dir} on {_serve_url(host, port)} (API docs at /docs); Ctrl-C stops")
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log)
+    with _noting_stop_signals() as stopped_by:
+        uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log)
+    if stopped_by:
+        raise Interrupted("", stopped_by[0])
+
+
+@contextlib.contextmanager
+def _noting_stop_signals() -> Iterator[list[int]]:
+    """Note the SIGINT or SIGTERM that stopped uvicorn, so that serve ends as every command does (exit 130
+    or 143; a notebook's "interrupt the kernel" as always). uvicorn shuts down on either, then raises it
+    again into the handlers from before; uvicorn.run itself catches the KeyboardInterrupt that raises,
+    and `histodetect serve` stopped by Ctrl-C or a scheduler's SIGTERM exited 0."""
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # no signals there, and uvicorn sets none
+        yield noted
+        return
+    previous = {number: signal.signal(number, lambda number, frame: noted.append(number))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield noted
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)

@@ -81,22 +81,25 @@ def analyse_slide(run: LoadedRun, slide_path: Path, out_dir: Path, config: Slide
         n_resumed = int((~np.isnan(probs)).sum())
         _score_tiles(run, reader, geometry, grid, blocks, probs, config, progress_path, seconds,
                      desc=slide_path.name, progress=progress)
-
-        heatmap = np.full((grid.rows, grid.cols), np.nan, np.float32)
-        heatmap.flat[order] = probs
-        region = config.roi or (0, 0, width0, height0)
-        overview = read_downsampled(reader, region, max(1.0, max(region[2], region[3]) / OVERVIEW_MAX_SIDE_PX))
-    features = region_features(heatmap, grid, threshold, geometry.mpp)
-    summary = _summary(slide_path, geometry, grid, config, threshold, probs, features, mask, seconds,
-                       n_resumed, key, time.perf_counter() - started, run)
-    summary["settings"] = settings  # a rerun with other settings names what changed
-    with naming_write_errors(out_dir):
-        try:
-            _write_outputs(partial, heatmap, grid, order, probs, features, overview, region, summary)
-            _install(partial, out_dir)
-        except OSError as error:
-            if error.errno in WRITE_ERRNOS and _keep_scores(partial, progress_path, probs):
-                raise UserError(f"{out_dir}: cannot write it ({error.strerror}); its tile scores are kept: "
-                                "run it again once there is space") from None
-            raise
+        with naming_write_errors(out_dir):
+            try:
+                heatmap = np.full((grid.rows, grid.cols), np.nan, np.float32)
+                heatmap.flat[order] = probs
+                region = config.roi or (0, 0, width0, height0)
+                overview = read_downsampled(reader, region, max(1.0, max(region[2], region[3]) / OVERVIEW_MAX_SIDE_PX))
+                features = region_features(heatmap, grid, threshold, geometry.mpp)
+                summary = _summary(slide_path, geometry, grid, config, threshold, probs, features, mask, seconds,
+                                   n_resumed, key, time.perf_counter() - started, run)
+                summary["settings"] = settings  # a rerun with other settings names what changed
+                _write_outputs(partial, heatmap, grid, order, probs, features, overview, region, summary)
+                _install(partial, out_dir)
+            except BaseException as error:
+                # Every tile is scored, and no checkpoint may hold the scores yet: Ctrl-C or SIGTERM while
+                # the overview is read or the outputs are written lost them all. The half-written outputs go,
+                # the scores stay for the rerun (a full disk: once removing the outputs made room).
+                kept = partial.is_dir() and _keep_scores(partial, progress_path, probs)
+                if kept and isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+                    raise UserError(f"{out_dir}: cannot write it ({error.strerror}); its tile scores are kept: "
+                                    "run it again once there is space") from None
+                raise
     return SlideResult(slide_path, out_dir, summary)
