@@ -345,26 +345,6 @@ def test_reserving_the_store_allocates_its_blocks_without_writing_them(tmp_path)
     assert not np.load(path, mmap_mode="r").any()
 
 
-@pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(), reason="prepare forks where it can")
-def test_a_decoding_worker_sent_sigterm_while_idle_leaves_the_pool_able_to_stop():
-    # An idle pool worker waits for its next task holding the task queue's lock. Killed there by
-    # SIGTERM's default action (a scheduler signals the whole group), it never released it, and
-    # prepare's pool.terminate() waited for that lock forever: a hang instead of one line.
-    import multiprocessing
-    import threading
-
-    import histodetect.data.store.pack as pack
-
-    pool = multiprocessing.get_context("fork").Pool(2, initializer=pack.ignore_interrupts)
-    pool.apply(time.sleep, (0,))  # both workers are up, one of them waiting on the queue
-    for process in pool._pool:
-        os.kill(process.pid, signal.SIGTERM)
-    time.sleep(0.5)
-    stopping = threading.Thread(target=lambda: (pool.terminate(), pool.join()), daemon=True)
-    stopping.start()
-    stopping.join(timeout=30)
-    assert not stopping.is_alive(), "pool.terminate() hung on a lock a killed worker held"
-
 CTRL_C_DURING_PREPARE = """
 import sys, time
 import histodetect.data.store.pack as store  # where the decoding looks read_chunk up
@@ -375,12 +355,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
-@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_ctrl_c_or_sigterm_during_a_parallel_prepare_prints_one_line_and_leaves_no_store(pcam_jpeg, tmp_path,
-                                                                                        signal_name):
-    """Ctrl-C reaches every process of the group: the decoding workers must leave it to the parent.
-    SIGTERM (a scheduler's, to every process) left the hidden partial store behind."""
+def _prepare_signalled_mid_decode(pcam_jpeg: Path, tmp_path: Path, number: int) -> tuple[subprocess.Popen, str]:
+    """`prepare --workers 2` in its own process group, given `number` while its pool decodes."""
     out = tmp_path / "s"
     proc = subprocess.Popen([sys.executable, "-c", CTRL_C_DURING_PREPARE, "prepare", str(pcam_jpeg), "--out", str(out),
                              "--workers", "2", "--quiet"], start_new_session=True,
@@ -390,11 +366,30 @@ def test_ctrl_c_or_sigterm_during_a_parallel_prepare_prints_one_line_and_leaves_
         time.sleep(0.05)
     time.sleep(1.0)  # the pool is decoding
     assert proc.poll() is None, proc.communicate()[0]
-    os.killpg(proc.pid, getattr(signal, signal_name))
-    output = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 128 + getattr(signal, signal_name), output
+    os.killpg(proc.pid, number)
+    return proc, proc.communicate(timeout=60)[0]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
+def test_ctrl_c_during_a_parallel_prepare_prints_one_line_and_leaves_no_store(pcam_jpeg, tmp_path):
+    """Ctrl-C reaches every process of the group: the decoding workers must leave it to the parent."""
+    proc, output = _prepare_signalled_mid_decode(pcam_jpeg, tmp_path, signal.SIGINT)
+    assert proc.returncode == 130, output
     assert output.strip() == "histodetect: interrupted"
-    assert not out.exists() and list(tmp_path.glob(".s.*")) == []
+    assert not (tmp_path / "s").exists() and list(tmp_path.glob(".s.*")) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGTERM are POSIX")
+def test_sigterm_to_a_parallel_prepare_kills_it_and_the_next_prepare_clears_its_partial(pcam_jpeg, tmp_path, capsys):
+    """Answered as Ctrl-C is, a scheduler's SIGTERM to the whole group could kill a worker that held the
+    task queue's lock, and the cleanup's pool.terminate() then waited forever; the pool's parent now
+    dies at once, as it did before SIGTERM was answered, and leaves its hidden partial store behind."""
+    proc, output = _prepare_signalled_mid_decode(pcam_jpeg, tmp_path, signal.SIGTERM)
+    assert proc.returncode == -signal.SIGTERM, output
+    assert not (tmp_path / "s").exists()
+    small = small_folder(pcam_jpeg, tmp_path / "f", n_per_label=2)
+    assert main(["prepare", str(small), "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    assert (tmp_path / "s").is_dir() and list(tmp_path.glob(".s.*")) == [], "the killed prepare's partial is gone"
 
 
 # --- bad input: one line, naming the file, exit 2, no traceback ---------------------------

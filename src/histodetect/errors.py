@@ -1,4 +1,5 @@
-"""The one exception type for user mistakes, and the type checks of the options a function takes.
+"""The one exception type for user mistakes, the type checks of the options a function takes, and
+Interrupted with the signal handlers that raise it.
 
 A `UserError` carries one line that names the file (or flag) and says what was
 expected, what was found and how to fix it. The CLI prints it without a
@@ -9,6 +10,8 @@ Everything else is a bug and is left to propagate.
 from __future__ import annotations
 
 import numbers
+import signal
+import threading
 
 
 class UserError(Exception):
@@ -25,6 +28,24 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str, signal_number: int):
         super().__init__(message)
         self.exit_code = 128 + signal_number
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def install_handlers(handler, numbers=STOP_SIGNALS) -> dict:
+    """`handler` for each of `numbers` not ignored by a parent (`nohup`), in the main thread only
+    (Python delivers signals nowhere else); returns the handlers it replaced, for restore_handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {number: signal.signal(number, handler) for number in numbers
+            if signal.getsignal(number) is not signal.SIG_IGN}
+
+
+def restore_handlers(previous: dict) -> None:
+    for number, handler in previous.items():
+        # None: a handler not set from Python; the default is the closest there is
+        signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
 
 # From Python, a str "8", a float or True where a count goes failed deep inside as a TypeError,

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import warnings
 
 from tqdm import tqdm
 
-from ..errors import Interrupted, UserError
+from ..errors import Interrupted, UserError, install_handlers, restore_handlers
 from .parser import build_parser
 
 
@@ -30,11 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a scheduler's limit, `kill`) cleans up as Ctrl-C does: partial outputs are removed,
     # not left behind as hidden folders. Not under torchrun, which sends it to stop the other
     # processes: one waiting in a collective would take its handler only when that returns.
-    term_handler = signal.getsignal(signal.SIGTERM)
-    catch_term = (term_handler is signal.SIG_DFL and "TORCHELASTIC_RUN_ID" not in os.environ
-                  and threading.current_thread() is threading.main_thread())
-    if catch_term:
-        signal.signal(signal.SIGTERM, _terminated)
+    catch_term = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and "TORCHELASTIC_RUN_ID" not in os.environ
+    replaced = install_handlers(_terminated, (signal.SIGTERM,)) if catch_term else {}
     try:
         args.func(args)
     except UserError as exc:
@@ -50,6 +46,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"histodetect: error: {exc}", file=sys.stderr)
         return 1
     finally:
-        if catch_term:
-            signal.signal(signal.SIGTERM, term_handler)
+        restore_handlers(replaced)
     return 0

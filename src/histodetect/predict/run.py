@@ -22,6 +22,7 @@ from ..train import (
     RUN_FILE,
     Dist,
     bf16_is_fast,
+    feed_digest,
     load_checkpoint,
     read_run,
     resolve_device,
@@ -152,8 +153,7 @@ def file_sha256(path: Path) -> str:
     """The SHA-256 of a file, read in blocks (hashlib.file_digest is Python 3.11's)."""
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+        feed_digest(digest, handle)
     return digest.hexdigest()
 
 

@@ -12,14 +12,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
-import signal
 import socket
-import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import Interrupted, UserError
+from ..errors import Interrupted, UserError, install_handlers, restore_handlers
 from .app import create_app
 from .inputs import RequestError, ServeConfig
 
@@ -98,13 +96,8 @@ def _noting_stop_signals() -> Iterator[list[int]]:
     again into the handlers from before; uvicorn.run itself catches the KeyboardInterrupt that raises,
     and `histodetect serve` stopped by Ctrl-C or a scheduler's SIGTERM exited 0."""
     noted: list[int] = []
-    if threading.current_thread() is not threading.main_thread():  # no signals there, and uvicorn sets none
-        yield noted
-        return
-    previous = {number: signal.signal(number, lambda number, frame: noted.append(number))
-                for number in (signal.SIGINT, signal.SIGTERM)}
+    replaced = install_handlers(lambda number, frame: noted.append(number))
     try:
         yield noted
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        restore_handlers(replaced)

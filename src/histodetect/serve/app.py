@@ -35,6 +35,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..data.decode import PATCH_SIZE_PX
 from ..errors import UserError
 from ..explain import class_activation_maps, render_overlays, resolve_cam_layer
 from ..predict import LoadedRun, check_run, mean_over_samples, predict_samples, sample_probabilities, uncertainty_measures
@@ -179,7 +180,7 @@ def best_epoch(run_dir: Path) -> dict | None:
 def overlay_refusal(run: LoadedRun) -> str | None:
     """Why this model can have no Grad-CAM overlays (a vision transformer has no feature map), or None."""
     try:
-        resolve_cam_layer(run.model, None, run.crop_px or 96)
+        resolve_cam_layer(run.model, None, run.crop_px or PATCH_SIZE_PX)
     except UserError as error:
         return str(error)
     return None
@@ -197,7 +198,7 @@ def model_card(run: LoadedRun, config: ServeConfig, no_overlay_because: str | No
         "data": {"fingerprint": data.get("fingerprint"), "n_train": data.get("n_train"), "n_val": data.get("n_val"),
                  "train_split": data.get("train_split"), "val_split": data.get("val_split")},
         "preprocessing": {"mean": list(run.mean), "std": list(run.std), "crop_px": run.crop_px,
-                          "patch_size_px": 96},
+                          "patch_size_px": PATCH_SIZE_PX},
         # The one the server decides with by default (its --tta); the page shows it.
         "threshold": run.threshold_for(config.tta),
         "thresholds_by_tta": {str(views): t for views, t in sorted(run.thresholds.items())},

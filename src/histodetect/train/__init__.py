@@ -26,14 +26,14 @@ The package, in the order a step meets it:
 
 from ..presets import PRESETS, TrainConfig, preset_config
 from .batches import DeviceBatches
-from .checkpoint import CHECKPOINT_FORMAT, RUN_FILE, load_checkpoint, read_run, save_atomic, write_text_atomic
+from .checkpoint import CHECKPOINT_FORMAT, RUN_FILE, feed_digest, load_checkpoint, read_run, save_atomic, write_text_atomic
 from .device import Dist, bf16_is_fast, init_distributed, resolve_device
 from .loop import METRICS_COLUMNS, METRICS_FILE, FitResult, fit
 from .step import build_optimizer, lr_factor, model_logits, sam_second_pass, training_loss, validate
 
 __all__ = [
     "CHECKPOINT_FORMAT", "METRICS_COLUMNS", "METRICS_FILE", "PRESETS", "RUN_FILE", "DeviceBatches", "Dist", "FitResult",
-    "TrainConfig", "bf16_is_fast", "build_optimizer", "fit", "init_distributed", "load_checkpoint", "lr_factor",
+    "TrainConfig", "bf16_is_fast", "build_optimizer", "feed_digest", "fit", "init_distributed", "load_checkpoint", "lr_factor",
     "model_logits", "preset_config", "read_run", "resolve_device", "sam_second_pass", "save_atomic", "training_loss",
     "validate", "write_text_atomic",
 ]

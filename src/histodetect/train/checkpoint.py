@@ -55,6 +55,12 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_file_atomic(path, lambda handle: handle.write(text))
 
 
+def feed_digest(digest, handle) -> None:
+    """Feed a hashlib object the rest of an open binary file, in blocks."""
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
+
+
 def load_checkpoint(path: Path, *, digest=None) -> dict:
     """A histodetect checkpoint, or a UserError in one line saying why it is not one.
 
@@ -66,8 +72,7 @@ def load_checkpoint(path: Path, *, digest=None) -> dict:
     try:
         with path.open("rb") as handle:
             if digest is not None:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
+                feed_digest(digest, handle)
                 handle.seek(0)
             checkpoint = torch.load(handle, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many types for a damaged file

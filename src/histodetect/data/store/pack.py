@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ...errors import UserError
+from ...errors import UserError, install_handlers, restore_handlers
 from ...outputs import WRITE_ERRNOS
 from ..decode import PATCH_SHAPE
 from ..record import ChunkResult, PatchSource, ReadTask, read_chunk
@@ -83,22 +83,13 @@ def _decode_into(job: tuple[ReadTask, Path]) -> ChunkResult:
     return dataclasses.replace(result, patches=result.patches[:0])
 
 
-def _exit_quietly(signal_number: int, frame) -> None:
-    raise SystemExit(128 + signal_number)
-
-
 def ignore_interrupts() -> None:
     """Worker initializer: Ctrl-C reaches the whole process group, but only the parent
     should answer it (it stops the pool and removes the partial store); a worker that
-    raised KeyboardInterrupt would print its own traceback.
-
-    SIGTERM (the pool's terminate() sends it; a scheduler sends it to the whole group)
-    ends a worker by SystemExit, which the pool's worker loop lets through silently: an
-    exception unwinds the `with` of the task queue's lock, where the default action, a
-    kill, could leave it held and the parent's terminate() waiting for it forever.
-    """
+    raised KeyboardInterrupt would print its own traceback. SIGTERM keeps its default:
+    the pool's terminate() sends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit_quietly)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _decode_all(source: PatchSource, patches_path: Path, *, resize: bool, skip_bad: bool,
@@ -122,6 +113,11 @@ def _decode_all(source: PatchSource, patches_path: Path, *, resize: bool, skip_b
         # workers only decode with Pillow and numpy, never touching the parent's threads.
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        # SIGTERM kills this process at once while its pool runs, as it did before the CLI answered
+        # it (cli.entry): a scheduler signals the whole group, and a worker killed while it waited
+        # for a task kept the task queue's lock, so the cleanup's pool.terminate() waited forever.
+        # The hidden partial store left behind is removed by the next prepare (_remove_stale_partials).
+        term_replaced = install_handlers(signal.SIG_DFL, (signal.SIGTERM,))
         pool = context.Pool(workers, initializer=ignore_interrupts)
         results = pool.imap_unordered(_decode_into, jobs)
     else:
@@ -142,8 +138,11 @@ def _decode_all(source: PatchSource, patches_path: Path, *, resize: bool, skip_b
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            try:
+                pool.terminate()
+                pool.join()
+            finally:
+                restore_handlers(term_replaced)
     rows = np.flatnonzero(good)
     skipped.sort()
     return rows, list(sha1_by_row[rows]), skipped, dict(converted), n_resized

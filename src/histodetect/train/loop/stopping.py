@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ...errors import Interrupted
+from ...errors import Interrupted, install_handlers, restore_handlers
 
 
 class StopRequests:
@@ -31,8 +30,6 @@ class StopRequests:
     stay ignored; outside the main thread (where Python delivers no signals) it does nothing.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.signal_number: int | None = None
@@ -40,18 +37,12 @@ class StopRequests:
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for number in self.SIGNALS:
-            if signal.getsignal(number) is not signal.SIG_IGN:
-                self._previous[number] = signal.signal(number, self._handle)
+        self._previous = install_handlers(self._handle)
 
     def restore(self) -> None:
         """The handlers from before install(); fit calls it however it ends."""
-        for number, previous in self._previous.items():
-            # None: a handler not set from Python; the default is the closest there is
-            signal.signal(number, previous if previous is not None else signal.SIG_DFL)
-        self._previous.clear()
+        restore_handlers(self._previous)
+        self._previous = {}
 
     def _handle(self, number: int, frame) -> None:
         if self.signal_number is not None or self.at_once:
